@@ -1,0 +1,56 @@
+"""Export back-ends, one module per format, behind one registry.
+
+Each back-end is a class with a ``name`` and ``export(ctx) -> list[Artifact]``. They are
+imported lazily, so a missing optional dependency of one format never breaks another.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from shortgpt_export.artifacts import Artifact
+from shortgpt_export.errors import UnknownFormatError
+from shortgpt_export.planning import Plan
+from shortgpt_export.progress import ProgressFactory, no_progress
+
+# format name -> "module:Class"
+BACKENDS: dict[str, str] = {
+    "hf": "converters.hf:HFConverter",
+}
+
+
+@dataclass
+class ExportContext:
+    """Everything a back-end needs: the source, the plan and where to write."""
+
+    source: object  # shortgpt_export.source.ModelSource
+    plan: Plan
+    out_dir: Path  # the (staging) output folder; back-ends write below it
+    loaded: object | None = None  # shortgpt_export.source.LoadedModel, when in memory
+    calibration: dict | None = None
+    options: dict = field(default_factory=dict)
+    progress: ProgressFactory = no_progress
+
+
+class Converter(Protocol):
+    name: str
+
+    def export(self, ctx: ExportContext) -> list[Artifact]: ...
+
+
+def supported_formats() -> list[str]:
+    return sorted(BACKENDS)
+
+
+def get_converter(name: str) -> Converter:
+    """An instance of the back-end for ``name``; unknown names list the supported ones."""
+    target = BACKENDS.get(name.strip().lower())
+    if target is None:
+        raise UnknownFormatError(
+            f"unknown export format {name!r}", hint=f"supported: {', '.join(supported_formats())}"
+        )
+    module_name, _, class_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)()

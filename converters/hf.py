@@ -1,0 +1,26 @@
+"""Pruned Hugging Face folder (safetensors), the base every other format starts from."""
+
+from __future__ import annotations
+
+from shortgpt_export.artifacts import Artifact, path_size
+from shortgpt_export.pruning import write_pruned_model
+
+from . import ExportContext
+
+
+class HFConverter:
+    name = "hf"
+    needs_loaded_model = ("gguf", "pickle")  # source kinds written from memory
+
+    def export(self, ctx: ExportContext) -> list[Artifact]:
+        out = ctx.out_dir / "hf"
+        write_pruned_model(
+            ctx.source, ctx.plan, out, loaded=ctx.loaded, calibration=ctx.calibration,
+            progress=ctx.progress,
+        )
+        return [
+            Artifact(
+                path="hf", format="hf", quant=None, pruned=bool(ctx.plan.remove),
+                layers=len(ctx.plan.keep), size_bytes=path_size(out),
+            )
+        ]

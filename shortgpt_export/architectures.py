@@ -1,0 +1,88 @@
+"""Model families as data: one row per family, no per-family branches elsewhere.
+
+A row says where the decoder blocks live in the torch module tree, which config key
+counts them, which config lists hold one entry per layer (and so must be sliced when
+layers go), how a checkpoint tensor name carries its layer index, and which GGUF
+architecture llama.cpp knows the family by.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """How one model family lays out its decoder layers."""
+
+    model_type: str
+    display_name: str
+    gguf_arch: str
+    layers_path: str = "model.layers"
+    num_layers_key: str = "num_hidden_layers"
+    per_layer_config_keys: tuple[str, ...] = ("layer_types",)
+    tensor_layer_pattern: str = r"^model\.layers\.(\d+)\."
+    examples: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def tensor_regex(self) -> re.Pattern[str]:
+        return re.compile(self.tensor_layer_pattern)
+
+    def layer_of(self, tensor_name: str) -> int | None:
+        """Layer index a checkpoint tensor belongs to, or None for embeddings, norms, head."""
+        match = self.tensor_regex.match(tensor_name)
+        return int(match.group(1)) if match else None
+
+    def renumber(self, tensor_name: str, new_index: int) -> str:
+        """The tensor name with its layer index replaced by ``new_index``."""
+        match = self.tensor_regex.match(tensor_name)
+        if match is None:
+            return tensor_name
+        start, end = match.span(1)
+        return f"{tensor_name[:start]}{new_index}{tensor_name[end:]}"
+
+    def decoder_layers(self, model):
+        """The ``nn.ModuleList`` of decoder blocks of a loaded model."""
+        module = model
+        for attr in self.layers_path.split("."):
+            module = getattr(module, attr)
+        return module
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchitectureSpec(
+            "llama",
+            "Llama",
+            gguf_arch="llama",
+            examples=("meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ),
+        ArchitectureSpec(
+            "mistral",
+            "Mistral",
+            gguf_arch="llama",
+            examples=("mistralai/Mistral-7B-v0.3",),
+        ),
+        ArchitectureSpec("qwen2", "Qwen2 / Qwen2.5", gguf_arch="qwen2", examples=("Qwen/Qwen2.5-0.5B",)),
+        ArchitectureSpec("qwen3", "Qwen3", gguf_arch="qwen3", examples=("Qwen/Qwen3-0.6B",)),
+    )
+}
+
+
+def supported_families() -> list[str]:
+    return sorted(ARCHITECTURES)
+
+
+def spec_for(model_type: str | None) -> ArchitectureSpec:
+    """The table row for ``model_type``; raises with the supported list if there is none."""
+    spec = ARCHITECTURES.get(model_type or "")
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"unsupported model family {model_type!r}",
+            hint=f"supported families: {', '.join(supported_families())}",
+        )
+    return spec

@@ -1,0 +1,53 @@
+"""Tables the CLI shows: layer scores with bars, the plan, the artifacts."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..artifacts import Artifact
+from ..planning import Plan
+from ..scoring import LayerScores
+
+BAR_WIDTH = 30
+EIGHTHS = " ▏▎▍▌▋▊▉█"
+
+
+def bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """A horizontal bar of ``fraction`` (0..1) of ``width`` cells, in eighths of a cell."""
+    eighths = max(1, round(max(0.0, min(1.0, fraction)) * width * 8))
+    return "█" * (eighths // 8) + (EIGHTHS[eighths % 8] if eighths % 8 else "")
+
+
+def scores_table(scores: LayerScores, plan: Plan | None = None) -> Table:
+    """Layers sorted from least to most influential, each with a bar scaled to the maximum."""
+    removed = set(plan.remove) if plan else set()
+    table = Table(title=f"{scores.metric.upper()} per layer, least influential first "
+                        f"({scores.calibration.get('tokens', '?')} tokens of "
+                        f"{scores.calibration.get('source', '?')})")
+    for column, justify in (("rank", "right"), ("layer", "right"), ("score", "right"),
+                            ("", "left"), ("plan", "left")):
+        table.add_column(column, justify=justify)
+    finite = [s for s in scores.scores if s == s]
+    top = max(finite) if finite else 1.0
+    for rank, index in enumerate(scores.ranking(), 1):
+        value = scores.scores[index]
+        cells = bar(value / top) if top > 0 else ""
+        mark = "[red]remove[/red]" if index in removed else ""
+        style = "red" if index in removed else "cyan"
+        table.add_row(str(rank), str(index), f"{value:.4f}", f"[{style}]{cells}[/{style}]", mark)
+    return table
+
+
+def plan_line(plan: Plan) -> str:
+    return (f"plan: {plan.reason}: remove {plan.remove}, keep {len(plan.keep)} of "
+            f"{plan.num_layers} layers")
+
+
+def artifacts_table(artifacts: list[Artifact], out) -> Table:
+    table = Table(title=f"written to {out}")
+    for column in ("artifact", "format", "quant", "layers", "size"):
+        table.add_column(column)
+    for art in artifacts:
+        table.add_row(art.path, art.format, art.quant or "-", str(art.layers),
+                      f"{art.size_bytes / 1e6:,.1f} MB")
+    return table

@@ -1,0 +1,230 @@
+"""The stages put together: one library function per CLI command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifacts import Artifact
+from .calibration import load_calibration
+from .errors import PlanError, ShortGPTError
+from .output import check_writable, staged_output
+from .planning import Plan, make_plan
+from .progress import ProgressFactory, no_progress
+from .scoring import LayerScores, score_model
+from .source import LoadedModel, ModelSource, load_model, pick_device, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOptions:
+    """How to find and load the model."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+@dataclass
+class ScoreOptions:
+    """How to calibrate and score."""
+
+    calib: str | None = None
+    calib_tokens: int = 8192
+    seq_len: int = 256
+    batch_size: int = 4
+    seed: int = 0
+    metric: str = "bi"
+
+
+@dataclass
+class PlanOptions:
+    remove: int | None = None
+    ratio: float | None = None
+    layers: list[int] | None = None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    scores: LayerScores | None
+    plan: Plan
+    artifacts: list[Artifact] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "out": str(self.out),
+            "scores": self.scores.scores if self.scores else None,
+            "metric": self.plan.metric,
+            "num_layers": self.plan.num_layers,
+            "remove": self.plan.remove,
+            "keep": self.plan.keep,
+            "artifacts": [a.to_dict() for a in self.artifacts],
+        }
+
+
+def default_out_dir(source: ModelSource) -> Path:
+    return Path(f"{source.name}-shortgpt")
+
+
+def parse_formats(to: str | list[str]) -> list[str]:
+    """``"hf,gguf"`` -> ``["hf", "gguf"]``, each checked against the registry."""
+    from converters import get_converter
+
+    names = [t.strip().lower() for t in (to.split(",") if isinstance(to, str) else to) if t.strip()]
+    for name in names:
+        get_converter(name)
+    return names
+
+
+def _load(source: ModelSource, opts: ModelOptions, progress: ProgressFactory) -> LoadedModel:
+    device = pick_device(opts.device)
+    with progress(f"loading {source.ref} on {device}", None):
+        return load_model(
+            source, device=device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code
+        )
+
+
+def _check_plan_request(num_layers: int, plan_opts: PlanOptions) -> None:
+    """Fail on an impossible request before the (slow) scoring, not after it."""
+    make_plan(num_layers, [0.0] * num_layers, remove=plan_opts.remove, ratio=plan_opts.ratio,
+              layers=plan_opts.layers)
+
+
+def _score(loaded: LoadedModel, opts: ScoreOptions, progress: ProgressFactory) -> LayerScores:
+    with progress("reading calibration text", None):
+        calib = load_calibration(
+            loaded.tokenizer, opts.calib, seq_len=opts.seq_len, max_tokens=opts.calib_tokens,
+            seed=opts.seed,
+        )
+    return score_model(
+        loaded, calib, metric=opts.metric, batch_size=opts.batch_size, seed=opts.seed,
+        progress=progress,
+    )
+
+
+def _export(
+    formats: list[str], source: ModelSource, plan: Plan, stage: Path, loaded: LoadedModel | None,
+    calibration: dict | None, options: dict, progress: ProgressFactory,
+) -> list[Artifact]:
+    from converters import ExportContext, get_converter
+
+    ctx = ExportContext(source=source, plan=plan, out_dir=stage, loaded=loaded,
+                        calibration=calibration, options=options, progress=progress)
+    artifacts: list[Artifact] = []
+    for name in formats:
+        artifacts.extend(get_converter(name).export(ctx))
+    return artifacts
+
+
+def run(
+    model_opts: ModelOptions,
+    score_opts: ScoreOptions,
+    plan_opts: PlanOptions,
+    *,
+    out: Path | None = None,
+    to: str | list[str] = "hf",
+    dry_run: bool = False,
+    force: bool = False,
+    export_options: dict | None = None,
+    progress: ProgressFactory = no_progress,
+) -> RunResult:
+    """load -> score -> plan -> export, into ``out`` (all or nothing)."""
+    formats = parse_formats(to)
+    source = resolve_source(
+        model_opts.model, trust_remote_code=model_opts.trust_remote_code,
+        allow_pickle=model_opts.allow_pickle,
+    )
+    out = Path(out) if out else default_out_dir(source)
+    check_writable(out, force)
+    _check_plan_request(source.num_layers, plan_opts)
+    loaded = _load(source, model_opts, progress)
+    scores = _score(loaded, score_opts, progress)
+    plan = make_plan(
+        scores.num_layers, scores.scores, remove=plan_opts.remove, ratio=plan_opts.ratio,
+        layers=plan_opts.layers, metric=scores.metric,
+    )
+    artifacts: list[Artifact] = []
+    with staged_output(out, force=force) as stage:
+        plan.save(stage / "plan.json")
+        if not dry_run:
+            scores.save(stage / "scores.json")
+            artifacts = _export(formats, source, plan, stage, loaded, scores.calibration,
+                                export_options or {}, progress)
+    return RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts)
+
+
+def _write_file_atomically(path: Path, text: str, force: bool) -> None:
+    check_writable(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def score(
+    model_opts: ModelOptions,
+    score_opts: ScoreOptions,
+    *,
+    out: Path | None = None,
+    force: bool = False,
+    progress: ProgressFactory = no_progress,
+) -> tuple[LayerScores, Path]:
+    """Score every layer and write ``<out>/scores.json``; returns the scores and the path."""
+    source = resolve_source(
+        model_opts.model, trust_remote_code=model_opts.trust_remote_code,
+        allow_pickle=model_opts.allow_pickle,
+    )
+    path = Path(out or default_out_dir(source)) / "scores.json"
+    check_writable(path, force)
+    scores = _score(_load(source, model_opts, progress), score_opts, progress)
+    _write_file_atomically(path, json.dumps(scores.__dict__, indent=2) + "\n", force)
+    return scores, path
+
+
+def prune(
+    model_opts: ModelOptions,
+    plan_path: Path,
+    *,
+    out: Path | None = None,
+    to: str | list[str] = "hf",
+    force: bool = False,
+    export_options: dict | None = None,
+    progress: ProgressFactory = no_progress,
+) -> RunResult:
+    """Apply an existing ``plan.json`` to the model and export it into ``out``."""
+    formats = parse_formats(to)
+    plan = Plan.load(plan_path)
+    source = resolve_source(
+        model_opts.model, trust_remote_code=model_opts.trust_remote_code,
+        allow_pickle=model_opts.allow_pickle,
+    )
+    if plan.num_layers != source.num_layers:
+        raise PlanError(
+            f"{plan_path} is for a {plan.num_layers}-layer model but {source.ref} has "
+            f"{source.num_layers} layers",
+            hint="use the plan.json made for this model",
+        )
+    out = Path(out) if out else default_out_dir(source)
+    check_writable(out, force)
+    loaded = _load(source, model_opts, progress) if source.kind != "hf" else None
+    with staged_output(out, force=force) as stage:
+        plan.save(stage / "plan.json")
+        artifacts = _export(formats, source, plan, stage, loaded, None, export_options or {},
+                            progress)
+    return RunResult(out=out, scores=None, plan=plan, artifacts=artifacts)
+
+
+__all__ = [
+    "ModelOptions", "ScoreOptions", "PlanOptions", "RunResult", "run", "score", "prune",
+    "ShortGPTError",
+]

@@ -1,0 +1,203 @@
+"""Remove decoder layers: in memory (for scoring checks and GGUF sources) and on disk.
+
+On disk, a Hugging Face folder is pruned by streaming: tensors are located in the source
+safetensors files, those of removed layers are skipped, the rest renamed so layer indices
+are contiguous again, and their bytes copied into new shards one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from fnmatch import fnmatch
+from pathlib import Path
+
+from .architectures import ArchitectureSpec
+from .errors import CorruptModelError
+from .model_card import render_model_card
+from .planning import Plan
+from .progress import ProgressFactory, no_progress
+from .safetensors_io import TensorRef, read_header, write_safetensors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+# Files that travel with the weights unchanged.
+COMPANION_FILES = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+    "*.tiktoken", "spiece.model", "chat_template.*", "generation_config.json",
+    "preprocessor_config.json",
+)  # fmt: skip
+
+
+def prune_config_dict(config: dict, spec: ArchitectureSpec, keep: list[int]) -> dict:
+    """A copy of a config dict for the kept layers: layer count set, per-layer lists sliced."""
+    old = int(config[spec.num_layers_key])
+    new = dict(config)
+    new[spec.num_layers_key] = len(keep)
+    for key in spec.per_layer_config_keys:
+        value = config.get(key)
+        if isinstance(value, list) and len(value) == old:
+            new[key] = [value[i] for i in keep]
+    return new
+
+
+@contextmanager
+def pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[object]:
+    """Temporarily turn ``model`` into its pruned self (no weight copies); restore on exit.
+
+    Kept blocks are renumbered (``layer_idx`` of attention modules, so the KV cache uses
+    contiguous slots) and the config's layer count and per-layer lists follow.
+    """
+    import torch
+
+    container_path, _, attr = spec.layers_path.rpartition(".")
+    container = model
+    for part in filter(None, container_path.split(".")):
+        container = getattr(container, part)
+    original_layers = getattr(container, attr)
+    config = model.config
+    saved_config = {spec.num_layers_key: getattr(config, spec.num_layers_key)}
+    saved_config.update({k: getattr(config, k) for k in spec.per_layer_config_keys if hasattr(config, k)})
+    saved_idx: list[tuple[object, int]] = []
+    try:
+        setattr(container, attr, torch.nn.ModuleList([original_layers[i] for i in keep]))
+        for new_index, old_index in enumerate(keep):
+            for module in original_layers[old_index].modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    saved_idx.append((module, module.layer_idx))
+                    module.layer_idx = new_index
+        pruned = prune_config_dict(saved_config, spec, keep)
+        for key, value in pruned.items():
+            setattr(config, key, value)
+        yield model
+    finally:
+        setattr(container, attr, original_layers)
+        for module, index in saved_idx:
+            module.layer_idx = index
+        for key, value in saved_config.items():
+            setattr(config, key, value)
+
+
+def _source_tensors(folder: Path) -> dict[str, TensorRef]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files = sorted({folder / name for name in weight_map.values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    tensors: dict[str, TensorRef] = {}
+    for file in files:
+        tensors.update(read_header(file)[0])
+    return tensors
+
+
+def plan_tensors(
+    tensors: dict[str, TensorRef], spec: ArchitectureSpec, plan: Plan
+) -> list[TensorRef]:
+    """The tensors of the pruned model, renamed to contiguous layer indices, in layer order."""
+    new_index = {old: new for new, old in enumerate(plan.keep)}
+    kept: list[tuple[int, str, TensorRef]] = []
+    for name, ref in tensors.items():
+        layer = spec.layer_of(name)
+        if layer is None:
+            kept.append((-1, name, ref))
+        elif layer >= plan.num_layers:
+            raise CorruptModelError(
+                f"tensor {name} belongs to layer {layer} but the config has {plan.num_layers} layers"
+            )
+        elif layer in new_index:
+            renamed = spec.renumber(name, new_index[layer])
+            kept.append((new_index[layer], renamed, ref.renamed(renamed)))
+    return [ref for _, _, ref in sorted(kept, key=lambda item: (item[0], item[1]))]
+
+
+def _shard(refs: list[TensorRef], max_bytes: int) -> list[list[TensorRef]]:
+    shards: list[list[TensorRef]] = [[]]
+    size = 0
+    for ref in refs:
+        if shards[-1] and size + ref.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(ref)
+        size += ref.nbytes
+    return shards
+
+
+def write_pruned_safetensors(
+    folder: Path,
+    spec: ArchitectureSpec,
+    plan: Plan,
+    out_dir: Path,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: ProgressFactory = no_progress,
+) -> int:
+    """Stream the kept tensors of ``folder`` into shards in ``out_dir``; returns bytes written."""
+    refs = plan_tensors(_source_tensors(folder), spec, plan)
+    shards = _shard(refs, max_shard_bytes)
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    written = 0
+    with progress("writing pruned safetensors", sum(r.nbytes for r in refs)) as advance:
+        for name, shard in zip(names, shards):
+            written += write_safetensors(out_dir / name, shard, {"format": "pt"})
+            advance(sum(r.nbytes for r in shard))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(r.nbytes for r in refs)},
+            "weight_map": {ref.name: name for name, shard in zip(names, shards) for ref in shard},
+        }
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return written
+
+
+def copy_companions(folder: Path, out_dir: Path) -> None:
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in COMPANION_FILES):
+            shutil.copy2(path, out_dir / path.name)
+
+
+def write_pruned_model(
+    source,
+    plan: Plan,
+    out_dir: Path,
+    *,
+    loaded=None,
+    calibration: dict | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: ProgressFactory = no_progress,
+) -> Path:
+    """Write the pruned Hugging Face folder for ``source`` into the (new) folder ``out_dir``.
+
+    Safetensors folders are streamed from disk; GGUF and pickle sources are written from
+    the ``loaded`` model with a pruned view.
+    """
+    spec = source.spec
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if source.kind == "hf":
+        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+        write_pruned_safetensors(
+            source.path, spec, plan, out_dir, max_shard_bytes=max_shard_bytes, progress=progress
+        )
+        (out_dir / "config.json").write_text(
+            json.dumps(prune_config_dict(config, spec, plan.keep), indent=2) + "\n"
+        )
+        copy_companions(source.path, out_dir)
+    else:
+        if loaded is None:
+            raise ValueError("a GGUF or pickle source is pruned from the loaded model")
+        with progress("writing pruned model", None), pruned_view(loaded.model, spec, plan.keep):
+            loaded.model.save_pretrained(out_dir, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(out_dir)
+    card = render_model_card(
+        original=source.ref, architecture=spec.model_type, plan=plan, calibration=calibration
+    )
+    (out_dir / "README.md").write_text(card, encoding="utf-8")
+    return out_dir

@@ -1,0 +1,169 @@
+"""Block Influence (ShortGPT) and angular distance of every decoder layer, in one pass.
+
+Forward hooks on the decoder blocks compare each block's input and output hidden state
+token by token and add the result to per-layer running sums. Hidden states of all layers
+are never kept; padding tokens are masked out; sums are float64.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .calibration import CalibrationSet
+from .errors import ShortGPTError
+from .progress import ProgressFactory, no_progress
+
+log = logging.getLogger(__name__)
+
+METRICS = ("bi", "angular")
+
+
+def token_metric(x, y, metric: str):
+    """Per-token score between block input ``x`` and output ``y`` ([..., hidden] -> [...])."""
+    import torch
+
+    x, y = x.float(), y.float()
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
+    if metric == "bi":
+        return 1.0 - cos
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+class _LayerAccumulator:
+    """Hooks for one scoring pass; holds the running sums of every layer."""
+
+    def __init__(self, num_layers: int, metric: str):
+        self.metric = metric
+        self.sums = [0.0] * num_layers
+        self.counts = [0] * num_layers
+        self.mask = None  # [batch, seq] bool of real tokens for the current batch
+        self._inputs: dict[int, object] = {}
+
+    def pre_hook(self, index: int):
+        def hook(module, args, kwargs):
+            self._inputs[index] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def post_hook(self, index: int):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            values = token_metric(self._inputs.pop(index), out, self.metric)
+            self.sums[index] += float(values[self.mask].double().sum())
+            self.counts[index] += int(self.mask.sum())
+
+        return hook
+
+    def scores(self) -> list[float]:
+        return [s / c if c else float("nan") for s, c in zip(self.sums, self.counts)]
+
+
+@dataclass
+class LayerScores:
+    """The contents of ``scores.json``."""
+
+    metric: str
+    num_layers: int
+    scores: list[float]
+    model: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    device: str = "cpu"
+    seconds: float = 0.0
+
+    def ranking(self) -> list[int]:
+        """Layer indices from least to most influential."""
+        return sorted(range(self.num_layers), key=lambda i: (self.scores[i], i))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> LayerScores:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            scores = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise ShortGPTError(f"cannot read scores file {path}: {exc}") from exc
+        if len(scores.scores) != scores.num_layers:
+            raise ShortGPTError(f"{path}: {len(scores.scores)} scores for {scores.num_layers} layers")
+        return scores
+
+
+def score_layers(
+    model,
+    spec,
+    calib: CalibrationSet,
+    *,
+    metric: str = "bi",
+    batch_size: int = 4,
+    progress: ProgressFactory = no_progress,
+) -> list[float]:
+    """Mean per-token ``metric`` of each decoder layer of ``model`` over ``calib``.
+
+    Runs the model's base (no LM head: the logits are not needed) once over the
+    calibration windows with hooks on every decoder block.
+    """
+    import torch
+
+    if metric not in METRICS:
+        raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+    layers = spec.decoder_layers(model)
+    base = getattr(model, model.base_model_prefix, model)
+    device = next(model.parameters()).device
+    acc = _LayerAccumulator(len(layers), metric)
+    handles = []
+    for index, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(acc.pre_hook(index), with_kwargs=True))
+        handles.append(layer.register_forward_hook(acc.post_hook(index), with_kwargs=True))
+    n = calib.input_ids.shape[0]
+    try:
+        with torch.inference_mode(), progress("scoring layers", calib.tokens) as advance:
+            for start in range(0, n, batch_size):
+                ids = calib.input_ids[start : start + batch_size].to(device)
+                mask = calib.attention_mask[start : start + batch_size].to(device)
+                acc.mask = mask.bool()
+                base(input_ids=ids, attention_mask=mask, use_cache=False)
+                advance(int(mask.sum()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return acc.scores()
+
+
+def score_model(
+    loaded,
+    calib: CalibrationSet,
+    *,
+    metric: str = "bi",
+    batch_size: int = 4,
+    seed: int = 0,
+    progress: ProgressFactory = no_progress,
+) -> LayerScores:
+    """Score every layer of a loaded model and package the result as ``scores.json`` data."""
+    import torch
+
+    torch.manual_seed(seed)
+    device = str(next(loaded.model.parameters()).device)
+    began = time.perf_counter()
+    values = score_layers(
+        loaded.model, loaded.source.spec, calib, metric=metric, batch_size=batch_size,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - began
+    log.info("scored %d layers on %d tokens in %.1f s", len(values), calib.tokens, seconds)
+    return LayerScores(
+        metric=metric,
+        num_layers=len(values),
+        scores=values,
+        model=loaded.source.describe(),
+        calibration=calib.describe(),
+        device=device,
+        seconds=round(seconds, 3),
+    )

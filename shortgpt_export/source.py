@@ -1,0 +1,242 @@
+"""Resolve a MODEL argument (folder, hub id, .gguf or the default) and load it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import default_model
+from .architectures import ArchitectureSpec, spec_for
+from .errors import (
+    CorruptModelError,
+    ModelNotFoundError,
+    NotCausalLMError,
+    ShortGPTError,
+    UnsafeCheckpointError,
+)
+from .safetensors_io import read_header
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class ModelSource:
+    """A model on disk, resolved and checked, not yet loaded."""
+
+    ref: str  # what the user typed, or the default model's name
+    kind: str  # "hf" (safetensors folder), "pickle" (allowed .bin folder) or "gguf"
+    path: Path  # the folder, or the .gguf file
+    config: object  # transformers PretrainedConfig
+    spec: ArchitectureSpec
+
+    @property
+    def name(self) -> str:
+        """A short name for output files: the folder or file stem."""
+        stem = self.path.stem if self.kind == "gguf" else self.path.name
+        return re.sub(r"[^\w.-]+", "-", stem.split("/")[-1]) or "model"
+
+    @property
+    def num_layers(self) -> int:
+        return int(getattr(self.config, self.spec.num_layers_key))
+
+    def describe(self) -> dict:
+        return {"source": self.ref, "architecture": self.spec.model_type, "format": self.kind}
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise CorruptModelError(
+            f"{path} is not a GGUF file (magic {magic!r})", hint="pass a valid .gguf file"
+        )
+
+
+def _check_folder(path: Path, allow_pickle: bool) -> str:
+    if not (path / "config.json").is_file():
+        raise NotCausalLMError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder",
+            hint="pass a folder saved with save_pretrained, a .gguf file or a hub id",
+        )
+    safetensors = sorted(path.glob("*.safetensors"))
+    if safetensors:
+        for file in safetensors:
+            read_header(file)  # raises CorruptModelError with the file name
+        return "hf"
+    pickles = [p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not allow_pickle:
+        raise UnsafeCheckpointError(
+            f"{path} holds only pickle checkpoints ({pickles[0].name}), which can run code on load",
+            hint="convert it to safetensors, or pass --allow-pickle if you trust its origin",
+        )
+    if not pickles:
+        raise ModelNotFoundError(
+            f"{path} has no weight files (*.safetensors)", hint="pass a complete model folder"
+        )
+    return "pickle"
+
+
+def _load_config(path: Path, kind: str, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        if kind == "gguf":
+            return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except ShortGPTError:
+        raise
+    except Exception as exc:  # transformers raises ValueError/KeyError/OSError here
+        if kind == "gguf":
+            raise CorruptModelError(
+                f"cannot read the GGUF metadata of {path}: {exc}",
+                hint="check that the file is complete and from a llama.cpp-supported model",
+            ) from exc
+        raise NotCausalLMError(f"cannot read {path / 'config.json'}: {exc}") from exc
+
+
+def _check_causal(config, ref: str) -> ArchitectureSpec:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise NotCausalLMError(
+            f"{ref} is a {model_type!r} model, not a decoder-only causal language model",
+            hint="pass a causal LM such as Llama, Mistral or Qwen",
+        )
+    return spec_for(model_type)
+
+
+def _snapshot_from_hub(ref: str, allow_pickle: bool) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+        if allow_pickle:
+            patterns.append("*.bin")
+        return Path(snapshot_download(ref, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"{ref!r} is not a local path and the hub lookup failed ({type(exc).__name__})",
+            hint="check the path, or the hub id and your network / HF_TOKEN",
+        ) from exc
+
+
+def resolve_source(
+    model: str | None, *, trust_remote_code: bool = False, allow_pickle: bool = False
+) -> ModelSource:
+    """Find the model, check its files and family, and read its config (no weights yet)."""
+    if model is None:
+        path = default_model.default_model_path()
+        ref = default_model.DISPLAY_NAME
+    else:
+        ref = model
+        path = Path(model).expanduser()
+        if not path.exists():
+            if HUB_ID.match(model) and not model.startswith((".", "/", "~")):
+                path = _snapshot_from_hub(model, allow_pickle)
+            else:
+                raise ModelNotFoundError(
+                    f"model path {model!r} does not exist",
+                    hint="pass an existing folder, a .gguf file or a hub id like org/name",
+                )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise NotCausalLMError(
+                f"{path} is a file but not a .gguf", hint="pass a model folder or a .gguf file"
+            )
+        _check_gguf(path)
+        kind = "gguf"
+    else:
+        kind = _check_folder(path, allow_pickle)
+    config = _load_config(path, kind, trust_remote_code)
+    spec = _check_causal(config, ref)
+    return ModelSource(ref=ref, kind=kind, path=path, config=config, spec=spec)
+
+
+def pick_device(requested: str | None = None) -> str:
+    """CUDA if present, else Apple MPS, else CPU; ``requested`` overrides and is checked."""
+    import torch
+
+    available = {
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if requested and requested != "auto":
+        kind = requested.split(":")[0]
+        if kind not in available:
+            raise ShortGPTError(f"unknown device {requested!r}", hint="use auto, cpu, cuda or mps")
+        if not available[kind]:
+            raise ShortGPTError(f"device {requested!r} is not available here", hint="use --device cpu")
+        return requested
+    return next(name for name, ok in available.items() if ok)
+
+
+def pick_dtype(device: str, requested: str = "auto"):
+    """float32 on CPU; bfloat16 on CUDA; float16 on MPS; ``requested`` overrides."""
+    import torch
+
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if requested != "auto":
+        if requested not in names:
+            raise ShortGPTError(f"unknown dtype {requested!r}", hint=f"use auto or {', '.join(names)}")
+        return names[requested]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.startswith("mps"):
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: object  # transformers PreTrainedModel
+    tokenizer: object
+
+
+def load_model(
+    source: ModelSource,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load weights and tokenizer of a resolved source onto ``device``, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = pick_dtype(device, dtype)
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if source.kind == "gguf":
+        location, kwargs["gguf_file"] = source.path.parent, source.path.name
+    else:
+        location = source.path
+        kwargs["use_safetensors"] = source.kind == "hf"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
+        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    except ShortGPTError:
+        raise
+    except Exception as exc:
+        raise CorruptModelError(
+            f"cannot load {source.ref}: {type(exc).__name__}: {exc}".splitlines()[0][:300],
+            hint="check that the weight files are complete",
+        ) from exc
+    model.to(device)
+    model.eval()
+    log.info("loaded %s (%s, %d layers) on %s as %s", source.ref, source.spec.model_type,
+             source.num_layers, device, torch_dtype)
+    return LoadedModel(source=source, model=model, tokenizer=tokenizer)
+
+
+def read_config_dict(folder: Path) -> dict:
+    with open(folder / "config.json", encoding="utf-8") as fh:
+        return json.load(fh)
