@@ -105,7 +105,13 @@ def _check_causal(config, ref: str) -> ArchitectureSpec:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(config, "model_type", None)
-    if getattr(config, "is_encoder_decoder", False) or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    heads = getattr(config, "architectures", None) or []
+    has_lm_head = not heads or any(h.endswith(("ForCausalLM", "LMHeadModel")) for h in heads)
+    if (
+        getattr(config, "is_encoder_decoder", False)
+        or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        or not has_lm_head
+    ):
         raise NotCausalLMError(
             f"{ref} is a {model_type!r} model, not a decoder-only causal language model",
             hint="pass a causal LM such as Llama, Mistral or Qwen",

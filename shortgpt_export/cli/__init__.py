@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         return command.execute(args)
     except ShortGPTError as exc:
         hint = f" — {exc.hint}" if exc.hint else ""
-        common.stderr.print(f"[bold red]error:[/bold red] {exc.message}{hint}", highlight=False)
+        common.stderr.print(
+            f"[bold red]error:[/bold red] {exc.message}{hint}", highlight=False, soft_wrap=True,
+            markup=True,
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         common.stderr.print("interrupted; no partial output was left behind")

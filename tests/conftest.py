@@ -1,0 +1,101 @@
+"""Session fixtures: a tiny trained tokenizer and a tiny random model of every family."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKITEXT = SHARED_DATA / "wikitext-2-raw-test.txt"
+
+# One row per family: the config arguments that give a tiny model with a per-layer
+# config list that is not uniform (sliding-window layers), so slicing is exercised.
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"sliding_window": 16},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3},
+    "qwen3": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3,
+              "head_dim": 16},
+}
+TINY_COMMON = {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+    "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+}
+
+
+def calibration_text() -> str:
+    return resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 512) trained on the built-in calibration text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([calibration_text()], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def build_tiny_model(family: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = AutoConfig.for_model(
+        family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **TINY_COMMON, **TINY_CONFIGS[family],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init gives near-identity residual blocks; scale the weights up so each
+    # layer changes the hidden state by a different, measurable amount.
+    with torch.no_grad():
+        for index, layer in enumerate(model.model.layers):
+            for param in layer.parameters():
+                if param.dim() == 2:
+                    param.mul_(1.0 + 2.0 * index)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_model_dir(request, tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """A saved tiny random model (6 layers, hidden 64) of each family in turn."""
+    out = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return build_tiny_model(request.param, tiny_tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    return build_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The cached default model; `make install` fetches it."""
+    from shortgpt_export.default_model import default_model_path
+
+    return default_model_path()

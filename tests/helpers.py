@@ -1,0 +1,53 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from shortgpt_export.calibration import CalibrationSet
+
+
+@contextmanager
+def without_final_norm(model):
+    """Make ``output_hidden_states[-1]`` the last block's raw output (no final norm)."""
+    norm = model.model.norm
+    model.model.norm = torch.nn.Identity()
+    try:
+        yield model
+    finally:
+        model.model.norm = norm
+
+
+def reference_scores(model, calib: CalibrationSet, metric: str = "bi") -> list[float]:
+    """Straightforward float64 BI/angular from ``output_hidden_states`` (all states stored)."""
+    with torch.no_grad(), without_final_norm(model):
+        states = model(
+            input_ids=calib.input_ids, attention_mask=calib.attention_mask,
+            output_hidden_states=True, use_cache=False,
+        ).hidden_states
+    real = calib.attention_mask.bool()
+    scores = []
+    for i in range(len(states) - 1):
+        x, y = states[i].double()[real], states[i + 1].double()[real]
+        cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+        value = 1 - cos if metric == "bi" else torch.arccos(cos.clamp(-1, 1)) / torch.pi
+        scores.append(float(value.mean()))
+    return scores
+
+
+def random_calibration(vocab: int, rows: int, seq_len: int, pad_last: int = 0, seed: int = 0):
+    """Random token windows; the last ``pad_last`` positions of odd rows are padding."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[1::2, -pad_last:] = 0
+        ids[mask == 0] = 0
+    return CalibrationSet(input_ids=ids, attention_mask=mask, source="random", seq_len=seq_len)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
