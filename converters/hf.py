@@ -15,12 +15,20 @@ class HFConverter:
     def export(self, ctx: ExportContext) -> list[Artifact]:
         out = ctx.out_dir / "hf"
         write_pruned_model(
-            ctx.source, ctx.plan, out, loaded=ctx.loaded, calibration=ctx.calibration,
+            ctx.source,
+            ctx.plan,
+            out,
+            loaded=ctx.loaded,
+            calibration=ctx.calibration,
             progress=ctx.progress,
         )
         return [
             Artifact(
-                path="hf", format="hf", quant=None, pruned=bool(ctx.plan.remove),
-                layers=len(ctx.plan.keep), size_bytes=path_size(out),
+                path="hf",
+                format="hf",
+                quant=None,
+                pruned=bool(ctx.plan.remove),
+                layers=len(ctx.plan.keep),
+                size_bytes=path_size(out),
             )
         ]

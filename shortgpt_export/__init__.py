@@ -8,6 +8,13 @@ from .scoring import LayerScores, score_layers
 __version__ = "0.1.0"
 
 __all__ = [
-    "ARCHITECTURES", "ArchitectureSpec", "LayerScores", "Plan", "ShortGPTError", "make_plan",
-    "score_layers", "spec_for", "__version__",
+    "ARCHITECTURES",
+    "ArchitectureSpec",
+    "LayerScores",
+    "Plan",
+    "ShortGPTError",
+    "make_plan",
+    "score_layers",
+    "spec_for",
+    "__version__",
 ]

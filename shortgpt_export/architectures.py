@@ -67,7 +67,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             gguf_arch="llama",
             examples=("mistralai/Mistral-7B-v0.3",),
         ),
-        ArchitectureSpec("qwen2", "Qwen2 / Qwen2.5", gguf_arch="qwen2", examples=("Qwen/Qwen2.5-0.5B",)),
+        ArchitectureSpec(
+            "qwen2", "Qwen2 / Qwen2.5", gguf_arch="qwen2", examples=("Qwen/Qwen2.5-0.5B",)
+        ),
         ArchitectureSpec("qwen3", "Qwen3", gguf_arch="qwen3", examples=("Qwen/Qwen3-0.6B",)),
     )
 }

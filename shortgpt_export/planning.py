@@ -45,7 +45,8 @@ def parse_layer_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
         raise PlanError(
-            f"--layers {text!r} is not a comma-separated list of integers", hint="e.g. --layers 3,7,11"
+            f"--layers {text!r} is not a comma-separated list of integers",
+            hint="e.g. --layers 3,7,11",
         ) from exc
 
 
@@ -98,6 +99,10 @@ def make_plan(
         reason = f"remove {remove} lowest-{metric.upper() if metric == 'bi' else metric} layers"
     keep = [i for i in range(num_layers) if i not in set(chosen)]
     return Plan(
-        num_layers=num_layers, remove=chosen, keep=keep, metric=metric, reason=reason,
+        num_layers=num_layers,
+        remove=chosen,
+        keep=keep,
+        metric=metric,
+        reason=reason,
         scores=list(scores) if scores is not None else None,
     )

@@ -61,7 +61,9 @@ def pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[obje
     original_layers = getattr(container, attr)
     config = model.config
     saved_config = {spec.num_layers_key: getattr(config, spec.num_layers_key)}
-    saved_config.update({k: getattr(config, k) for k in spec.per_layer_config_keys if hasattr(config, k)})
+    saved_config.update(
+        {k: getattr(config, k) for k in spec.per_layer_config_keys if hasattr(config, k)}
+    )
     saved_idx: list[tuple[object, int]] = []
     try:
         setattr(container, attr, torch.nn.ModuleList([original_layers[i] for i in keep]))
@@ -107,7 +109,8 @@ def plan_tensors(
             kept.append((-1, name, ref))
         elif layer >= plan.num_layers:
             raise CorruptModelError(
-                f"tensor {name} belongs to layer {layer} but the config has {plan.num_layers} layers"
+                f"tensor {name} belongs to layer {layer} "
+                f"but the config has {plan.num_layers} layers"
             )
         elif layer in new_index:
             renamed = spec.renumber(name, new_index[layer])
@@ -146,13 +149,15 @@ def write_pruned_safetensors(
     )
     written = 0
     with progress("writing pruned safetensors", sum(r.nbytes for r in refs)) as advance:
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             written += write_safetensors(out_dir / name, shard, {"format": "pt"})
             advance(sum(r.nbytes for r in shard))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(r.nbytes for r in refs)},
-            "weight_map": {ref.name: name for name, shard in zip(names, shards) for ref in shard},
+            "weight_map": {
+                ref.name: name for name, shard in zip(names, shards, strict=True) for ref in shard
+            },
         }
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return written

@@ -91,7 +91,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
     return tensors, metadata
 
 
-def write_safetensors(path: Path, tensors: Iterable[TensorRef], metadata: dict | None = None) -> int:
+def write_safetensors(
+    path: Path, tensors: Iterable[TensorRef], metadata: dict | None = None
+) -> int:
     """Write ``tensors`` (in the given order) to ``path``, copying bytes from their sources.
 
     Returns the number of bytes written.

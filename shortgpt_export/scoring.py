@@ -60,7 +60,7 @@ class _LayerAccumulator:
         return hook
 
     def scores(self) -> list[float]:
-        return [s / c if c else float("nan") for s, c in zip(self.sums, self.counts)]
+        return [s / c if c else float("nan") for s, c in zip(self.sums, self.counts, strict=True)]
 
 
 @dataclass
@@ -90,7 +90,9 @@ class LayerScores:
         except (OSError, json.JSONDecodeError, TypeError) as exc:
             raise ShortGPTError(f"cannot read scores file {path}: {exc}") from exc
         if len(scores.scores) != scores.num_layers:
-            raise ShortGPTError(f"{path}: {len(scores.scores)} scores for {scores.num_layers} layers")
+            raise ShortGPTError(
+                f"{path}: {len(scores.scores)} scores for {scores.num_layers} layers"
+            )
         return scores
 
 
@@ -153,7 +155,11 @@ def score_model(
     device = str(next(loaded.model.parameters()).device)
     began = time.perf_counter()
     values = score_layers(
-        loaded.model, loaded.source.spec, calib, metric=metric, batch_size=batch_size,
+        loaded.model,
+        loaded.source.spec,
+        calib,
+        metric=metric,
+        batch_size=batch_size,
         progress=progress,
     )
     seconds = time.perf_counter() - began

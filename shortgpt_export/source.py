@@ -172,7 +172,8 @@ def pick_device(requested: str | None = None) -> str:
 
     available = {
         "cuda": torch.cuda.is_available(),
-        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None
+        and torch.backends.mps.is_available(),
         "cpu": True,
     }
     if requested and requested != "auto":
@@ -180,7 +181,9 @@ def pick_device(requested: str | None = None) -> str:
         if kind not in available:
             raise ShortGPTError(f"unknown device {requested!r}", hint="use auto, cpu, cuda or mps")
         if not available[kind]:
-            raise ShortGPTError(f"device {requested!r} is not available here", hint="use --device cpu")
+            raise ShortGPTError(
+                f"device {requested!r} is not available here", hint="use --device cpu"
+            )
         return requested
     return next(name for name, ok in available.items() if ok)
 
@@ -192,7 +195,9 @@ def pick_dtype(device: str, requested: str = "auto"):
     names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if requested != "auto":
         if requested not in names:
-            raise ShortGPTError(f"unknown dtype {requested!r}", hint=f"use auto or {', '.join(names)}")
+            raise ShortGPTError(
+                f"unknown dtype {requested!r}", hint=f"use auto or {', '.join(names)}"
+            )
         return names[requested]
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -238,8 +243,14 @@ def load_model(
         ) from exc
     model.to(device)
     model.eval()
-    log.info("loaded %s (%s, %d layers) on %s as %s", source.ref, source.spec.model_type,
-             source.num_layers, device, torch_dtype)
+    log.info(
+        "loaded %s (%s, %d layers) on %s as %s",
+        source.ref,
+        source.spec.model_type,
+        source.num_layers,
+        device,
+        torch_dtype,
+    )
     return LoadedModel(source=source, model=model, tokenizer=tokenizer)
 
 

@@ -21,13 +21,22 @@ TINY_CONFIGS: dict[str, dict] = {
     "llama": {},
     "mistral": {"sliding_window": 16},
     "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3},
-    "qwen3": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3,
-              "head_dim": 16},
+    "qwen3": {
+        "use_sliding_window": True,
+        "sliding_window": 16,
+        "max_window_layers": 3,
+        "head_dim": 16,
+    },
 }
 TINY_COMMON = {
-    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "tie_word_embeddings": False, "rms_norm_eps": 1e-5,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-5,
 }
 
 
@@ -45,13 +54,17 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([calibration_text()], trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
     )
     path = tmp_path_factory.mktemp("tokenizer")
     fast.save_pretrained(path)
@@ -63,9 +76,13 @@ def build_tiny_model(family: str, tokenizer_dir: Path, out: Path, seed: int = 0)
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **TINY_COMMON, **TINY_CONFIGS[family],
+        family,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_COMMON,
+        **TINY_CONFIGS[family],
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -24,8 +24,10 @@ def reference_scores(model, calib: CalibrationSet, metric: str = "bi") -> list[f
     """Straightforward float64 BI/angular from ``output_hidden_states`` (all states stored)."""
     with torch.no_grad(), without_final_norm(model):
         states = model(
-            input_ids=calib.input_ids, attention_mask=calib.attention_mask,
-            output_hidden_states=True, use_cache=False,
+            input_ids=calib.input_ids,
+            attention_mask=calib.attention_mask,
+            output_hidden_states=True,
+            use_cache=False,
         ).hidden_states
     real = calib.attention_mask.bool()
     scores = []

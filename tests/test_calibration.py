@@ -40,8 +40,10 @@ def test_short_text_uses_everything_and_pads_the_last_window(tokenizer, tmp_path
 
 def test_jsonl_documents_are_joined_with_eos(tokenizer, tmp_path):
     path = tmp_path / "calib.jsonl"
-    rows = [{"text": "First document about rivers and deltas."},
-            {"text": "Second document about violins."}]
+    rows = [
+        {"text": "First document about rivers and deltas."},
+        {"text": "Second document about violins."},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     calib = load_calibration(tokenizer, str(path), seq_len=128)
     assert (calib.input_ids[0] == tokenizer.eos_token_id).sum() >= 1

@@ -28,15 +28,29 @@ def run_cli(capsys, *argv):
 
 def test_run_writes_scores_plan_and_pruned_folder(capsys, tiny_llama_dir, tmp_path, calib_file):
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--remove", "2",
-                              "--out", out, "--json", *RUN_FAST)
+    code, stdout, _ = run_cli(
+        capsys,
+        tiny_llama_dir,
+        "--calib",
+        calib_file,
+        "--remove",
+        "2",
+        "--out",
+        out,
+        "--json",
+        *RUN_FAST,
+    )
     assert code == 0
     summary = json.loads(stdout)
     scores = json.loads((out / "scores.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
     assert scores["num_layers"] == 6 and len(scores["scores"]) == 6
-    assert scores["calibration"] == {"source": calib_file, "tokens": 512, "seq_len": 64,
-                                     "windows": 8}
+    assert scores["calibration"] == {
+        "source": calib_file,
+        "tokens": 512,
+        "seq_len": 64,
+        "windows": 8,
+    }
     assert scores["model"]["architecture"] == "llama"
     lowest = sorted(range(6), key=lambda i: scores["scores"][i])[:2]
     assert plan["remove"] == sorted(lowest) == summary["remove"]
@@ -46,8 +60,9 @@ def test_run_writes_scores_plan_and_pruned_folder(capsys, tiny_llama_dir, tmp_pa
 
 
 def test_table_lists_every_layer_sorted_with_bars(capsys, tiny_llama_dir, tmp_path, calib_file):
-    code, stdout, _ = run_cli(capsys, "score", tiny_llama_dir, "--calib", calib_file,
-                              "--out", tmp_path / "s", *RUN_FAST)
+    code, stdout, _ = run_cli(
+        capsys, "score", tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "s", *RUN_FAST
+    )
     assert code == 0
     scores = json.loads((tmp_path / "s" / "scores.json").read_text())["scores"]
     rows = [line for line in stdout.splitlines() if "█" in line or "▏" in line]
@@ -58,19 +73,26 @@ def test_table_lists_every_layer_sorted_with_bars(capsys, tiny_llama_dir, tmp_pa
 
 def test_dry_run_writes_plan_only(capsys, tiny_llama_dir, tmp_path, calib_file):
     out = tmp_path / "dry"
-    code, stdout, _ = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--dry-run",
-                              "--out", out, *RUN_FAST)
+    code, stdout, _ = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--dry-run", "--out", out, *RUN_FAST
+    )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
     assert "remove 1 lowest-BI layers" in stdout  # 25% of 6, rounded down
 
 
 def test_prune_from_plan(capsys, tiny_llama_dir, tmp_path):
-    plan = {"num_layers": 6, "remove": [0, 5], "keep": [1, 2, 3, 4], "metric": "bi",
-            "reason": "by hand"}
+    plan = {
+        "num_layers": 6,
+        "remove": [0, 5],
+        "keep": [1, 2, 3, 4],
+        "metric": "bi",
+        "reason": "by hand",
+    }
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    code, _, _ = run_cli(capsys, "prune", tiny_llama_dir, "--plan", tmp_path / "plan.json",
-                         "--out", tmp_path / "p")
+    code, _, _ = run_cli(
+        capsys, "prune", tiny_llama_dir, "--plan", tmp_path / "plan.json", "--out", tmp_path / "p"
+    )
     assert code == 0
     assert json.loads((tmp_path / "p" / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
 
@@ -81,8 +103,14 @@ def make_folder(kind, tmp_path, tiny_llama_dir):
 
     path = tmp_path / kind
     if kind == "bert":
-        config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, intermediate_size=64, vocab_size=99)
+        config = AutoConfig.for_model(
+            "bert",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=99,
+        )
         AutoModel.from_config(config).save_pretrained(path)
     elif kind == "gpt2":
         config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=2, vocab_size=99)
@@ -104,7 +132,10 @@ def make_folder(kind, tmp_path, tiny_llama_dir):
     ("kind", "message"),
     [
         ("bert", "is a 'bert' model, not a decoder-only causal language model"),
-        ("gpt2", "unsupported model family 'gpt2' — supported families: llama, mistral, qwen2, qwen3"),
+        (
+            "gpt2",
+            "unsupported model family 'gpt2' — supported families: llama, mistral, qwen2, qwen3",
+        ),
         ("pickle", "holds only pickle checkpoints (pytorch_model.bin)"),
         ("corrupt", "is not a valid safetensors file: header length"),
         ("truncated", "is not a valid safetensors file: tensor"),
@@ -120,8 +151,9 @@ def test_bad_model_folders(capsys, tmp_path, tiny_llama_dir, kind, message):
 
 def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, calib_file):
     path = make_folder("pickle", tmp_path, tiny_llama_dir)
-    code, _, err = run_cli(capsys, path, "--allow-pickle", "--calib", calib_file, "--out",
-                           tmp_path / "o", *RUN_FAST)
+    code, _, err = run_cli(
+        capsys, path, "--allow-pickle", "--calib", calib_file, "--out", tmp_path / "o", *RUN_FAST
+    )
     assert code == 0, err
     assert (tmp_path / "o" / "hf" / "model.safetensors").is_file()
 
@@ -138,8 +170,9 @@ def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, ca
     ],
 )
 def test_bad_options(capsys, tiny_llama_dir, tmp_path, calib_file, args, message):
-    code, _, err = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o",
-                           *RUN_FAST, *args)
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *RUN_FAST, *args
+    )
     assert code == 2
     assert message in " ".join(err.split())
     assert not (tmp_path / "o").exists()
@@ -159,8 +192,9 @@ def test_missing_model_and_bad_gguf(capsys, tmp_path):
 
 def test_empty_calibration(capsys, tiny_llama_dir, tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    code, _, err = run_cli(capsys, tiny_llama_dir, "--calib", tmp_path / "empty.txt", "--out",
-                           tmp_path / "o")
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", tmp_path / "empty.txt", "--out", tmp_path / "o"
+    )
     assert code == 2 and "is empty" in err
 
 
@@ -171,14 +205,16 @@ def test_existing_out_needs_force(capsys, tiny_llama_dir, tmp_path, calib_file):
     code, _, err = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, *RUN_FAST)
     assert code == 2 and "already exists" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, _ = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force",
-                         *RUN_FAST)
+    code, _, _ = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force", *RUN_FAST
+    )
     assert code == 0 and not (out / "keep.txt").exists() and (out / "hf").is_dir()
 
 
 @pytest.mark.parametrize("failure", ["interrupt", "disk-full"])
-def test_failed_write_leaves_nothing_partial(capsys, monkeypatch, tiny_llama_dir, tmp_path,
-                                             calib_file, failure):
+def test_failed_write_leaves_nothing_partial(
+    capsys, monkeypatch, tiny_llama_dir, tmp_path, calib_file, failure
+):
     import shortgpt_export.pruning as pruning
 
     real = pruning.write_safetensors
@@ -193,8 +229,9 @@ def test_failed_write_leaves_nothing_partial(capsys, monkeypatch, tiny_llama_dir
     out = tmp_path / "o"
     out.mkdir()
     (out / "old.txt").write_text("previous run")
-    code, _, err = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force",
-                           *RUN_FAST)
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force", *RUN_FAST
+    )
     assert code == (130 if failure == "interrupt" else 2)
     if failure == "disk-full":
         assert "disk filled up" in err

@@ -57,7 +57,8 @@ def test_plan_json_round_trip_and_validation(tmp_path):
     plan = make_plan(8, SCORES, remove=2)
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
-    (tmp_path / "bad.json").write_text('{"num_layers": 4, "remove": [5], "keep": [0,1,2,3], '
-                                       '"metric": "bi", "reason": "x"}')
+    (tmp_path / "bad.json").write_text(
+        '{"num_layers": 4, "remove": [5], "keep": [0,1,2,3], "metric": "bi", "reason": "x"}'
+    )
     with pytest.raises(PlanError, match="out of range"):
         Plan.load(tmp_path / "bad.json")

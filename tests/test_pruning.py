@@ -76,9 +76,10 @@ def test_pruned_config_and_tensors_are_consistent(tiny_model_dir, pruned):
 def test_tokenizer_and_model_card_travel(tiny_model_dir, pruned):
     _, _, out = pruned
     text = "The river delta is 42 km wide."
-    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(
-        tiny_model_dir
-    )(text).input_ids
+    assert (
+        AutoTokenizer.from_pretrained(out)(text).input_ids
+        == AutoTokenizer.from_pretrained(tiny_model_dir)(text).input_ids
+    )
     card = (out / "README.md").read_text()
     assert "| 1 |" in card and "| 3 |" in card and "4 of 6 layers" in card
 

@@ -65,9 +65,13 @@ def test_unknown_metric_is_rejected(tiny):
 
 
 def test_scores_json_round_trip(tmp_path):
-    scores = LayerScores(metric="bi", num_layers=3, scores=[0.5, 0.1, 0.9],
-                         model={"source": "x", "architecture": "llama"},
-                         calibration={"source": "t", "tokens": 10, "seq_len": 5})
+    scores = LayerScores(
+        metric="bi",
+        num_layers=3,
+        scores=[0.5, 0.1, 0.9],
+        model={"source": "x", "architecture": "llama"},
+        calibration={"source": "t", "tokens": 10, "seq_len": 5},
+    )
     scores.save(tmp_path / "scores.json")
     loaded = LayerScores.load(tmp_path / "scores.json")
     assert loaded == scores

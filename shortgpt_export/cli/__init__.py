@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     except ShortGPTError as exc:
         hint = f" — {exc.hint}" if exc.hint else ""
         common.stderr.print(
-            f"[bold red]error:[/bold red] {exc.message}{hint}", highlight=False, soft_wrap=True,
+            f"[bold red]error:[/bold red] {exc.message}{hint}",
+            highlight=False,
+            soft_wrap=True,
             markup=True,
         )
         return exc.exit_code

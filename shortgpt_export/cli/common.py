@@ -42,38 +42,69 @@ def rich_progress(description: str, total: int | None = None) -> Iterator:
 
 def add_model_args(parser: argparse.ArgumentParser, optional_model: bool = True) -> None:
     parser.add_argument(
-        "model", nargs="?" if optional_model else None, default=None, metavar="MODEL",
-        help="Hugging Face folder, hub id or .gguf file (default: the built-in SmolLM2-135M-Instruct)",
+        "model",
+        nargs="?" if optional_model else None,
+        default=None,
+        metavar="MODEL",
+        help="Hugging Face folder, hub id or .gguf file "
+        "(default: the built-in SmolLM2-135M-Instruct)",
     )
     group = parser.add_argument_group("loading")
-    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    group.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps"
+    )
     group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="allow model code from the model folder or hub (off by default)")
-    group.add_argument("--allow-pickle", action="store_true",
-                       help="allow .bin/.pt pickle checkpoints, which can run code when loaded")
+    group.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model code from the model folder or hub (off by default)",
+    )
+    group.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow .bin/.pt pickle checkpoints, which can run code when loaded",
+    )
 
 
 def add_score_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("calibration and scoring")
-    group.add_argument("--calib", default=None,
-                       help="a .txt or .jsonl file, or wikitext2, pg19, c4 (needs network); "
-                            "default: the built-in offline mixed-domain text")
-    group.add_argument("--calib-tokens", type=int, default=8192, help="tokens to score on (default 8192)")
+    group.add_argument(
+        "--calib",
+        default=None,
+        help="a .txt or .jsonl file, or wikitext2, pg19, c4 (needs network); "
+        "default: the built-in offline mixed-domain text",
+    )
+    group.add_argument(
+        "--calib-tokens", type=int, default=8192, help="tokens to score on (default 8192)"
+    )
     group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    group.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    group.add_argument(
+        "--batch-size", type=int, default=4, help="windows per forward pass (default 4)"
+    )
     group.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
-    group.add_argument("--metric", choices=("bi", "angular"), default="bi",
-                       help="bi: 1 - mean cosine (ShortGPT); angular: arccos(cos)/pi (Gromov et al.)")
+    group.add_argument(
+        "--metric",
+        choices=("bi", "angular"),
+        default="bi",
+        help="bi: 1 - mean cosine (ShortGPT); angular: arccos(cos)/pi (Gromov et al.)",
+    )
 
 
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("which layers to remove (default: 25%% lowest-scored)")
     exclusive = group.add_mutually_exclusive_group()
-    exclusive.add_argument("--remove", type=int, metavar="N", help="remove the N lowest-scored layers")
-    exclusive.add_argument("--ratio", type=float, metavar="R", help="remove this fraction of the layers")
-    exclusive.add_argument("--layers", type=parse_layer_list, metavar="I,J,...",
-                           help="remove exactly these layers (0-based)")
+    exclusive.add_argument(
+        "--remove", type=int, metavar="N", help="remove the N lowest-scored layers"
+    )
+    exclusive.add_argument(
+        "--ratio", type=float, metavar="R", help="remove this fraction of the layers"
+    )
+    exclusive.add_argument(
+        "--layers",
+        type=parse_layer_list,
+        metavar="I,J,...",
+        help="remove exactly these layers (0-based)",
+    )
 
 
 def add_output_args(parser: argparse.ArgumentParser) -> None:
@@ -85,13 +116,24 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def model_options(args) -> ModelOptions:
-    return ModelOptions(model=args.model, device=args.device, dtype=args.dtype,
-                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+    return ModelOptions(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        allow_pickle=args.allow_pickle,
+    )
 
 
 def score_options(args) -> ScoreOptions:
-    return ScoreOptions(calib=args.calib, calib_tokens=args.calib_tokens, seq_len=args.seq_len,
-                        batch_size=args.batch_size, seed=args.seed, metric=args.metric)
+    return ScoreOptions(
+        calib=args.calib,
+        calib_tokens=args.calib_tokens,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        metric=args.metric,
+    )
 
 
 def plan_options(args) -> PlanOptions:
@@ -100,8 +142,10 @@ def plan_options(args) -> PlanOptions:
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(console=stderr, show_path=False)], force=True,
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=stderr, show_path=False)],
+        force=True,
     )
     for noisy in ("torch", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)

@@ -21,11 +21,18 @@ def bar(fraction: float, width: int = BAR_WIDTH) -> str:
 def scores_table(scores: LayerScores, plan: Plan | None = None) -> Table:
     """Layers sorted from least to most influential, each with a bar scaled to the maximum."""
     removed = set(plan.remove) if plan else set()
-    table = Table(title=f"{scores.metric.upper()} per layer, least influential first "
-                        f"({scores.calibration.get('tokens', '?')} tokens of "
-                        f"{scores.calibration.get('source', '?')})")
-    for column, justify in (("rank", "right"), ("layer", "right"), ("score", "right"),
-                            ("", "left"), ("plan", "left")):
+    table = Table(
+        title=f"{scores.metric.upper()} per layer, least influential first "
+        f"({scores.calibration.get('tokens', '?')} tokens of "
+        f"{scores.calibration.get('source', '?')})"
+    )
+    for column, justify in (
+        ("rank", "right"),
+        ("layer", "right"),
+        ("score", "right"),
+        ("", "left"),
+        ("plan", "left"),
+    ):
         table.add_column(column, justify=justify)
     finite = [s for s in scores.scores if s == s]
     top = max(finite) if finite else 1.0
@@ -39,8 +46,10 @@ def scores_table(scores: LayerScores, plan: Plan | None = None) -> Table:
 
 
 def plan_line(plan: Plan) -> str:
-    return (f"plan: {plan.reason}: remove {plan.remove}, keep {len(plan.keep)} of "
-            f"{plan.num_layers} layers")
+    return (
+        f"plan: {plan.reason}: remove {plan.remove}, keep {len(plan.keep)} of "
+        f"{plan.num_layers} layers"
+    )
 
 
 def artifacts_table(artifacts: list[Artifact], out) -> Table:
@@ -48,6 +57,11 @@ def artifacts_table(artifacts: list[Artifact], out) -> Table:
     for column in ("artifact", "format", "quant", "layers", "size"):
         table.add_column(column)
     for art in artifacts:
-        table.add_row(art.path, art.format, art.quant or "-", str(art.layers),
-                      f"{art.size_bytes / 1e6:,.1f} MB")
+        table.add_row(
+            art.path,
+            art.format,
+            art.quant or "-",
+            str(art.layers),
+            f"{art.size_bytes / 1e6:,.1f} MB",
+        )
     return table

