@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_gguf  # noqa: E402
 import bench_scoring  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -24,7 +25,7 @@ def main() -> None:
         f"Python {platform.python_version()}, torch {torch.__version__}. "
         "All ratios are measured side by side in one run; times are medians.\n\n"
     )
-    sections = [bench_scoring.report()]
+    sections = [bench_scoring.report(), bench_gguf.report()]
     RESULTS.write_text(header + "\n".join(sections), encoding="utf-8")
     print(RESULTS.read_text())
 

@@ -19,6 +19,7 @@ from shortgpt_export.progress import ProgressFactory, no_progress
 # format name -> "module:Class"
 BACKENDS: dict[str, str] = {
     "hf": "converters.hf:HFConverter",
+    "gguf": "converters.gguf:GGUFConverter",
 }
 
 
@@ -37,6 +38,12 @@ class ExportContext:
 
 class Converter(Protocol):
     name: str
+
+    def check_options(self, options: dict) -> None:
+        """Raise on bad options before any slow work starts."""
+
+    def needs_model(self, source_kind: str, options: dict) -> bool:
+        """Whether ``export`` needs the torch model loaded (``ctx.loaded``)."""
 
     def export(self, ctx: ExportContext) -> list[Artifact]: ...
 

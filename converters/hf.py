@@ -10,7 +10,12 @@ from . import ExportContext
 
 class HFConverter:
     name = "hf"
-    needs_loaded_model = ("gguf", "pickle")  # source kinds written from memory
+
+    def check_options(self, options: dict) -> None:
+        pass
+
+    def needs_model(self, source_kind: str, options: dict) -> bool:
+        return source_kind in ("gguf", "pickle")  # written from memory, not streamed
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
         out = ctx.out_dir / "hf"

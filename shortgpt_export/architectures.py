@@ -25,6 +25,9 @@ class ArchitectureSpec:
     num_layers_key: str = "num_hidden_layers"
     per_layer_config_keys: tuple[str, ...] = ("layer_types",)
     tensor_layer_pattern: str = r"^model\.layers\.(\d+)\."
+    # llama.cpp's "llama" graph rotates adjacent pairs, Hugging Face rotates halves:
+    # q/k projection rows must be interleaved when converting to GGUF.
+    gguf_permute_qk: bool = False
     examples: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -59,12 +62,14 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "llama",
             "Llama",
             gguf_arch="llama",
+            gguf_permute_qk=True,
             examples=("meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         ),
         ArchitectureSpec(
             "mistral",
             "Mistral",
             gguf_arch="llama",
+            gguf_permute_qk=True,
             examples=("mistralai/Mistral-7B-v0.3",),
         ),
         ArchitectureSpec(

@@ -73,14 +73,20 @@ def default_out_dir(source: ModelSource) -> Path:
     return Path(f"{source.name}-shortgpt")
 
 
-def parse_formats(to: str | list[str]) -> list[str]:
-    """``"hf,gguf"`` -> ``["hf", "gguf"]``, each checked against the registry."""
+def parse_formats(to: str | list[str], options: dict | None = None) -> list[str]:
+    """``"hf,gguf"`` -> ``["hf", "gguf"]``, each checked with its options against the registry."""
     from converters import get_converter
 
     names = [t.strip().lower() for t in (to.split(",") if isinstance(to, str) else to) if t.strip()]
     for name in names:
-        get_converter(name)
+        get_converter(name).check_options(options or {})
     return names
+
+
+def _needs_model(formats: list[str], source: ModelSource, options: dict) -> bool:
+    from converters import get_converter
+
+    return any(get_converter(name).needs_model(source.kind, options) for name in formats)
 
 
 def _load(source: ModelSource, opts: ModelOptions, progress: ProgressFactory) -> LoadedModel:
@@ -161,7 +167,7 @@ def run(
     progress: ProgressFactory = no_progress,
 ) -> RunResult:
     """load -> score -> plan -> export, into ``out`` (all or nothing)."""
-    formats = parse_formats(to)
+    formats = parse_formats(to, export_options)
     source = resolve_source(
         model_opts.model,
         trust_remote_code=model_opts.trust_remote_code,
@@ -241,7 +247,7 @@ def prune(
     progress: ProgressFactory = no_progress,
 ) -> RunResult:
     """Apply an existing ``plan.json`` to the model and export it into ``out``."""
-    formats = parse_formats(to)
+    formats = parse_formats(to, export_options)
     plan = Plan.load(plan_path)
     source = resolve_source(
         model_opts.model,
@@ -256,7 +262,8 @@ def prune(
         )
     out = Path(out) if out else default_out_dir(source)
     check_writable(out, force)
-    loaded = _load(source, model_opts, progress) if source.kind != "hf" else None
+    needed = _needs_model(formats, source, export_options or {})
+    loaded = _load(source, model_opts, progress) if needed else None
     with staged_output(out, force=force) as stage:
         plan.save(stage / "plan.json")
         artifacts = _export(

@@ -84,7 +84,7 @@ def pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[obje
             setattr(config, key, value)
 
 
-def _source_tensors(folder: Path) -> dict[str, TensorRef]:
+def source_tensors(folder: Path) -> dict[str, TensorRef]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
@@ -140,7 +140,7 @@ def write_pruned_safetensors(
     progress: ProgressFactory = no_progress,
 ) -> int:
     """Stream the kept tensors of ``folder`` into shards in ``out_dir``; returns bytes written."""
-    refs = plan_tensors(_source_tensors(folder), spec, plan)
+    refs = plan_tensors(source_tensors(folder), spec, plan)
     shards = _shard(refs, max_shard_bytes)
     names = (
         ["model.safetensors"]

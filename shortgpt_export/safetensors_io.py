@@ -129,3 +129,26 @@ def write_safetensors(
         for mapped in maps.values():
             mapped.close()
     return 8 + len(blob) + offset
+
+
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                "BOOL": "bool"}  # fmt: skip
+
+
+def load_tensor(ref: TensorRef):
+    """Read one tensor from its file into a new torch tensor (one copy, nothing cached)."""
+    import torch
+
+    if ref.dtype not in TORCH_DTYPES:
+        raise CorruptModelError(f"tensor {ref.name} has dtype {ref.dtype}, which cannot be read")
+    buffer = bytearray(ref.nbytes)
+    with open(ref.path, "rb") as fh:
+        fh.seek(ref.start)
+        fh.readinto(buffer)
+    dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+    return (
+        torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
+        if ref.nbytes
+        else torch.empty(ref.shape, dtype=dtype)
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -241,6 +240,8 @@ def load_model(
             f"cannot load {source.ref}: {type(exc).__name__}: {exc}".splitlines()[0][:300],
             hint="check that the weight files are complete",
         ) from exc
+    if source.kind == "gguf":
+        _align_gguf_tokenizer(tokenizer, source.path)
     model.to(device)
     model.eval()
     log.info(
@@ -254,6 +255,17 @@ def load_model(
     return LoadedModel(source=source, model=model, tokenizer=tokenizer)
 
 
-def read_config_dict(folder: Path) -> dict:
-    with open(folder / "config.json", encoding="utf-8") as fh:
-        return json.load(fh)
+def _align_gguf_tokenizer(tokenizer, path: Path) -> None:
+    """Make the HF tokenizer built from a GGUF split text the way llama.cpp does."""
+    from gguf import GGUFReader
+
+    from .pretokenizers import apply_llama_cpp_pre
+
+    field = GGUFReader(path).get_field("tokenizer.ggml.pre")
+    name = field.contents() if field is not None else None
+    if name and not apply_llama_cpp_pre(tokenizer, name):
+        log.warning(
+            "GGUF pre-tokenizer %r is not in our table; digits and symbols may be "
+            "tokenized differently from llama.cpp",
+            name,
+        )

@@ -44,8 +44,7 @@ def calibration_text() -> str:
     return resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+def build_tiny_tokenizer(out: Path) -> Path:
     """A byte-level BPE tokenizer (vocab 512) trained on the built-in calibration text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -66,15 +65,31 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
         pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return path
+    fast.save_pretrained(out)
+    return out
 
 
-def build_tiny_model(family: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers")
+
+
+def build_tiny_model(
+    family: str, tokenizer_dir: Path, out: Path, seed: int = 0, full_attention: bool = False
+) -> Path:
+    """A tiny random model of ``family``; ``full_attention`` drops its sliding windows
+    (llama.cpp runs these families without them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    extra = {
+        k: v for k, v in TINY_CONFIGS[family].items() if not (full_attention and k in SLIDING_KEYS)
+    }
+    if full_attention and family == "mistral":
+        extra["sliding_window"] = None
     config = AutoConfig.for_model(
         family,
         vocab_size=len(tokenizer),
@@ -82,7 +97,7 @@ def build_tiny_model(family: str, tokenizer_dir: Path, out: Path, seed: int = 0)
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         **TINY_COMMON,
-        **TINY_CONFIGS[family],
+        **extra,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
@@ -93,6 +108,9 @@ def build_tiny_model(family: str, tokenizer_dir: Path, out: Path, seed: int = 0)
             for param in layer.parameters():
                 if param.dim() == 2:
                     param.mul_(1.0 + 2.0 * index)
+        # Peaked next-token distributions, like a trained model's: near-ties between the
+        # top two tokens would make top-1 agreement measure rounding noise.
+        model.lm_head.weight.mul_(8.0)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
@@ -103,6 +121,17 @@ def tiny_model_dir(request, tiny_tokenizer_dir, tmp_path_factory) -> Path:
     """A saved tiny random model (6 layers, hidden 64) of each family in turn."""
     out = tmp_path_factory.mktemp(f"tiny-{request.param}")
     return build_tiny_model(request.param, tiny_tokenizer_dir, out)
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_full_attention_dir(request, tiny_tokenizer_dir, tmp_path_factory) -> Path:
+    """Like ``tiny_model_dir`` but without sliding-window layers, for llama.cpp parity."""
+    out = tmp_path_factory.mktemp(f"tiny-full-{request.param}")
+    return build_tiny_model(request.param, tiny_tokenizer_dir, out, full_attention=True)
+
+
+# Every export back-end in converters.BACKENDS and the test module that exercises it.
+BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py"}
 
 
 @pytest.fixture(scope="session")

@@ -115,6 +115,58 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-v", "--verbose", action="store_true", help="log more detail")
 
 
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    from converters import supported_formats
+    from converters.gguf.quantize import QUANT_TYPES
+
+    group = parser.add_argument_group("export")
+    group.add_argument(
+        "--to",
+        default=None,
+        help=f"comma-separated formats: {', '.join(supported_formats())} (default hf; "
+        "a GGUF quant flag alone implies gguf)",
+    )
+    group.add_argument(
+        "--quant",
+        action="append",
+        default=[],
+        metavar="TYPE[,TYPE...]",
+        help="GGUF quant types, case-insensitive (default: the source GGUF's own type, or F16)",
+    )
+    for quant in QUANT_TYPES.values():
+        if not quant.needs_imatrix:
+            group.add_argument(
+                f"--{quant.name.lower()}",
+                dest="quant",
+                action="append_const",
+                const=quant.name,
+                help=argparse.SUPPRESS,
+            )
+    group.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the llama.cpp-vs-torch check of every written file",
+    )
+    group.add_argument(
+        "--converter",
+        choices=("builtin", "llama.cpp"),
+        default="builtin",
+        help="HF->GGUF converter; llama.cpp uses $LLAMA_CPP_DIR/convert_hf_to_gguf.py",
+    )
+
+
+def export_request(args) -> tuple[list[str], dict]:
+    """The formats to write and the options for their back-ends."""
+    quants = [q for item in args.quant for q in item.split(",") if q.strip()]
+    formats = [f.strip().lower() for f in (args.to or "").split(",") if f.strip()]
+    if not formats:
+        formats = ["gguf"] if quants else ["hf"]
+    elif quants and "gguf" not in formats:
+        formats.append("gguf")
+    options = {"quants": quants, "verify": not args.no_verify, "converter": args.converter}
+    return formats, options
+
+
 def model_options(args) -> ModelOptions:
     return ModelOptions(
         model=args.model,
@@ -147,7 +199,7 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=stderr, show_path=False)],
         force=True,
     )
-    for noisy in ("torch", "accelerate"):
+    for noisy in ("torch", "accelerate", "llama-cpp-python"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
     import transformers
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from converters import supported_formats
-
 from .. import pipeline
 from . import common, display
 
@@ -16,19 +14,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_model_args(parser)
     parser.add_argument("--plan", required=True, help="plan.json from a run or a --dry-run")
-    parser.add_argument(
-        "--to", default="hf", help=f"comma-separated formats: {', '.join(supported_formats())}"
-    )
+    common.add_export_args(parser)
     common.add_output_args(parser)
     return parser
 
 
 def execute(args) -> int:
+    formats, options = common.export_request(args)
     result = pipeline.prune(
         common.model_options(args),
         args.plan,
         out=args.out,
-        to=args.to,
+        to=formats,
+        export_options=options,
         force=args.force,
         progress=common.rich_progress,
     )

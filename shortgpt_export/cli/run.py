@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from converters import supported_formats
-
 from .. import pipeline
 from . import common, display
 
@@ -21,22 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_score_args(parser)
     common.add_plan_args(parser)
     common.add_output_args(parser)
-    parser.add_argument(
-        "--to",
-        default="hf",
-        help=f"comma-separated export formats: {', '.join(supported_formats())} (default hf)",
-    )
+    common.add_export_args(parser)
     parser.add_argument("--dry-run", action="store_true", help="score and write plan.json only")
     return parser
 
 
 def execute(args) -> int:
+    formats, options = common.export_request(args)
     result = pipeline.run(
         common.model_options(args),
         common.score_options(args),
         common.plan_options(args),
         out=args.out,
-        to=args.to,
+        to=formats,
+        export_options=options,
         dry_run=args.dry_run,
         force=args.force,
         progress=common.rich_progress,

@@ -1,0 +1,201 @@
+"""GGUF export speed and memory, and llama.cpp speed of pruned vs. unpruned files.
+
+Side by side in one run:
+  * F16 GGUF export throughput (MB written / s) from a bf16 safetensors copy of the default
+    model, against a plain file copy of the same number of bytes on the same disk;
+  * peak RSS growth of that export (fresh process) against the largest tensor's size;
+  * llama.cpp generation and prompt tok/s of the pruned Q4_K_M file against the unpruned
+    Q4_K_M file (both quantized from F16 the same way), against the ideal speed-up from
+    the share of weights removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+WORK = Path(__file__).resolve().parent / "_work"
+HF_DIR = WORK / "smollm2-bf16"
+REMOVE = 7  # 25% of 30 layers, rounded down
+
+
+def ensure_hf_copy() -> Path:
+    """A bf16 safetensors folder of the default model (made once, from its GGUF)."""
+    if (HF_DIR / "config.json").is_file():
+        return HF_DIR
+    import torch
+
+    from shortgpt_export.source import load_model, resolve_source
+
+    loaded = load_model(resolve_source(None), device="cpu")
+    loaded.model.to(torch.bfloat16).save_pretrained(HF_DIR, safe_serialization=True)
+    loaded.tokenizer.save_pretrained(HF_DIR)
+    return HF_DIR
+
+
+def export_f16(target: Path, remove: list[int]) -> None:
+    from converters import ExportContext
+    from converters.gguf.hf_to_gguf import convert_pruned
+    from shortgpt_export.planning import make_plan
+    from shortgpt_export.source import resolve_source
+
+    source = resolve_source(str(HF_DIR))
+    plan = make_plan(source.num_layers, layers=remove)
+    convert_pruned(ExportContext(source=source, plan=plan, out_dir=target.parent), target)
+
+
+def memory_probe(target: str) -> None:
+    import converters.gguf.hf_to_gguf  # noqa: F401  (imports count as baseline)
+    from shortgpt_export.pruning import source_tensors
+
+    largest = max(ref.nbytes for ref in source_tensors(HF_DIR).values())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    export_f16(Path(target), [])
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "after": after, "largest": largest}))
+
+
+def throughput(reps: int) -> dict:
+    out = WORK / "export-f16.gguf"
+    copy = WORK / "plain-copy.bin"
+    export_s, copy_s = [], []
+    for _ in range(reps):
+        began = time.perf_counter()
+        export_f16(out, [])
+        export_s.append(time.perf_counter() - began)
+        size = out.stat().st_size
+        began = time.perf_counter()
+        shutil.copyfile(out, copy)
+        copy_s.append(time.perf_counter() - began)
+    copy.unlink()
+    return {"bytes": size, "export_s": statistics.median(export_s),
+            "copy_s": statistics.median(copy_s)}
+
+
+def llama_speed(path: Path, prompt: list[int], gen: int, reps: int) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=2, n_batch=512, verbose=False)
+    prompt_rates, gen_rates = [], []
+    try:
+        for i in range(reps + 1):  # the first run warms up
+            llm.reset()
+            began = time.perf_counter()
+            llm.eval(prompt)
+            prompted = time.perf_counter()
+            token = prompt[-1]
+            for _ in range(gen):
+                token = llm.sample(temp=0.0)
+                llm.eval([token])
+            done = time.perf_counter()
+            if i:
+                prompt_rates.append(len(prompt) / (prompted - began))
+                gen_rates.append(gen / (done - prompted))
+    finally:
+        llm.close()
+    return {"prompt_tok_s": statistics.median(prompt_rates),
+            "gen_tok_s": statistics.median(gen_rates)}
+
+
+def speed(reps: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from converters.gguf.quantize import QUANT_TYPES, quantize_gguf
+    from shortgpt_export.planning import make_plan
+    from shortgpt_export.pruning import source_tensors
+    from shortgpt_export.source import resolve_source
+
+    source = resolve_source(str(HF_DIR))
+    files = {}
+    for label, remove in (("unpruned", []), ("pruned", None)):
+        if remove is None:  # remove the lowest-BI layers, as the tool would
+            scores = json.loads((WORK / "scores.json").read_text())["scores"]
+            remove = make_plan(30, scores, remove=REMOVE).remove
+        f16 = WORK / f"{label}-F16.gguf"
+        export_f16(f16, remove)
+        q4 = WORK / f"{label}-Q4_K_M.gguf"
+        quantize_gguf(f16, q4, QUANT_TYPES["Q4_K_M"])
+        files[label] = q4
+    tokenizer = AutoTokenizer.from_pretrained(HF_DIR)
+    text = (Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw-test.txt").read_text()
+    prompt = tokenizer(text[:4000], add_special_tokens=False).input_ids[:128]
+    results: dict = {label: {"prompt": [], "gen": []} for label in files}
+    for _ in range(reps):  # interleaved, so both files see the same machine load
+        for label, path in files.items():
+            run = llama_speed(path, prompt, gen=64, reps=1)
+            results[label]["prompt"].append(run["prompt_tok_s"])
+            results[label]["gen"].append(run["gen_tok_s"])
+    for label, path in files.items():
+        results[label] = {"prompt_tok_s": statistics.median(results[label]["prompt"]),
+                          "gen_tok_s": statistics.median(results[label]["gen"]),
+                          "size": path.stat().st_size}
+    tensors = source_tensors(HF_DIR)
+    layer_bytes = sum(r.nbytes for n, r in tensors.items() if source.spec.layer_of(n) is not None)
+    total = sum(r.nbytes for r in tensors.values())
+    results["removed_share"] = REMOVE / 30 * layer_bytes / total
+    return results
+
+
+def report(reps: int = 3) -> str:
+    ensure_hf_copy()
+    if not (WORK / "scores.json").is_file():
+        subprocess.run([sys.executable, "-m", "shortgpt_export", "score", "--out", str(WORK),
+                        "--force"], check=True, capture_output=True)
+    t = throughput(reps)
+    probe = subprocess.run([sys.executable, __file__, "--probe", str(WORK / "probe.gguf")],
+                           capture_output=True, text=True, check=True)
+    m = json.loads(probe.stdout.strip().splitlines()[-1])
+    s = speed(reps=5)
+    mb = t["bytes"] / 1e6
+    ideal = 1 / (1 - s["removed_share"])
+    lines = [
+        "## GGUF export and llama.cpp speed",
+        "",
+        f"Default model as bf16 safetensors ({HF_DIR.name}), all 30 layers, F16 GGUF of "
+        f"{mb:,.0f} MB; median of {reps} runs.",
+        "",
+        "| step | median s | MB/s | vs. plain copy |",
+        "|---|---:|---:|---:|",
+        f"| F16 GGUF export (read, convert, write) | {t['export_s']:.2f} | "
+        f"{mb / t['export_s']:,.0f} | {t['copy_s'] / t['export_s']:.2f}x |",
+        f"| plain copy of the same bytes | {t['copy_s']:.2f} | {mb / t['copy_s']:,.0f} | 1.00x |",
+        "",
+        f"Peak RSS of the export (fresh process): {m['after'] / 1e6:,.0f} MB, "
+        f"{(m['after'] - m['before']) / 1e6:,.0f} MB above the RSS after imports; "
+        f"the largest tensor is {m['largest'] / 1e6:,.0f} MB (bf16; its F32 working copy "
+        f"{2 * m['largest'] / 1e6:,.0f} MB).",
+        "",
+        f"llama.cpp {__import__('llama_cpp').__version__}, CPU, 2 threads, Q4_K_M quantized "
+        f"from F16, prompt 128 tokens, 64 generated; median of 5 after a warm-up:",
+        "",
+        "| file | size MB | prompt tok/s | generation tok/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for label in ("unpruned", "pruned"):
+        r = s[label]
+        name = "30 layers" if label == "unpruned" else f"{30 - REMOVE} layers (BI-pruned)"
+        lines.append(f"| {name} | {r['size'] / 1e6:,.1f} | {r['prompt_tok_s']:,.0f} | "
+                     f"{r['gen_tok_s']:,.1f} |")
+    gen = s["pruned"]["gen_tok_s"] / s["unpruned"]["gen_tok_s"]
+    pp = s["pruned"]["prompt_tok_s"] / s["unpruned"]["prompt_tok_s"]
+    lines += ["", f"Speed-up: generation {gen:.2f}x, prompt {pp:.2f}x; ideal from the share of "
+              f"weights removed ({s['removed_share']:.1%}, embeddings and head stay): "
+              f"{ideal:.2f}x."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--probe")
+    args = parser.parse_args()
+    if args.probe:
+        memory_probe(args.probe)
+    else:
+        print(report())

@@ -1,0 +1,185 @@
+"""GGUF export: prune (GGUF source) or convert (safetensors source), quantize, verify."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from shortgpt_export.artifacts import Artifact
+from shortgpt_export.errors import ExportError
+from shortgpt_export.model_card import render_model_card
+
+from .. import ExportContext
+from .modelfile import render_modelfile, stop_tokens_from_gguf
+from .prune_gguf import open_gguf, prune_gguf
+from .quantize import QUANT_TYPES, QuantType, parse_quant_list, quantize_gguf
+
+log = logging.getLogger(__name__)
+
+QUANT_SUFFIX = re.compile(r"[.-]((I?Q\d\w*)|F16|F32|BF16)$", re.IGNORECASE)
+VERIFY_WINDOWS, VERIFY_LEN = 4, 128
+
+
+def base_name(source) -> str:
+    """The model's name without a trailing quant label (``SmolLM2-135M-Instruct``)."""
+    return QUANT_SUFFIX.sub("", source.name)
+
+
+def gguf_file_name(source, layers: int, quant: str) -> str:
+    return f"{base_name(source)}-pruned{layers}L-{quant}.gguf"
+
+
+class GGUFConverter:
+    name = "gguf"
+
+    def check_options(self, options: dict) -> None:
+        parse_quant_list(options.get("quants"))
+        if options.get("converter") == "llama.cpp":
+            from .llama_cpp_converter import convert_script
+
+            convert_script()
+
+    def needs_model(self, source_kind: str, options: dict) -> bool:
+        return bool(options.get("verify", True))
+
+    def export(self, ctx: ExportContext) -> list[Artifact]:
+        quants = parse_quant_list(ctx.options.get("quants"))
+        layers = len(ctx.plan.keep)
+        staging = ctx.out_dir / ".gguf-intermediate"
+        staging.mkdir(exist_ok=True)
+        base, base_type = self._write_base(ctx, staging, quants)
+        if not quants:
+            quants = [QUANT_TYPES.get(base_type) or QuantType(base_type, "", exact=False)]
+        written: list[tuple[Path, QuantType, str | None]] = []
+        for quant in quants:
+            target = ctx.out_dir / gguf_file_name(ctx.source, layers, quant.name)
+            if quant.name == base_type:
+                base.replace(target)
+                base = target
+                written.append((target, quant, None))
+                continue
+            if base_type not in ("F32", "F16", "BF16"):
+                log.warning(
+                    "requantizing %s to %s: quality is lower than quantizing from F16",
+                    base_type,
+                    quant.name,
+                )
+            with ctx.progress(f"quantizing to {quant.name}", None):
+                quantize_gguf(base, target, quant)
+            written.append((target, quant, base_type if base_type != quant.name else None))
+        if base.parent == staging:
+            base.unlink()
+        staging.rmdir()
+        artifacts = [self._artifact(ctx, path, quant, requant) for path, quant, requant in written]
+        if ctx.options.get("verify", True):
+            self._verify(ctx, artifacts)
+        self._write_modelfile(ctx, [Path(a.path) for a in artifacts])
+        self._write_card(ctx, artifacts)
+        return artifacts
+
+    def _write_card(self, ctx: ExportContext, artifacts: list[Artifact]) -> None:
+        rows = ["| file | quant | size | check against torch |", "|---|---|---:|---|"]
+        for art in artifacts:
+            check = art.extra.get("verify")
+            summary = (
+                f"top-1 {check['top1_agreement']:.3f}, KL {check['kl_divergence']:.4f}"
+                if check
+                else "not verified"
+            )
+            how = (
+                f" (requantized from {art.extra['requantized_from']})"
+                if art.extra.get("requantized_from")
+                else ""
+            )
+            rows.append(
+                f"| {art.path} | {art.quant}{how} | {art.size_bytes / 1e6:,.1f} MB | {summary} |"
+            )
+        extra = (
+            "## GGUF files\n\n"
+            + "\n".join(rows)
+            + ("\n\nRun with `llama-cli -m FILE` or `ollama create NAME -f Modelfile`.")
+        )
+        card = render_model_card(
+            original=ctx.source.ref,
+            architecture=ctx.source.spec.model_type,
+            plan=ctx.plan,
+            calibration=ctx.calibration,
+            extra=extra,
+        )
+        (ctx.out_dir / "README.md").write_text(card, encoding="utf-8")
+
+    def _write_base(
+        self, ctx: ExportContext, staging: Path, quants: list[QuantType]
+    ) -> tuple[Path, str]:
+        """The pruned GGUF every quant type starts from, and its type name.
+
+        From safetensors that is F16, or F32 when F32 is among the outputs.
+        """
+        if ctx.source.kind == "pickle":
+            raise ExportError(
+                "GGUF export reads safetensors; this model has only pickle checkpoints",
+                hint="run with --to hf first, then export the hf/ folder it writes",
+            )
+        if ctx.source.kind == "gguf":
+            target = staging / "pruned-source.gguf"
+            with ctx.progress("pruning GGUF", None):
+                info = prune_gguf(ctx.source.path, ctx.plan, target, progress=ctx.progress)
+            return target, info.file_type or "source"
+        base_type = "F32" if any(q.name == "F32" for q in quants) else "F16"
+        target = staging / f"pruned-{base_type}.gguf"
+        if ctx.options.get("converter") == "llama.cpp":
+            from .llama_cpp_converter import convert_with_llama_cpp
+
+            convert_with_llama_cpp(ctx, target, out_type=base_type)
+        else:
+            from .hf_to_gguf import convert_pruned
+
+            convert_pruned(ctx, target, out_type=base_type)
+        return target, base_type
+
+    def _artifact(self, ctx, path: Path, quant: QuantType, requant: str | None) -> Artifact:
+        extra = {"requantized_from": requant} if requant else {}
+        return Artifact(
+            path=path.name,
+            format="gguf",
+            quant=quant.name,
+            pruned=bool(ctx.plan.remove),
+            layers=len(ctx.plan.keep),
+            size_bytes=path.stat().st_size,
+            extra=extra,
+        )
+
+    def _verify(self, ctx: ExportContext, artifacts: list[Artifact]) -> None:
+        from shortgpt_export.calibration import load_calibration
+        from shortgpt_export.fidelity import torch_logprobs
+        from shortgpt_export.pruning import pruned_view
+
+        from .verify import verify_gguf
+
+        loaded = ctx.loaded
+        if loaded is None:
+            raise ExportError("GGUF verification needs the torch model", hint="pass --no-verify")
+        windows = load_calibration(
+            loaded.tokenizer, None, seq_len=VERIFY_LEN, max_tokens=VERIFY_WINDOWS * VERIFY_LEN
+        ).input_ids
+        with (
+            ctx.progress("torch reference log-probs", None),
+            pruned_view(loaded.model, ctx.source.spec, ctx.plan.keep) as model,
+        ):
+            reference = torch_logprobs(model, windows)
+        for art in artifacts:
+            quant = QUANT_TYPES.get(art.quant)
+            exact = bool(quant and quant.exact) and ctx.source.kind != "gguf"
+            with ctx.progress(f"verifying {art.path} in llama.cpp", None):
+                fidelity = verify_gguf(
+                    ctx.out_dir / art.path, reference, loaded.tokenizer, windows, exact=exact
+                )
+            art.extra["verify"] = fidelity.as_dict()
+
+    def _write_modelfile(self, ctx: ExportContext, paths: list[Path]) -> None:
+        reader = open_gguf(ctx.out_dir / paths[0])
+        text = render_modelfile(
+            paths[0].name, stop_tokens_from_gguf(reader), [p.name for p in paths[1:]]
+        )
+        (ctx.out_dir / "Modelfile").write_text(text, encoding="utf-8")

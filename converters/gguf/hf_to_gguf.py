@@ -1,0 +1,192 @@
+"""Pruned safetensors -> GGUF, streamed: one tensor read, converted, written, freed at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from shortgpt_export.errors import ExportError
+from shortgpt_export.pruning import plan_tensors, prune_config_dict, source_tensors
+from shortgpt_export.safetensors_io import TensorRef, load_tensor
+
+from .tokenizer import add_tokenizer
+
+log = logging.getLogger(__name__)
+
+OUT_TYPES = ("F32", "F16", "BF16", "Q8_0")
+SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _model_arch(name: str):
+    import gguf
+
+    for arch, arch_name in gguf.MODEL_ARCH_NAMES.items():
+        if arch_name == name:
+            return arch
+    raise ExportError(f"gguf does not know architecture {name!r}")
+
+
+def _add_hparams(writer, config: dict, name: str) -> None:
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_name(name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config.get("rope_theta", 10000.0))
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_vocab_size(config["vocab_size"])
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif kind != "llama3":  # llama3 scaling travels as the rope_freqs tensor
+        raise ExportError(
+            f"rope scaling {kind!r} is not supported by the built-in GGUF converter",
+            hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
+        )
+
+
+def llama3_rope_factors(config: dict):
+    """Per-frequency divisors that reproduce Llama 3's rope scaling (``rope_freqs.weight``)."""
+    import numpy as np
+
+    s = config["rope_scaling"]
+    heads = config["num_attention_heads"]
+    dim = config.get("head_dim") or config["hidden_size"] // heads
+    base = config.get("rope_theta", 10000.0)
+    freqs = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    old_ctx = s["original_max_position_embeddings"]
+    low, high, factor = s["low_freq_factor"], s["high_freq_factor"], s["factor"]
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    factors = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < old_ctx / high, 1.0, factors)
+    factors = np.where(wavelen > old_ctx / low, factor, factors)
+    return factors.astype(np.float32)
+
+
+def interleave_rope_rows(weight, heads: int):
+    """Reorder q/k projection rows from rotate-half layout to adjacent pairs, per head."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _target_type(shape: tuple[int, ...], out_type: str):
+    import gguf
+
+    t = gguf.GGMLQuantizationType
+    if len(shape) == 1:
+        return t.F32
+    if out_type == "Q8_0" and shape[-1] % 32 != 0:
+        return t.F16
+    return getattr(t, out_type)
+
+
+def _convert(array, qtype):
+    import gguf
+    import numpy as np
+
+    t = gguf.GGMLQuantizationType
+    if qtype == t.F32:
+        return array.astype(np.float32)
+    if qtype == t.F16:
+        return array.astype(np.float16)
+    return gguf.quants.quantize(array.astype(np.float32), qtype)
+
+
+def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
+    """Write the pruned model of a safetensors source straight to a GGUF file."""
+    import gguf
+    import numpy as np
+
+    if out_type not in OUT_TYPES:
+        raise ExportError(f"the built-in converter writes {', '.join(OUT_TYPES)}, not {out_type}")
+    source, plan, spec = ctx.source, ctx.plan, ctx.source.spec
+    folder = source.path
+    config = prune_config_dict(
+        json.loads((folder / "config.json").read_text(encoding="utf-8")), spec, plan.keep
+    )
+    arch = _model_arch(spec.gguf_arch)
+    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    if sliding and sliding < config["max_position_embeddings"]:
+        log.warning(
+            "llama.cpp runs %s without its %d-token sliding window; long contexts differ",
+            spec.gguf_arch,
+            sliding,
+        )
+
+    refs: list[tuple[str, TensorRef | None]] = []
+    for ref in plan_tensors(source_tensors(folder), spec, plan):
+        if ref.name.endswith(SKIP_SUFFIXES):
+            continue
+        gguf_name = name_map.get_name(ref.name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ExportError(f"no GGUF name for tensor {ref.name} ({spec.gguf_arch})")
+        refs.append((gguf_name, ref))
+
+    writer = gguf.GGUFWriter(target, spec.gguf_arch)
+    _add_hparams(writer, config, source.name)
+    writer.add_file_type(
+        getattr(gguf.LlamaFileType, f"MOSTLY_{out_type}", gguf.LlamaFileType.ALL_F32)
+    )
+    add_tokenizer(writer, folder, config["vocab_size"])
+    extra = []
+    if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        extra.append(("rope_freqs.weight", llama3_rope_factors(config)))
+    plan_types = []
+    for gguf_name, ref in refs:
+        qtype = _target_type(ref.shape, out_type)
+        byte_shape = (
+            gguf.quants.quant_shape_to_byte_shape(ref.shape, qtype)
+            if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+            else ref.shape
+        )
+        dtype = {
+            gguf.GGMLQuantizationType.F32: np.float32,
+            gguf.GGMLQuantizationType.F16: np.float16,
+        }.get(qtype, np.uint8)
+        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
+        plan_types.append(qtype)
+    for gguf_name, array in extra:
+        writer.add_tensor_info(gguf_name, array.shape, array.dtype, array.nbytes)
+
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(ref.nbytes for _, ref in refs)
+        with ctx.progress(f"writing {target.name}", total) as advance:
+            for (gguf_name, ref), qtype in zip(refs, plan_types, strict=True):
+                array = load_tensor(ref).float().numpy()
+                if spec.gguf_permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+                    array = interleave_rope_rows(
+                        array, heads if gguf_name.endswith("attn_q.weight") else kv_heads
+                    )
+                writer.write_tensor_data(_convert(array, qtype))
+                advance(ref.nbytes)
+                del array
+            for _, array in extra:
+                writer.write_tensor_data(array)
+    finally:
+        writer.close()

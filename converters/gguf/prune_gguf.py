@@ -1,0 +1,134 @@
+"""Prune a GGUF file directly: drop ``blk.N.*`` tensors, renumber, slice per-layer metadata.
+
+Works for any architecture llama.cpp knows, since only the ``blk.N.`` naming convention
+and ``{arch}.block_count`` are assumed. Tensor data is copied byte for byte from the
+memory-mapped source, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from shortgpt_export.errors import CorruptModelError, PlanError
+from shortgpt_export.planning import Plan
+from shortgpt_export.progress import ProgressFactory, no_progress
+
+log = logging.getLogger(__name__)
+
+BLOCK = re.compile(r"^blk\.(\d+)\.")
+SKIPPED_KEYS = ("GGUF.", "general.architecture")  # the reader's pseudo-fields; the writer adds arch
+
+
+def open_gguf(path: Path):
+    """A ``gguf.GGUFReader`` for ``path``; any parse failure becomes CorruptModelError."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as exc:
+        raise CorruptModelError(
+            f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}"[:300],
+            hint="the file is truncated or not GGUF; re-download or re-export it",
+        ) from exc
+
+
+def field_value(reader, key: str):
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    arch: str
+    block_count: int
+    file_type: str | None  # e.g. "Q4_1", from general.file_type
+
+
+def gguf_info(reader) -> GGUFInfo:
+    from gguf import LlamaFileType
+
+    arch = field_value(reader, "general.architecture")
+    blocks = field_value(reader, f"{arch}.block_count")
+    if arch is None or blocks is None:
+        raise CorruptModelError("GGUF file has no general.architecture or block_count")
+    file_type = field_value(reader, "general.file_type")
+    try:
+        label = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        label = None
+    return GGUFInfo(arch=arch, block_count=int(blocks), file_type=label)
+
+
+def sliced_metadata(reader, arch: str, keep: list[int]):
+    """(key, value, type, sub_type) of every field, per-layer arrays cut to ``keep``."""
+    from gguf import GGUFValueType
+
+    old = gguf_info(reader).block_count
+    for field in reader.fields.values():
+        if field.name.startswith(SKIPPED_KEYS):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        try:
+            value = field.contents()
+        except UnicodeDecodeError as exc:
+            raise CorruptModelError(f"GGUF field {field.name} is not valid UTF-8") from exc
+        if field.name == f"{arch}.block_count":
+            value = len(keep)
+        elif (
+            vtype == GGUFValueType.ARRAY and field.name.startswith(f"{arch}.") and len(value) == old
+        ):
+            value = [value[i] for i in keep]
+            log.info("sliced per-layer array %s to %d entries", field.name, len(keep))
+        yield field.name, value, vtype, sub_type
+
+
+def prune_gguf(
+    src: Path, plan: Plan, dst: Path, *, progress: ProgressFactory = no_progress
+) -> GGUFInfo:
+    """Write ``dst``: ``src`` without the layers ``plan`` removes; returns the source's info."""
+    from gguf import GGUFWriter
+
+    reader = open_gguf(src)
+    info = gguf_info(reader)
+    if info.block_count != plan.num_layers:
+        raise PlanError(
+            f"the plan is for {plan.num_layers} layers but {src} has {info.block_count}",
+            hint="use the plan.json made for this model",
+        )
+    new_index = {old: new for new, old in enumerate(plan.keep)}
+    writer = GGUFWriter(dst, info.arch)
+    alignment = field_value(reader, "general.alignment")
+    if alignment:
+        writer.data_alignment = int(alignment)
+    for key, value, vtype, sub_type in sliced_metadata(reader, info.arch, plan.keep):
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    kept = []
+    for tensor in reader.tensors:
+        match = BLOCK.match(tensor.name)
+        name = tensor.name
+        if match:
+            layer = int(match.group(1))
+            if layer >= info.block_count:
+                raise CorruptModelError(f"{src}: tensor {name} is beyond block_count")
+            if layer not in new_index:
+                continue
+            name = f"blk.{new_index[layer]}.{name[match.end() :]}"
+        kept.append(tensor)
+        writer.add_tensor_info(
+            name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
+        )
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with progress(f"writing {dst.name}", sum(t.n_bytes for t in kept)) as advance:
+            for tensor in kept:
+                writer.write_tensor_data(tensor.data)
+                advance(tensor.n_bytes)
+    finally:
+        writer.close()
+    return info

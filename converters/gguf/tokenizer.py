@@ -1,0 +1,54 @@
+"""Hugging Face tokenizer files -> GGUF tokenizer metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from shortgpt_export.errors import ExportError
+from shortgpt_export.pretokenizers import llama_cpp_name, signature
+
+log = logging.getLogger(__name__)
+
+
+def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
+    """Tokens, types, merges, pre-tokenizer, special ids and chat template into ``writer``."""
+    import gguf
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError(
+            f"{folder} has no tokenizer.json (only byte-level BPE tokenizers are converted)",
+            hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
+        )
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model = data.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise ExportError(
+            f"tokenizer of type {model.get('type')} (byte_fallback={model.get('byte_fallback')}) "
+            "is not supported by the built-in converter",
+            hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
+        )
+    pre = llama_cpp_name(data.get("pre_tokenizer"))
+    if pre is None:
+        raise ExportError(
+            f"pre-tokenizer {signature(data.get('pre_tokenizer'))} is not one llama.cpp is known "
+            "to reproduce",
+            hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
+        )
+    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    types: dict[int, int] = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
+    for added in data.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = (
+            gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+        )
+    size = max(vocab_size, max(tokens) + 1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(size)])
+    writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(size)])
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
+    special.add_to_gguf(writer, quiet=True)
+    log.info("tokenizer: %d tokens, pre-tokenizer %s, %d merges", size, pre, len(special.merges))
