@@ -75,8 +75,11 @@ def throughput(reps: int) -> dict:
         shutil.copyfile(out, copy)
         copy_s.append(time.perf_counter() - began)
     copy.unlink()
-    return {"bytes": size, "export_s": statistics.median(export_s),
-            "copy_s": statistics.median(copy_s)}
+    return {
+        "bytes": size,
+        "export_s": statistics.median(export_s),
+        "copy_s": statistics.median(copy_s),
+    }
 
 
 def llama_speed(path: Path, prompt: list[int], gen: int, reps: int) -> dict:
@@ -100,8 +103,10 @@ def llama_speed(path: Path, prompt: list[int], gen: int, reps: int) -> dict:
                 gen_rates.append(gen / (done - prompted))
     finally:
         llm.close()
-    return {"prompt_tok_s": statistics.median(prompt_rates),
-            "gen_tok_s": statistics.median(gen_rates)}
+    return {
+        "prompt_tok_s": statistics.median(prompt_rates),
+        "gen_tok_s": statistics.median(gen_rates),
+    }
 
 
 def speed(reps: int) -> dict:
@@ -133,9 +138,11 @@ def speed(reps: int) -> dict:
             results[label]["prompt"].append(run["prompt_tok_s"])
             results[label]["gen"].append(run["gen_tok_s"])
     for label, path in files.items():
-        results[label] = {"prompt_tok_s": statistics.median(results[label]["prompt"]),
-                          "gen_tok_s": statistics.median(results[label]["gen"]),
-                          "size": path.stat().st_size}
+        results[label] = {
+            "prompt_tok_s": statistics.median(results[label]["prompt"]),
+            "gen_tok_s": statistics.median(results[label]["gen"]),
+            "size": path.stat().st_size,
+        }
     tensors = source_tensors(HF_DIR)
     layer_bytes = sum(r.nbytes for n, r in tensors.items() if source.spec.layer_of(n) is not None)
     total = sum(r.nbytes for r in tensors.values())
@@ -146,11 +153,18 @@ def speed(reps: int) -> dict:
 def report(reps: int = 3) -> str:
     ensure_hf_copy()
     if not (WORK / "scores.json").is_file():
-        subprocess.run([sys.executable, "-m", "shortgpt_export", "score", "--out", str(WORK),
-                        "--force"], check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "shortgpt_export", "score", "--out", str(WORK), "--force"],
+            check=True,
+            capture_output=True,
+        )
     t = throughput(reps)
-    probe = subprocess.run([sys.executable, __file__, "--probe", str(WORK / "probe.gguf")],
-                           capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [sys.executable, __file__, "--probe", str(WORK / "probe.gguf")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     m = json.loads(probe.stdout.strip().splitlines()[-1])
     s = speed(reps=5)
     mb = t["bytes"] / 1e6
@@ -181,13 +195,18 @@ def report(reps: int = 3) -> str:
     for label in ("unpruned", "pruned"):
         r = s[label]
         name = "30 layers" if label == "unpruned" else f"{30 - REMOVE} layers (BI-pruned)"
-        lines.append(f"| {name} | {r['size'] / 1e6:,.1f} | {r['prompt_tok_s']:,.0f} | "
-                     f"{r['gen_tok_s']:,.1f} |")
+        lines.append(
+            f"| {name} | {r['size'] / 1e6:,.1f} | {r['prompt_tok_s']:,.0f} | "
+            f"{r['gen_tok_s']:,.1f} |"
+        )
     gen = s["pruned"]["gen_tok_s"] / s["unpruned"]["gen_tok_s"]
     pp = s["pruned"]["prompt_tok_s"] / s["unpruned"]["prompt_tok_s"]
-    lines += ["", f"Speed-up: generation {gen:.2f}x, prompt {pp:.2f}x; ideal from the share of "
-              f"weights removed ({s['removed_share']:.1%}, embeddings and head stay): "
-              f"{ideal:.2f}x."]
+    lines += [
+        "",
+        f"Speed-up: generation {gen:.2f}x, prompt {pp:.2f}x; ideal from the share of "
+        f"weights removed ({s['removed_share']:.1%}, embeddings and head stay): "
+        f"{ideal:.2f}x.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -69,7 +69,7 @@ def check_tokenizer(llm, tokenizer, path: Path) -> None:
         ours = list(ours)
         if ours != theirs:
             at = next(
-                (i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y),
+                (i for i, (x, y) in enumerate(zip(ours, theirs, strict=False)) if x != y),
                 min(len(ours), len(theirs)),
             )
             raise ExportError(
