@@ -20,6 +20,7 @@ from shortgpt_export.progress import ProgressFactory, no_progress
 BACKENDS: dict[str, str] = {
     "hf": "converters.hf:HFConverter",
     "gguf": "converters.gguf:GGUFConverter",
+    "onnx": "converters.onnx:ONNXConverter",
 }
 
 
@@ -39,8 +40,8 @@ class ExportContext:
 class Converter(Protocol):
     name: str
 
-    def check_options(self, options: dict) -> None:
-        """Raise on bad options before any slow work starts."""
+    def check_options(self, options: dict, source=None) -> None:
+        """Raise on bad options before any slow work starts (again once ``source`` is known)."""
 
     def needs_model(self, source_kind: str, options: dict) -> bool:
         """Whether ``export`` needs the torch model loaded (``ctx.loaded``)."""

@@ -11,7 +11,7 @@ from . import ExportContext
 class HFConverter:
     name = "hf"
 
-    def check_options(self, options: dict) -> None:
+    def check_options(self, options: dict, source=None) -> None:
         pass
 
     def needs_model(self, source_kind: str, options: dict) -> bool:

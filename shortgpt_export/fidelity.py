@@ -56,3 +56,21 @@ def torch_logprobs(model, windows):
             logits = model(input_ids=window.view(1, -1), use_cache=False).logits[0]
             rows.append(torch.log_softmax(logits.double(), dim=-1))
     return torch.cat(rows)
+
+
+VERIFY_WINDOWS, VERIFY_LEN = 4, 128
+
+
+def verification_windows(tokenizer, windows: int = VERIFY_WINDOWS, length: int = VERIFY_LEN):
+    """Token windows of the built-in text, for checking an export against torch."""
+    from .calibration import load_calibration
+
+    return load_calibration(tokenizer, None, seq_len=length, max_tokens=windows * length).input_ids
+
+
+def pruned_reference(loaded, keep: list[int], windows):
+    """Log-probabilities of the pruned torch model (a view of ``loaded``, no copy)."""
+    from .pruning import pruned_view
+
+    with pruned_view(loaded.model, loaded.source.spec, keep) as model:
+        return torch_logprobs(model, windows)

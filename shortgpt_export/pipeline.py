@@ -83,6 +83,13 @@ def parse_formats(to: str | list[str], options: dict | None = None) -> list[str]
     return names
 
 
+def _check_with_source(formats: list[str], source: ModelSource, options: dict) -> None:
+    from converters import get_converter
+
+    for name in formats:
+        get_converter(name).check_options(options, source)
+
+
 def _needs_model(formats: list[str], source: ModelSource, options: dict) -> bool:
     from converters import get_converter
 
@@ -176,6 +183,7 @@ def run(
     out = Path(out) if out else default_out_dir(source)
     check_writable(out, force)
     _check_plan_request(source.num_layers, plan_opts)
+    _check_with_source(formats, source, export_options or {})
     loaded = _load(source, model_opts, progress)
     scores = _score(loaded, score_opts, progress)
     plan = make_plan(
@@ -262,6 +270,7 @@ def prune(
         )
     out = Path(out) if out else default_out_dir(source)
     check_writable(out, force)
+    _check_with_source(formats, source, export_options or {})
     needed = _needs_model(formats, source, export_options or {})
     loaded = _load(source, model_opts, progress) if needed else None
     with staged_output(out, force=force) as stage:

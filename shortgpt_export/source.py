@@ -242,6 +242,10 @@ def load_model(
         ) from exc
     if source.kind == "gguf":
         _align_gguf_tokenizer(tokenizer, source.path)
+        # transformers points the slow-tokenizer file at the .gguf itself; saving would
+        # copy the whole GGUF into the folder as "tokenizer.model"
+        if hasattr(tokenizer, "vocab_file"):
+            tokenizer.vocab_file = None
     model.to(device)
     model.eval()
     log.info(

@@ -165,7 +165,7 @@ def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, ca
         (["--remove", "-1"], "--remove -1 is not possible"),
         (["--ratio", "1.5"], "--ratio 1.5 is outside [0, 1)"),
         (["--layers", "1,9"], "layer indices [9] are out of range"),
-        (["--to", "tflite"], "unknown export format 'tflite' — supported: gguf, hf"),
+        (["--to", "tflite"], "unknown export format 'tflite' — supported: gguf, hf, onnx"),
         (["--metric", "bi", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
     ],
 )

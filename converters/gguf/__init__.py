@@ -18,7 +18,6 @@ from .quantize import QUANT_TYPES, QuantType, parse_quant_list, quantize_gguf
 log = logging.getLogger(__name__)
 
 QUANT_SUFFIX = re.compile(r"[.-]((I?Q\d\w*)|F16|F32|BF16)$", re.IGNORECASE)
-VERIFY_WINDOWS, VERIFY_LEN = 4, 128
 
 
 def base_name(source) -> str:
@@ -33,7 +32,7 @@ def gguf_file_name(source, layers: int, quant: str) -> str:
 class GGUFConverter:
     name = "gguf"
 
-    def check_options(self, options: dict) -> None:
+    def check_options(self, options: dict, source=None) -> None:
         parse_quant_list(options.get("quants"))
         if options.get("converter") == "llama.cpp":
             from .llama_cpp_converter import convert_script
@@ -151,23 +150,16 @@ class GGUFConverter:
         )
 
     def _verify(self, ctx: ExportContext, artifacts: list[Artifact]) -> None:
-        from shortgpt_export.calibration import load_calibration
-        from shortgpt_export.fidelity import torch_logprobs
-        from shortgpt_export.pruning import pruned_view
+        from shortgpt_export.fidelity import pruned_reference, verification_windows
 
         from .verify import verify_gguf
 
         loaded = ctx.loaded
         if loaded is None:
             raise ExportError("GGUF verification needs the torch model", hint="pass --no-verify")
-        windows = load_calibration(
-            loaded.tokenizer, None, seq_len=VERIFY_LEN, max_tokens=VERIFY_WINDOWS * VERIFY_LEN
-        ).input_ids
-        with (
-            ctx.progress("torch reference log-probs", None),
-            pruned_view(loaded.model, ctx.source.spec, ctx.plan.keep) as model,
-        ):
-            reference = torch_logprobs(model, windows)
+        windows = verification_windows(loaded.tokenizer)
+        with ctx.progress("torch reference log-probs", None):
+            reference = pruned_reference(loaded, ctx.plan.keep, windows)
         for art in artifacts:
             quant = QUANT_TYPES.get(art.quant)
             exact = bool(quant and quant.exact) and ctx.source.kind != "gguf"

@@ -142,10 +142,32 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
                 const=quant.name,
                 help=argparse.SUPPRESS,
             )
+    for name in ("fp32", "fp16", "int8", "int4"):
+        group.add_argument(
+            f"--{name}",
+            dest="onnx",
+            action="append_const",
+            const=name,
+            help=f"write onnx-{name}/ (implies --to onnx)",
+        )
+    group.add_argument(
+        "--int4-block-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="block size of --int4 weight-only quantization (default 32)",
+    )
+    group.add_argument(
+        "--int8-mode",
+        choices=("dynamic", "weight-only"),
+        default="dynamic",
+        help="--int8 as onnxruntime dynamic quantization (default) or 8-bit "
+        "weight-only MatMulNBits (far more accurate on small models)",
+    )
     group.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip the llama.cpp-vs-torch check of every written file",
+        help="skip checking each written GGUF/ONNX file against the torch model",
     )
     group.add_argument(
         "--converter",
@@ -158,13 +180,19 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
 def export_request(args) -> tuple[list[str], dict]:
     """The formats to write and the options for their back-ends."""
     quants = [q for item in args.quant for q in item.split(",") if q.strip()]
+    precisions = args.onnx or []
     formats = [f.strip().lower() for f in (args.to or "").split(",") if f.strip()]
-    if not formats:
-        formats = ["gguf"] if quants else ["hf"]
-    elif quants and "gguf" not in formats:
-        formats.append("gguf")
-    options = {"quants": quants, "verify": not args.no_verify, "converter": args.converter}
-    return formats, options
+    implied = [name for name, wanted in (("gguf", quants), ("onnx", precisions)) if wanted]
+    formats += [name for name in implied if name not in formats]
+    options = {
+        "quants": quants,
+        "verify": not args.no_verify,
+        "converter": args.converter,
+        "onnx_precisions": precisions,
+        "int4_block_size": args.int4_block_size,
+        "int8_mode": args.int8_mode,
+    }
+    return formats or ["hf"], options
 
 
 def model_options(args) -> ModelOptions:
