@@ -56,6 +56,7 @@ class RunResult:
     scores: LayerScores | None
     plan: Plan
     artifacts: list[Artifact] = field(default_factory=list)
+    report: dict | None = None
 
     def summary(self) -> dict:
         return {
@@ -66,6 +67,7 @@ class RunResult:
             "remove": self.plan.remove,
             "keep": self.plan.keep,
             "artifacts": [a.to_dict() for a in self.artifacts],
+            "report": self.report,
         }
 
 
@@ -134,6 +136,80 @@ def _score(loaded: LoadedModel, opts: ScoreOptions, progress: ProgressFactory) -
     )
 
 
+def _baseline_and_validate(
+    formats: list[str],
+    source: ModelSource,
+    plan: Plan,
+    stage: Path,
+    loaded: LoadedModel,
+    artifacts: list[Artifact],
+    scores: LayerScores,
+    options: dict,
+    eval_opts,
+    progress: ProgressFactory,
+) -> dict:
+    """Export the unpruned model at the same types into baseline/, then measure all."""
+    from .report import write_report
+    from .validation.run import measure
+
+    identity = Plan(
+        num_layers=plan.num_layers,
+        remove=[],
+        keep=list(range(plan.num_layers)),
+        metric=plan.metric,
+        reason="original, nothing removed",
+    )
+    quantized = [name for name in formats if name != "hf"]
+    baseline = (
+        _export(
+            quantized,
+            source,
+            identity,
+            stage / "baseline",
+            loaded,
+            None,
+            {**options, "verify": False},
+            progress,
+        )
+        if quantized
+        else []
+    )
+    entries = [
+        {
+            "path": f"baseline/{a.path}",
+            "label": "original",
+            "format": a.format,
+            "quant": a.quant,
+            "pruned": False,
+            "layers": a.layers,
+            "size_bytes": a.size_bytes,
+        }
+        for a in baseline
+    ] + [
+        {
+            "path": a.path,
+            "label": "pruned",
+            "format": a.format,
+            "quant": a.quant,
+            "pruned": True,
+            "layers": a.layers,
+            "size_bytes": a.size_bytes,
+        }
+        for a in artifacts
+        if a.format != "hf"
+    ]
+    report = measure(
+        loaded,
+        entries,
+        eval_opts,
+        keep=plan.keep,
+        root=stage,
+        progress=progress,
+    )
+    write_report(report, stage, scores=scores.__dict__, removed=plan.remove)
+    return report
+
+
 def _export(
     formats: list[str],
     source: ModelSource,
@@ -155,6 +231,7 @@ def _export(
         options=options,
         progress=progress,
     )
+    stage.mkdir(parents=True, exist_ok=True)
     artifacts: list[Artifact] = []
     for name in formats:
         artifacts.extend(get_converter(name).export(ctx))
@@ -171,9 +248,16 @@ def run(
     dry_run: bool = False,
     force: bool = False,
     export_options: dict | None = None,
+    validate=None,
+    max_ppl_increase: float | None = None,
     progress: ProgressFactory = no_progress,
 ) -> RunResult:
-    """load -> score -> plan -> export, into ``out`` (all or nothing)."""
+    """load -> score -> plan -> export (-> validate), into ``out`` (all or nothing).
+
+    ``validate`` (EvalOptions) also exports the unpruned model at the same types into
+    ``out/baseline`` and writes the stacking report; ``max_ppl_increase`` then fails the
+    run (after writing everything) when a pruned artifact lost more than that factor.
+    """
     formats = parse_formats(to, export_options)
     source = resolve_source(
         model_opts.model,
@@ -195,6 +279,7 @@ def run(
         metric=scores.metric,
     )
     artifacts: list[Artifact] = []
+    report = None
     with staged_output(out, force=force) as stage:
         plan.save(stage / "plan.json")
         if not dry_run:
@@ -209,7 +294,25 @@ def run(
                 export_options or {},
                 progress,
             )
-    return RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts)
+            if validate is not None:
+                report = _baseline_and_validate(
+                    formats,
+                    source,
+                    plan,
+                    stage,
+                    loaded,
+                    artifacts,
+                    scores,
+                    export_options or {},
+                    validate,
+                    progress,
+                )
+    result = RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts, report=report)
+    if validate is not None:
+        from .validation.run import check_quality_gate
+
+        check_quality_gate(report, max_ppl_increase)
+    return result
 
 
 def _write_file_atomically(path: Path, text: str, force: bool) -> None:
@@ -279,6 +382,45 @@ def prune(
             formats, source, plan, stage, loaded, None, export_options or {}, progress
         )
     return RunResult(out=out, scores=None, plan=plan, artifacts=artifacts)
+
+
+def validate(
+    model_opts: ModelOptions,
+    paths: list[Path],
+    eval_opts,
+    *,
+    out: Path,
+    force: bool = False,
+    max_ppl_increase: float | None = None,
+    progress: ProgressFactory = no_progress,
+) -> dict:
+    """Measure artifacts against the reference model and write the report into ``out``."""
+    from .report import write_report
+    from .validation.evaluators import artifact_kind
+    from .validation.run import check_quality_gate, validate_artifacts
+
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if not path.exists():
+            from .errors import ModelNotFoundError
+
+            raise ModelNotFoundError(
+                f"artifact {path} does not exist",
+                hint="pass files and folders written by shortgpt-export",
+            )
+        artifact_kind(path)
+    source = resolve_source(
+        model_opts.model,
+        trust_remote_code=model_opts.trust_remote_code,
+        allow_pickle=model_opts.allow_pickle,
+    )
+    check_writable(Path(out), force)
+    loaded = _load(source, model_opts, progress)
+    with staged_output(Path(out), force=force) as stage:
+        report = validate_artifacts(loaded, paths, eval_opts, progress=progress)
+        write_report(report, stage)
+    check_quality_gate(report, max_ppl_increase)
+    return report
 
 
 __all__ = [

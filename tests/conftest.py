@@ -131,7 +131,7 @@ def tiny_full_attention_dir(request, tiny_tokenizer_dir, tmp_path_factory) -> Pa
 
 
 # Every export back-end in converters.BACKENDS and the test module that exercises it.
-BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}
+BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}  # noqa: E501
 
 
 @pytest.fixture(scope="session")

@@ -25,8 +25,11 @@ def base_name(source) -> str:
     return QUANT_SUFFIX.sub("", source.name)
 
 
-def gguf_file_name(source, layers: int, quant: str) -> str:
-    return f"{base_name(source)}-pruned{layers}L-{quant}.gguf"
+def gguf_file_name(source, plan, quant: str) -> str:
+    """``<name>-pruned<N>L-<QUANT>.gguf``, or ``<name>-<QUANT>.gguf`` when nothing is removed."""
+    if not plan.remove:
+        return f"{base_name(source)}-{quant}.gguf"
+    return f"{base_name(source)}-pruned{len(plan.keep)}L-{quant}.gguf"
 
 
 class GGUFConverter:
@@ -44,7 +47,6 @@ class GGUFConverter:
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
         quants = parse_quant_list(ctx.options.get("quants"))
-        layers = len(ctx.plan.keep)
         staging = ctx.out_dir / ".gguf-intermediate"
         staging.mkdir(exist_ok=True)
         base, base_type = self._write_base(ctx, staging, quants)
@@ -52,7 +54,7 @@ class GGUFConverter:
             quants = [QUANT_TYPES.get(base_type) or QuantType(base_type, "", exact=False)]
         written: list[tuple[Path, QuantType, str | None]] = []
         for quant in quants:
-            target = ctx.out_dir / gguf_file_name(ctx.source, layers, quant.name)
+            target = ctx.out_dir / gguf_file_name(ctx.source, ctx.plan, quant.name)
             if quant.name == base_type:
                 base.replace(target)
                 base = target

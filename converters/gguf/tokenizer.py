@@ -24,10 +24,13 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    byte_tokens = any(t.startswith("<0x") and t.endswith(">") for t in model.get("vocab", {}))
+    if model.get("type") != "BPE" or byte_tokens:
+        # SentencePiece-style vocabularies (byte tokens <0xNN>) need llama.cpp's converter
         raise ExportError(
-            f"tokenizer of type {model.get('type')} (byte_fallback={model.get('byte_fallback')}) "
-            "is not supported by the built-in converter",
+            f"tokenizer of type {model.get('type')}"
+            + (" with <0xNN> byte tokens" if byte_tokens else "")
+            + " is not supported by the built-in converter (byte-level BPE only)",
             hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
         )
     pre = llama_cpp_name(data.get("pre_tokenizer"))

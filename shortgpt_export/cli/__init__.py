@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "run": "shortgpt_export.cli.run",
     "score": "shortgpt_export.cli.score",
     "prune": "shortgpt_export.cli.prune",
+    "validate": "shortgpt_export.cli.validate",
     "download-default": "shortgpt_export.cli.download",
 }
 

@@ -195,6 +195,51 @@ def export_request(args) -> tuple[list[str], dict]:
     return formats or ["hf"], options
 
 
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument(
+        "--eval",
+        default=None,
+        metavar="FILE|NAME",
+        help="evaluation text: a .txt/.jsonl file or wikitext2, pg19, c4 "
+        "(default: the built-in text)",
+    )
+    group.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
+    group.add_argument(
+        "--max-tokens", type=int, default=4096, help="evaluation tokens at most (default 4096)"
+    )
+    group.add_argument(
+        "--kl-windows",
+        type=int,
+        default=2,
+        help="windows whose full distributions are compared (default 2)",
+    )
+    group.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for every back-end (default: all cores)",
+    )
+    group.add_argument(
+        "--max-ppl-increase",
+        type=float,
+        default=None,
+        metavar="X",
+        help="fail (exit 3) when a pruned artifact's perplexity exceeds X times the original's",
+    )
+
+
+def eval_options(args):
+    from ..validation import EvalOptions
+
+    opts = EvalOptions(
+        eval=args.eval, ctx=args.ctx, max_tokens=args.max_tokens, kl_windows=args.kl_windows
+    )
+    if args.threads:
+        opts.threads = args.threads
+    return opts
+
+
 def model_options(args) -> ModelOptions:
     return ModelOptions(
         model=args.model,

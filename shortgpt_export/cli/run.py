@@ -20,6 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_plan_args(parser)
     common.add_output_args(parser)
     common.add_export_args(parser)
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="also export the unpruned model at the same types into baseline/ "
+        "and measure everything (report.json, report.md, plots)",
+    )
+    common.add_eval_args(parser)
     parser.add_argument("--dry-run", action="store_true", help="score and write plan.json only")
     return parser
 
@@ -33,6 +40,8 @@ def execute(args) -> int:
         out=args.out,
         to=formats,
         export_options=options,
+        validate=common.eval_options(args) if args.validate else None,
+        max_ppl_increase=args.max_ppl_increase,
         dry_run=args.dry_run,
         force=args.force,
         progress=common.rich_progress,
@@ -44,6 +53,8 @@ def execute(args) -> int:
     common.stdout.print(display.plan_line(result.plan))
     if result.artifacts:
         common.stdout.print(display.artifacts_table(result.artifacts, result.out))
+    if result.report:
+        common.stdout.print(display.report_table(result.report))
     else:
         common.stdout.print(f"dry run: wrote {result.out / 'plan.json'}")
     return 0

@@ -1,0 +1,155 @@
+"""report.json, report.md and the PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = (
+    ("perplexity", "perplexity", "{:,.2f}"), ("kl_divergence", "KL vs original", "{:.4f}"),
+    ("top1_agreement", "top-1 agreement", "{:.3f}"), ("size_bytes", "size MB", "{:,.1f}"),
+    ("prompt_tok_s", "prompt tok/s", "{:,.0f}"), ("gen_tok_s", "gen tok/s", "{:,.1f}"),
+    ("ttft_s", "TTFT s", "{:.3f}"), ("peak_rss_bytes", "peak RSS MB", "{:,.0f}"),
+)  # fmt: skip
+
+
+def _cell(record: dict, key: str, fmt: str) -> str:
+    value = record.get(key)
+    if value is None:
+        return "-"
+    if key in ("size_bytes", "peak_rss_bytes"):
+        value = value / 1e6
+    return fmt.format(value)
+
+
+def table_rows(artifacts: list[dict]) -> list[list[str]]:
+    return [
+        [a["label"], a.get("quant") or "-"] + [_cell(a, k, f) for k, _, f in COLUMNS]
+        for a in artifacts
+    ]
+
+
+def quant_factors(artifacts: list[dict]) -> list[str]:
+    """One line per quant type: the perplexity factor it adds, pruned vs. original."""
+    lines = []
+    base = {a["pruned"]: a for a in artifacts if a["format"] == "hf"}
+    for quant in dict.fromkeys(a["quant"] for a in artifacts if a["format"] != "hf"):
+        pair = {a["pruned"]: a for a in artifacts if a["quant"] == quant and a["format"] != "hf"}
+        if True in pair and False in pair and True in base and False in base:
+            pruned = pair[True]["perplexity"] / base[True]["perplexity"]
+            original = pair[False]["perplexity"] / base[False]["perplexity"]
+            lines.append(
+                f"{quant} multiplies perplexity by {pruned:.3f} on the pruned model and "
+                f"by {original:.3f} on the original."
+            )
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    ev = report["eval"]
+    lines = [
+        "# shortgpt-export validation report",
+        "",
+        f"Evaluation: {ev['source']}, {ev['tokens']} tokens in windows of {ev['ctx']} "
+        f"(KL and top-1 over the first {ev['kl_tokens']}); the same token ids on every "
+        "back-end. KL is against the original, unpruned model in torch.",
+        "",
+    ]
+    header = ["artifact", "quant"] + [title for _, title, _ in COLUMNS]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["artifacts"])]
+    lines += ["", *quant_factors(report["artifacts"]), ""]
+    lines.append(
+        "Back-ends: "
+        + "; ".join(
+            sorted(
+                {
+                    f"{a['backend']} on {a['device']}, {a['threads']} threads"
+                    for a in report["artifacts"]
+                }
+            )
+        )
+    )
+    for name in report.get("plots", []):
+        lines += ["", f"![{name}]({name})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> list[str]:
+    """PNG plots: BI per layer, perplexity vs. size, generation speed. Returns file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    arts = report["artifacts"]
+    if scores:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        values = scores["scores"]
+        colors = ["tab:red" if i in removed else "tab:blue" for i in range(len(values))]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set(
+            title=f"{scores['metric'].upper()} per layer (red: removed)",
+            xlabel="layer",
+            ylabel=f"{scores['metric'].upper()} (1 - mean cosine)",
+        )
+        ax.bar([], [], color="tab:red", label="removed")
+        ax.bar([], [], color="tab:blue", label="kept")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "scores.png", dpi=120)
+        plt.close(fig)
+        names.append("scores.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for pruned, marker in ((False, "o"), (True, "s")):
+        group = [a for a in arts if a["pruned"] == pruned and a.get("size_bytes")]
+        ax.scatter(
+            [a["size_bytes"] / 1e6 for a in group],
+            [a["perplexity"] for a in group],
+            marker=marker,
+            label="pruned" if pruned else "original",
+        )
+        for a in group:
+            ax.annotate(
+                a.get("quant") or a["format"],
+                (a["size_bytes"] / 1e6, a["perplexity"]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
+    ax.set(
+        title="Perplexity against file size",
+        xlabel="size on disk (MB)",
+        ylabel="perplexity (lower is better)",
+    )
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "perplexity_vs_size.png", dpi=120)
+    plt.close(fig)
+    names.append("perplexity_vs_size.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = [f"{a['label']} {a.get('quant') or ''}".strip() for a in arts]
+    colors = ["tab:orange" if a["pruned"] else "tab:gray" for a in arts]
+    ax.barh(labels, [a["gen_tok_s"] for a in arts], color=colors)
+    ax.barh([], [], color="tab:orange", label="pruned")
+    ax.barh([], [], color="tab:gray", label="original")
+    ax.set(
+        title=f"Generation speed ({arts[0]['device']}, {arts[0]['threads']} threads)",
+        xlabel="tokens per second (higher is better)",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "generation_speed.png", dpi=120)
+    plt.close(fig)
+    names.append("generation_speed.png")
+    return names
+
+
+def write_report(
+    report: dict, out: Path, scores: dict | None = None, removed: list[int] | None = None
+) -> None:
+    report["plots"] = plot(report, out, scores, removed or [])
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")

@@ -1,0 +1,203 @@
+"""Validate artifacts: perplexity, agreement with the original model, size and latency.
+
+The evaluation text is tokenized once with the reference model's tokenizer; the same ids
+go to torch, llama.cpp and onnxruntime. The reference (original, unpruned) model's
+log-probabilities are computed once and cached on disk, keyed by model and text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..artifacts import path_size
+from ..errors import ShortGPTError
+from .evaluators import SAMPLE_TEXTS, TorchEvaluator, artifact_kind
+
+log = logging.getLogger(__name__)
+
+
+class ValidationError(ShortGPTError):
+    """An artifact or the evaluation set-up cannot be validated."""
+
+
+class QualityGateError(ShortGPTError):
+    """A pruned artifact lost more perplexity than --max-ppl-increase allows."""
+
+    exit_code = 3
+
+
+@dataclass
+class EvalOptions:
+    eval: str | None = None  # text file or dataset name; None: the built-in text
+    ctx: int = 512
+    max_tokens: int = 4096
+    kl_windows: int = 2  # windows whose full distributions are compared (cached on disk)
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    prompt_tokens: int = 128
+    gen_tokens: int = 32
+    reps: int = 3
+
+
+def eval_windows(tokenizer, opts: EvalOptions, max_context: int | None):
+    """The evaluation text as [n, ctx] token ids, tokenized once; raises on bad sizes."""
+    from ..calibration import read_calibration_text
+    from ..evaluation import eval_windows as cut
+
+    if max_context is not None and opts.ctx > max_context:
+        raise ValidationError(
+            f"--ctx {opts.ctx} is larger than the model's context of {max_context} tokens",
+            hint=f"use --ctx {max_context} or less",
+        )
+    texts, source = read_calibration_text(opts.eval)
+    try:
+        windows = cut(tokenizer, "\n\n".join(texts), ctx=opts.ctx, max_tokens=opts.max_tokens)
+    except ShortGPTError as exc:
+        raise ValidationError(f"evaluation text {source}: {exc.message}", hint=exc.hint) from exc
+    return windows.numpy(), source
+
+
+def reference_logprobs(model, windows: np.ndarray, kl_windows: int, cache_dir: Path, key: str):
+    """Float32 [kl_windows * ctx, vocab] log-probs of the reference, cached under ``key``.
+
+    Computed exactly as the torch evaluator computes them, so the reference measured
+    against itself gives KL 0 and top-1 agreement 1.
+    """
+    path = cache_dir / f"reference-{key}.npy"
+    if path.is_file():
+        return path
+    evaluator = TorchEvaluator(
+        Path("reference"), os.cpu_count() or 1, model=model, tokenizer=object()
+    )
+    rows = [evaluator.logprobs(window).float().numpy() for window in windows[:kl_windows]]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp.npy")
+    np.save(partial, np.concatenate(rows))
+    os.replace(partial, path)
+    return path
+
+
+def cache_key(model_ref: str, windows: np.ndarray, kl_windows: int) -> str:
+    digest = hashlib.sha256(model_ref.encode())
+    digest.update(windows[:kl_windows].tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Evaluation:
+    """What every artifact is measured against: token windows and the cached reference."""
+
+    windows: np.ndarray
+    source: str
+    reference_path: Path
+    reference_ids: dict
+    opts: EvalOptions
+    n_ctx: int
+    workdir: Path
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "tokens": int(self.windows.size),
+            "ctx": self.opts.ctx,
+            "kl_tokens": int(self.windows[: self.opts.kl_windows].size),
+        }
+
+
+def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evaluation:
+    """Tokenize the evaluation text and compute (or reuse) the reference log-probs."""
+    max_context = getattr(loaded.model.config, "max_position_embeddings", None)
+    windows, source = eval_windows(loaded.tokenizer, opts, max_context)
+    key = cache_key(loaded.source.ref + str(loaded.source.path), windows, opts.kl_windows)
+    reference = reference_logprobs(loaded.model, windows, opts.kl_windows, cache_dir, key)
+    ids = {t: loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in SAMPLE_TEXTS}
+    np.save(workdir / "windows.npy", windows)
+    return Evaluation(
+        windows=windows,
+        source=source,
+        reference_path=reference,
+        reference_ids=ids,
+        opts=opts,
+        n_ctx=max(opts.ctx, opts.prompt_tokens + opts.gen_tokens) + 8,
+        workdir=workdir,
+    )
+
+
+def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
+    """Run one artifact in a worker process; raises ValidationError on its failure."""
+    opts = evaluation.opts
+    job = {
+        "artifact": str(path),
+        "windows": str(evaluation.workdir / "windows.npy"),
+        "reference": str(evaluation.reference_path),
+        "reference_ids": evaluation.reference_ids,
+        "threads": opts.threads,
+        "n_ctx": evaluation.n_ctx,
+        "kl_windows": opts.kl_windows,
+        "prompt_tokens": opts.prompt_tokens,
+        "gen_tokens": opts.gen_tokens,
+        "reps": opts.reps,
+    }
+    job_file = evaluation.workdir / "job.json"
+    job_file.write_text(json.dumps(job))
+    result = subprocess.run(
+        [sys.executable, "-m", "shortgpt_export.validation.worker", str(job_file)],
+        capture_output=True,
+        text=True,
+    )
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValidationError(f"evaluating {path} failed: {tail}")
+    record = json.loads(lines[-1])
+    if "error" in record:
+        raise ValidationError(
+            record["error"],
+            hint="validate artifacts against the model they were made from (--reference)",
+        )
+    return record
+
+
+def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> dict:
+    """The same measurements for an in-memory torch model (the reference or a pruned view)."""
+    from .measure import measure_evaluator
+
+    opts = evaluation.opts
+    evaluator = TorchEvaluator(Path(label_path), opts.threads, model=model, tokenizer=tokenizer)
+    reference = np.load(evaluation.reference_path, mmap_mode="r")
+    return measure_evaluator(
+        evaluator,
+        evaluation.windows,
+        reference,
+        kl_windows=opts.kl_windows,
+        prompt_tokens=opts.prompt_tokens,
+        gen_tokens=opts.gen_tokens,
+        reps=opts.reps,
+    )
+
+
+def describe_artifact(
+    path: Path, *, label: str, pruned: bool, layers: int | None, quant: str | None
+) -> dict:
+    return {
+        "path": str(path),
+        "label": label,
+        "format": artifact_kind(path),
+        "quant": quant,
+        "pruned": pruned,
+        "layers": layers,
+        "size_bytes": path_size(path),
+    }
+
+
+def new_workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="shortgpt-validate-"))

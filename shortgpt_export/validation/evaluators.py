@@ -1,0 +1,238 @@
+"""One evaluator interface, three back-ends: torch, llama.cpp (GGUF), onnxruntime (ONNX).
+
+Every back-end takes the same token ids and returns next-token log-probabilities, and
+measures latency the same way: prompt processing, then greedy generation with the cache.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelNotFoundError
+
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. It's 2024; isn't it?",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # digits 0123456789 and ½\n",
+    "Ελληνικά, русский текст, 日本語のテキスト, emoji 🙂🚀.",
+)
+
+
+class PeakRss:
+    """Samples this process's RSS in a thread; ``peak`` is the highest value seen."""
+
+    def __init__(self, interval: float = 0.01):
+        import psutil
+
+        self._process = psutil.Process()
+        self.interval = interval
+        self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+class Evaluator:
+    """Base class: ``logprobs``, ``token_ids`` and ``_prompt``/``_step`` for latency."""
+
+    backend = "?"
+    device = "cpu"
+
+    def __init__(self, path: Path, threads: int):
+        self.path = Path(path)
+        self.threads = threads
+
+    def logprobs(self, window: np.ndarray):
+        """[len, vocab] float64 log-probabilities of the token after each position."""
+        raise NotImplementedError
+
+    def token_ids(self, text: str) -> list[int] | None:
+        """How this artifact tokenizes ``text`` (None when it carries no tokenizer)."""
+        return None
+
+    def latency(self, prompt: list[int], new_tokens: int, reps: int) -> dict:
+        """Median prompt tok/s, generation tok/s and time to first token after a warm-up."""
+        prompt_rates, gen_rates, ttfts = [], [], []
+        for rep in range(reps + 1):
+            began = time.perf_counter()
+            token = self._prompt(prompt)
+            first = time.perf_counter()
+            for _ in range(new_tokens - 1):
+                token = self._step(token)
+            done = time.perf_counter()
+            if rep:  # the first pass warms caches and allocators up
+                prompt_rates.append(len(prompt) / (first - began))
+                gen_rates.append((new_tokens - 1) / (done - first))
+                ttfts.append(first - began)
+        return {
+            "prompt_tok_s": statistics.median(prompt_rates),
+            "gen_tok_s": statistics.median(gen_rates),
+            "ttft_s": statistics.median(ttfts),
+        }
+
+    def _prompt(self, prompt: list[int]) -> int:
+        raise NotImplementedError
+
+    def _step(self, token: int) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TorchEvaluator(Evaluator):
+    backend = "torch"
+
+    def __init__(self, path: Path, threads: int, model=None, tokenizer=None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        super().__init__(path, threads)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        self.model = model or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        self.version = f"torch {torch.__version__}"
+        self._cache = None
+        self._length = 0
+
+    def logprobs(self, window):
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.as_tensor(window).view(1, -1), use_cache=False)
+        return torch.log_softmax(logits.logits[0].double(), dim=-1)
+
+    def token_ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _run(self, ids: list[int]) -> int:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True
+            )
+        self._cache = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def _prompt(self, prompt):
+        self._cache = None
+        return self._run(prompt)
+
+    def _step(self, token):
+        return self._run([token])
+
+
+class LlamaCppEvaluator(Evaluator):
+    backend = "llama.cpp"
+
+    def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
+        import llama_cpp
+
+        super().__init__(path, threads)
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=True,
+            n_threads=threads,
+            verbose=False,
+        )
+        self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+
+    def logprobs(self, window):
+        import torch
+
+        tokens = [int(t) for t in window]
+        self.llm.reset()
+        self.llm.eval(tokens)
+        logits = torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float64))
+        return torch.log_softmax(logits, dim=-1)
+
+    def token_ids(self, text):
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def _prompt(self, prompt):
+        self.llm.reset()
+        self.llm.eval(prompt)
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def _step(self, token):
+        self.llm.eval([token])
+        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+
+    def close(self):
+        self.llm.close()
+
+
+class OrtEvaluator(Evaluator):
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime
+        from transformers import AutoTokenizer
+
+        from converters.onnx.runtime import OnnxDecoder
+
+        super().__init__(path, threads)
+        self.decoder = OnnxDecoder(path, threads=threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.version = f"onnxruntime {onnxruntime.__version__}"
+        self._past, self._length = None, 0
+
+    def logprobs(self, window):
+        return self.decoder.logprobs(np.asarray(window).reshape(1, -1))
+
+    def token_ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prompt(self, prompt):
+        logits, self._past = self.decoder.forward(np.array([prompt]))
+        self._length = len(prompt)
+        return int(logits[0, -1].argmax())
+
+    def _step(self, token):
+        logits, self._past = self.decoder.forward(np.array([[token]]), self._past, self._length)
+        self._length += 1
+        return int(logits[0, -1].argmax())
+
+
+def artifact_kind(path: Path) -> str:
+    """``gguf``, ``onnx`` or ``hf`` for an artifact path; raises if it is none of them."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return "gguf"
+    if path.is_dir() and (path / "model.onnx").is_file():
+        return "onnx"
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf"
+    raise ModelNotFoundError(
+        f"artifact {path} is not a .gguf file, an ONNX folder or a Hugging Face folder",
+        hint="pass files and folders written by shortgpt-export",
+    )
+
+
+def open_evaluator(path: Path, threads: int, n_ctx: int = 2048) -> Evaluator:
+    kind = artifact_kind(path)
+    if kind == "gguf":
+        return LlamaCppEvaluator(path, threads, n_ctx=n_ctx)
+    if kind == "onnx":
+        return OrtEvaluator(path, threads)
+    return TorchEvaluator(path, threads)

@@ -1,0 +1,225 @@
+"""Validation: the same model on three back-ends, fidelity, latency, the stacking table."""
+
+import json
+
+import pytest
+from conftest import calibration_text
+
+from shortgpt_export.cli import main
+
+FAST = ["--calib-tokens", "512", "--seq-len", "64"]
+EVAL = ["--max-tokens", "1024", "--ctx", "128", "--threads", "2"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_full(tiny_tokenizer_dir, tmp_path_factory):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(
+        "llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("vllama"), full_attention=True
+    )
+
+
+@pytest.fixture(scope="module")
+def validated(tiny_llama_full, tmp_path_factory):
+    """A tiny model pruned by 2 layers to hf, F16 GGUF and fp32 ONNX, with --validate."""
+    root = tmp_path_factory.mktemp("validated")
+    calib = root / "calib.txt"
+    calib.write_text(calibration_text())
+    out = root / "out"
+    code = main(
+        [
+            str(tiny_llama_full),
+            "--to",
+            "hf",
+            "--quant",
+            "f16",
+            "--fp32",
+            "--remove",
+            "2",
+            "--calib",
+            str(calib),
+            "--out",
+            str(out),
+            "--validate",
+            *FAST,
+            *EVAL,
+        ]
+    )
+    assert code == 0
+    return tiny_llama_full, out, json.loads((out / "report.json").read_text())
+
+
+def rows(report, pruned):
+    return {a["quant"]: a for a in report["artifacts"] if a["pruned"] == pruned}
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_three_backends_agree_on_perplexity(validated, pruned):
+    _, _, report = validated
+    group = rows(report, pruned)
+    assert set(group) == {"torch fp32", "F16", "fp32"}
+    backends = {a["backend"].split()[0] for a in group.values()}
+    assert backends == {"torch", "llama.cpp", "onnxruntime"}
+    torch_ppl = group["torch fp32"]["perplexity"]
+    for art in group.values():
+        assert art["perplexity"] == pytest.approx(torch_ppl, rel=0.01)
+
+
+def test_reference_against_itself(validated):
+    _, _, report = validated
+    original = rows(report, False)["torch fp32"]
+    assert original["kl_divergence"] == 0.0
+    assert original["top1_agreement"] == 1.0
+    assert rows(report, False)["fp32"]["kl_divergence"] == pytest.approx(0, abs=1e-6)
+    assert rows(report, True)["torch fp32"]["kl_divergence"] > 0.01  # pruning is visible
+
+
+def test_latency_figures_name_their_device_and_threads(validated):
+    _, out, report = validated
+    assert report["eval"]["tokens"] == 1024 and report["eval"]["ctx"] == 128
+    for art in report["artifacts"]:
+        for key in ("prompt_tok_s", "gen_tok_s", "ttft_s", "peak_rss_bytes"):
+            assert art[key] > 0, (art["label"], key)
+        assert art["device"] == "cpu" and art["threads"] == 2
+        assert art["backend"]
+    for name in ("report.md", "scores.png", "perplexity_vs_size.png", "generation_speed.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "| pruned | F16 |" in md and "multiplies perplexity by" in md
+    baseline = sorted(p.name for p in (out / "baseline").iterdir())
+    assert "onnx-fp32" in baseline
+    (gguf,) = [n for n in baseline if n.endswith(".gguf")]
+    assert gguf.endswith("-F16.gguf") and "pruned" not in gguf
+
+
+def test_validate_command_and_bad_inputs(capsys, validated, tmp_path, default_gguf):
+    source, out, _ = validated
+    gguf = next(out.glob("*-pruned4L-F16.gguf"))
+    code, stdout, err = run_cli(
+        capsys,
+        "validate",
+        gguf,
+        out / "onnx-fp32",
+        "--reference",
+        source,
+        "--out",
+        tmp_path / "v",
+        "--json",
+        *EVAL,
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert [a["layers"] for a in report["artifacts"]] == [6, 4, 4]
+    assert (tmp_path / "v" / "report.json").is_file()
+
+    code, _, err = run_cli(
+        capsys,
+        "validate",
+        tmp_path / "missing.gguf",
+        "--reference",
+        source,
+        "--out",
+        tmp_path / "x",
+    )
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(
+        capsys, "validate", gguf, "--reference", source, "--out", tmp_path / "x", "--ctx", "512"
+    )
+    assert code == 2 and "--ctx 512 is larger than the model's context of 256" in err
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words here, far fewer than one window of tokens.")
+    code, _, err = run_cli(
+        capsys,
+        "validate",
+        gguf,
+        "--reference",
+        source,
+        "--out",
+        tmp_path / "x",
+        "--eval",
+        short,
+        "--ctx",
+        "128",
+    )
+    assert code == 2 and "shorter than one window of 128" in " ".join(err.split())
+    code, _, err = run_cli(capsys, "validate", gguf, "--out", tmp_path / "x", *EVAL)
+    assert code == 2 and "tokenizer of" in err and "differently" in err  # default reference
+    assert not (tmp_path / "x").exists()
+
+
+def test_max_ppl_increase_fails_with_figures(capsys, tiny_llama_full, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text())
+    code, _, err = run_cli(
+        capsys,
+        tiny_llama_full,
+        "--quant",
+        "f16",
+        "--remove",
+        "3",
+        "--calib",
+        calib,
+        "--out",
+        tmp_path / "o",
+        "--validate",
+        "--max-ppl-increase",
+        "0.01",
+        *FAST,
+        *EVAL,
+    )
+    message = " ".join(err.split())
+    # random weights: pruning may even lower perplexity, so the limit is far below 1
+    assert code == 3 and "(limit 0.01x)" in message
+    assert "x the original's" in message
+    assert (tmp_path / "o" / "report.json").is_file()  # the figures are kept for the user
+
+
+def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
+    code, stdout, err = run_cli(
+        capsys,
+        "--quant",
+        "f16,q8_0,q4_k_m",
+        "--remove",
+        "4",
+        "--out",
+        tmp_path / "s",
+        "--validate",
+        "--max-tokens",
+        "512",
+        "--ctx",
+        "256",
+        "--kl-windows",
+        "1",
+        "--threads",
+        "2",
+        "--json",
+    )
+    assert code == 0, err
+    report = json.loads(stdout)["report"]
+    table = {(a["label"], a["quant"]): a for a in report["artifacts"]}
+    expected = {
+        (label, q)
+        for label in ("original", "pruned")
+        for q in ("torch fp32", "F16", "Q8_0", "Q4_K_M")
+    }
+    assert set(table) == expected
+    for art in table.values():
+        for key in (
+            "perplexity",
+            "kl_divergence",
+            "top1_agreement",
+            "size_bytes",
+            "prompt_tok_s",
+            "gen_tok_s",
+        ):
+            assert art[key] is not None, (art["label"], art["quant"], key)
+    assert table[("pruned", "F16")]["perplexity"] > table[("original", "F16")]["perplexity"]
+    assert table[("pruned", "Q4_K_M")]["size_bytes"] < table[("original", "Q4_K_M")]["size_bytes"]
+    assert "multiplies perplexity by" in (tmp_path / "s" / "report.md").read_text()
