@@ -1,4 +1,10 @@
-"""`make bench`: run every benchmark and write benchmarks/RESULTS.md."""
+"""`make bench`: run the benchmarks and assemble benchmarks/RESULTS.md.
+
+    python benchmarks/run.py                 # every section
+    python benchmarks/run.py gguf            # one section; the others keep their last figures
+
+Each section is written to benchmarks/results/<name>.md as soon as it finishes.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +15,41 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
 import bench_gguf  # noqa: E402
+import bench_onnx  # noqa: E402
 import bench_scoring  # noqa: E402
+import bench_validation  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTIONS = {
+    "scoring": bench_scoring.report,
+    "gguf": bench_gguf.report,
+    "onnx": bench_onnx.report,
+    "validation": bench_validation.report,
+}
+RESULTS = HERE / "RESULTS.md"
+PARTS = HERE / "results"
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
+    PARTS.mkdir(exist_ok=True)
+    for name in names or list(SECTIONS):
+        stamp = (
+            f"_Measured on {datetime.date.today().isoformat()}: "
+            f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
+            f"{platform.python_version()}, torch {torch.__version__}._\n\n"
+        )
+        (PARTS / f"{name}.md").write_text(SECTIONS[name]() + "\n" + stamp, encoding="utf-8")
     header = (
-        "# Benchmark results\n\n"
-        f"Measured by `make bench` on {datetime.date.today().isoformat()}: "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"Python {platform.python_version()}, torch {torch.__version__}. "
-        "All ratios are measured side by side in one run; times are medians.\n\n"
+        "# Benchmark results\n\nWritten by `make bench`. Ratios are measured side by side "
+        "in one run; times are medians. Each section says when and where it was measured.\n\n"
     )
-    sections = [bench_scoring.report(), bench_gguf.report()]
-    RESULTS.write_text(header + "\n".join(sections), encoding="utf-8")
+    body = [(PARTS / f"{n}.md").read_text() for n in SECTIONS if (PARTS / f"{n}.md").is_file()]
+    RESULTS.write_text(header + "\n".join(body), encoding="utf-8")
     print(RESULTS.read_text())
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

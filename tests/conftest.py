@@ -139,6 +139,14 @@ def tiny_llama_dir(tiny_tokenizer_dir, tmp_path_factory) -> Path:
     return build_tiny_model("llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
+@pytest.fixture
+def calib_file(tmp_path) -> str:
+    """The built-in calibration text as a file, for --calib."""
+    path = tmp_path / "calib.txt"
+    path.write_text(calibration_text())
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def default_gguf() -> Path:
     """The cached default model; `make install` fetches it."""

@@ -53,3 +53,41 @@ def random_calibration(vocab: int, rows: int, seq_len: int, pad_last: int = 0, s
 def logits_of(model, ids):
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    from shortgpt_export.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+FAST = ["--calib-tokens", "512", "--seq-len", "64"]
+
+
+def export_with_cli(model_dir, root, *options):
+    """Run the main command on ``model_dir`` with fast calibration; returns ``root/out``."""
+    from importlib import resources
+
+    from shortgpt_export.cli import main
+
+    calib = root / "calib.txt"
+    calib.write_text(
+        resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
+    )
+    out = root / "out"
+    code = main(
+        [
+            str(model_dir),
+            "--calib",
+            str(calib),
+            "--out",
+            str(out),
+            *FAST,
+            *(str(o) for o in options),
+        ]
+    )
+    assert code == 0, f"export of {model_dir} with {options} failed"
+    return out

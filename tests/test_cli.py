@@ -6,24 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import calibration_text
-
-from shortgpt_export.cli import main
-
-RUN_FAST = ["--calib-tokens", "512", "--seq-len", "64"]
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(calibration_text())
-    return str(path)
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+from helpers import FAST, run_cli
 
 
 def test_run_writes_scores_plan_and_pruned_folder(capsys, tiny_llama_dir, tmp_path, calib_file):
@@ -38,7 +21,7 @@ def test_run_writes_scores_plan_and_pruned_folder(capsys, tiny_llama_dir, tmp_pa
         "--out",
         out,
         "--json",
-        *RUN_FAST,
+        *FAST,
     )
     assert code == 0
     summary = json.loads(stdout)
@@ -61,7 +44,7 @@ def test_run_writes_scores_plan_and_pruned_folder(capsys, tiny_llama_dir, tmp_pa
 
 def test_table_lists_every_layer_sorted_with_bars(capsys, tiny_llama_dir, tmp_path, calib_file):
     code, stdout, _ = run_cli(
-        capsys, "score", tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "s", *RUN_FAST
+        capsys, "score", tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "s", *FAST
     )
     assert code == 0
     scores = json.loads((tmp_path / "s" / "scores.json").read_text())["scores"]
@@ -74,7 +57,7 @@ def test_table_lists_every_layer_sorted_with_bars(capsys, tiny_llama_dir, tmp_pa
 def test_dry_run_writes_plan_only(capsys, tiny_llama_dir, tmp_path, calib_file):
     out = tmp_path / "dry"
     code, stdout, _ = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--dry-run", "--out", out, *RUN_FAST
+        capsys, tiny_llama_dir, "--calib", calib_file, "--dry-run", "--out", out, *FAST
     )
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
@@ -152,7 +135,7 @@ def test_bad_model_folders(capsys, tmp_path, tiny_llama_dir, kind, message):
 def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, calib_file):
     path = make_folder("pickle", tmp_path, tiny_llama_dir)
     code, _, err = run_cli(
-        capsys, path, "--allow-pickle", "--calib", calib_file, "--out", tmp_path / "o", *RUN_FAST
+        capsys, path, "--allow-pickle", "--calib", calib_file, "--out", tmp_path / "o", *FAST
     )
     assert code == 0, err
     assert (tmp_path / "o" / "hf" / "model.safetensors").is_file()
@@ -171,7 +154,7 @@ def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, ca
 )
 def test_bad_options(capsys, tiny_llama_dir, tmp_path, calib_file, args, message):
     code, _, err = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *RUN_FAST, *args
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *FAST, *args
     )
     assert code == 2
     assert message in " ".join(err.split())
@@ -202,11 +185,11 @@ def test_existing_out_needs_force(capsys, tiny_llama_dir, tmp_path, calib_file):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, *RUN_FAST)
+    code, _, err = run_cli(capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, *FAST)
     assert code == 2 and "already exists" in err and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
     code, _, _ = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force", *RUN_FAST
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force", *FAST
     )
     assert code == 0 and not (out / "keep.txt").exists() and (out / "hf").is_dir()
 
@@ -230,7 +213,7 @@ def test_failed_write_leaves_nothing_partial(
     out.mkdir()
     (out / "old.txt").write_text("previous run")
     code, _, err = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force", *RUN_FAST
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, "--force", *FAST
     )
     assert code == (130 if failure == "interrupt" else 2)
     if failure == "disk-full":

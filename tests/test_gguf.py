@@ -6,60 +6,34 @@ import numpy as np
 import pytest
 import torch
 from conftest import calibration_text
+from helpers import FAST, export_with_cli, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from converters.gguf.prune_gguf import field_value, gguf_info, open_gguf, prune_gguf
 from converters.gguf.quantize import parse_quant
 from converters.gguf.verify import check_tokenizer, llama_logprobs, llama_model
-from shortgpt_export.cli import main
 from shortgpt_export.errors import CorruptModelError, ExportError, ShortGPTError
 from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
 from shortgpt_export.planning import make_plan
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-FAST = ["--calib-tokens", "512", "--seq-len", "64"]
-
-
-@pytest.fixture
-def calib_file(tmp_path):
-    path = tmp_path / "calib.txt"
-    path.write_text(calibration_text())
-    return str(path)
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 @pytest.fixture(scope="module")
 def exported(tiny_full_attention_dir, tmp_path_factory):
     """Each family pruned by 2 layers and exported to F32, F16, Q8_0 and Q4_K_M GGUF."""
-    root = tmp_path_factory.mktemp("gguf-export")
-    calib = root / "calib.txt"
-    calib.write_text(calibration_text())
-    out = root / "out"
-    code = main(
-        [
-            str(tiny_full_attention_dir),
-            "--to",
-            "gguf,hf",
-            "--quant",
-            "f32,f16,Q8_0",
-            "--q4_k_m",
-            "--remove",
-            "2",
-            "--calib",
-            str(calib),
-            "--out",
-            str(out),
-            "--json",
-            *FAST,
-        ]
+    out = export_with_cli(
+        tiny_full_attention_dir,
+        tmp_path_factory.mktemp("gguf-export"),
+        "--to",
+        "gguf,hf",
+        "--quant",
+        "f32,f16,Q8_0",
+        "--q4_k_m",
+        "--remove",
+        "2",
+        "--json",
     )
-    assert code == 0
     return tiny_full_attention_dir, out
 
 

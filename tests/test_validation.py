@@ -4,17 +4,9 @@ import json
 
 import pytest
 from conftest import calibration_text
+from helpers import FAST, export_with_cli, run_cli
 
-from shortgpt_export.cli import main
-
-FAST = ["--calib-tokens", "512", "--seq-len", "64"]
 EVAL = ["--max-tokens", "1024", "--ctx", "128", "--threads", "2"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -29,30 +21,19 @@ def tiny_llama_full(tiny_tokenizer_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def validated(tiny_llama_full, tmp_path_factory):
     """A tiny model pruned by 2 layers to hf, F16 GGUF and fp32 ONNX, with --validate."""
-    root = tmp_path_factory.mktemp("validated")
-    calib = root / "calib.txt"
-    calib.write_text(calibration_text())
-    out = root / "out"
-    code = main(
-        [
-            str(tiny_llama_full),
-            "--to",
-            "hf",
-            "--quant",
-            "f16",
-            "--fp32",
-            "--remove",
-            "2",
-            "--calib",
-            str(calib),
-            "--out",
-            str(out),
-            "--validate",
-            *FAST,
-            *EVAL,
-        ]
+    out = export_with_cli(
+        tiny_llama_full,
+        tmp_path_factory.mktemp("validated"),
+        "--to",
+        "hf",
+        "--quant",
+        "f16",
+        "--fp32",
+        "--remove",
+        "2",
+        "--validate",
+        *EVAL,
     )
-    assert code == 0
     return tiny_llama_full, out, json.loads((out / "report.json").read_text())
 
 

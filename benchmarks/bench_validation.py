@@ -1,0 +1,84 @@
+"""The stacking table on the default model: {original, pruned} x {F16, Q8_0, Q4_K_M}.
+
+25% of layers removed (7 of 30), WikiText-2 test split, 512-token windows, with the
+time each step took (recorded through the library's progress hook).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from shortgpt_export.pipeline import ModelOptions, PlanOptions, ScoreOptions, run
+from shortgpt_export.report import COLUMNS, quant_factors, table_rows
+from shortgpt_export.validation import EvalOptions
+
+WORK = Path(__file__).resolve().parent / "_work"
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt"
+
+
+class StepTimer:
+    """A progress factory that records how long each step took."""
+
+    def __init__(self):
+        self.steps: list[tuple[str, float]] = []
+
+    @contextmanager
+    def __call__(self, description, total=None):
+        began = time.perf_counter()
+        yield lambda n=1: None
+        self.steps.append((description, time.perf_counter() - began))
+
+
+def report(max_tokens: int | None = None) -> str:
+    out = WORK / "stacking"
+    shutil.rmtree(out, ignore_errors=True)
+    timer = StepTimer()
+    eval_opts = EvalOptions(
+        eval=str(WIKITEXT), ctx=512, max_tokens=max_tokens or 10**9, kl_windows=2, threads=2
+    )
+    began = time.perf_counter()
+    result = run(
+        ModelOptions(),
+        ScoreOptions(calib=str(WIKITEXT)),
+        PlanOptions(ratio=0.25),
+        out=out,
+        to=["gguf"],
+        export_options={"quants": ["F16", "Q8_0", "Q4_K_M"]},
+        validate=eval_opts,
+        progress=timer,
+    )
+    total = time.perf_counter() - began
+    rep = result.report
+    header = ["artifact", "quant"] + [title for _, title, _ in COLUMNS]
+    lines = [
+        "## Stacking table: pruning and quantization (default model)",
+        "",
+        f"SmolLM2-135M-Instruct, {len(result.plan.remove)} of 30 layers removed by BI "
+        f"({result.plan.remove}), calibration and evaluation on WikiText-2 test "
+        f"({rep['eval']['tokens']:,} tokens in windows of {rep['eval']['ctx']}; KL and top-1 "
+        f"over the first {rep['eval']['kl_tokens']} tokens), CPU, 2 threads.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in table_rows(rep["artifacts"])),
+        "",
+        *quant_factors(rep["artifacts"]),
+        "",
+        "Time per step (s):",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
+        *(f"| {name} | {seconds:,.1f} |" for name, seconds in timer.steps),
+        f"| **total** | {total:,.1f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--max-tokens", type=int, default=None)
+    print(report(parser.parse_args().max_tokens))
