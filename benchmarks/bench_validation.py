@@ -7,6 +7,7 @@ time each step took (recorded through the library's progress hook).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -34,6 +35,9 @@ class StepTimer:
 
 
 def report(max_tokens: int | None = None) -> str:
+    """The stacking table; ``max_tokens`` (or $BENCH_EVAL_TOKENS) caps the evaluation text,
+    which is otherwise the whole WikiText-2 test split."""
+    max_tokens = max_tokens or int(os.environ.get("BENCH_EVAL_TOKENS", "0")) or None
     out = WORK / "stacking"
     shutil.rmtree(out, ignore_errors=True)
     timer = StepTimer()
