@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -52,14 +51,18 @@ def export_f16(target: Path, remove: list[int]) -> None:
 
 
 def memory_probe(target: str) -> None:
-    import converters.gguf.hf_to_gguf  # noqa: F401  (imports count as baseline)
+    """RSS sampled while exporting, against the RSS just before the export starts."""
+    import psutil
+
+    import converters.gguf.hf_to_gguf  # noqa: F401  (imports are not the export's memory)
     from shortgpt_export.pruning import source_tensors
+    from shortgpt_export.validation.evaluators import PeakRss
 
     largest = max(ref.nbytes for ref in source_tensors(HF_DIR).values())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    export_f16(Path(target), [])
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "after": after, "largest": largest}))
+    before = psutil.Process().memory_info().rss
+    with PeakRss(interval=0.005) as rss:
+        export_f16(Path(target), [])
+    print(json.dumps({"before": before, "after": rss.peak, "largest": largest}))
 
 
 def throughput(reps: int) -> dict:
@@ -181,8 +184,8 @@ def report(reps: int = 3) -> str:
         f"{mb / t['export_s']:,.0f} | {t['copy_s'] / t['export_s']:.2f}x |",
         f"| plain copy of the same bytes | {t['copy_s']:.2f} | {mb / t['copy_s']:,.0f} | 1.00x |",
         "",
-        f"Peak RSS of the export (fresh process): {m['after'] / 1e6:,.0f} MB, "
-        f"{(m['after'] - m['before']) / 1e6:,.0f} MB above the RSS after imports; "
+        f"Peak RSS of the export (fresh process, sampled every 5 ms): {m['after'] / 1e6:,.0f} MB, "
+        f"{(m['after'] - m['before']) / 1e6:,.0f} MB above the RSS just before it; "
         f"the largest tensor is {m['largest'] / 1e6:,.0f} MB (bf16; its F32 working copy "
         f"{2 * m['largest'] / 1e6:,.0f} MB).",
         "",

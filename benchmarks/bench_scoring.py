@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,17 +94,22 @@ def throughput(tokens: int, reps: int) -> dict:
 
 
 def memory_probe(tokens: int, method: str) -> None:
+    """RSS sampled while scoring, against the RSS just before (loading peaks excluded)."""
+    import psutil
+
+    from shortgpt_export.validation.evaluators import PeakRss
+
     loaded, calib = setup(tokens)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    {"hooked": hooked, "hidden": hidden}[method](loaded, calib)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = psutil.Process().memory_info().rss
+    with PeakRss(interval=0.005) as rss:
+        {"hooked": hooked, "hidden": hidden}[method](loaded, calib)
     print(
         json.dumps(
             {
                 "tokens": calib.tokens,
                 "method": method,
-                "peak_kb": after,
-                "growth_kb": after - before,
+                "peak_kb": rss.peak // 1024,
+                "growth_kb": (rss.peak - before) // 1024,
             }
         )
     )
@@ -151,8 +155,8 @@ def report(tokens: int = 4096, reps: int = 5) -> str:
         )
     lines += [
         "",
-        "Peak RSS of a fresh process per calibration size (growth = peak during "
-        "scoring minus peak after loading):",
+        "Memory of a fresh process per calibration size: RSS sampled every 5 ms while "
+        "scoring; growth = that peak minus the RSS just before scoring:",
         "",
         "| calibration tokens | method | peak RSS MB | growth during scoring MB |",
         "|---:|---|---:|---:|",
