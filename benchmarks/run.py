@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # every section
     python benchmarks/run.py gguf            # one section; the others keep their last figures
+    python benchmarks/run.py --assemble      # only rebuild RESULTS.md from results/*.md
 
 Each section is written to benchmarks/results/<name>.md as soon as it finishes.
 """
@@ -34,8 +35,13 @@ PARTS = HERE / "results"
 
 
 def main(names: list[str]) -> None:
+    """Run the named sections (all by default; ``--assemble`` runs none) and write RESULTS.md."""
     PARTS.mkdir(exist_ok=True)
-    for name in names or list(SECTIONS):
+    if names == ["--assemble"]:
+        names = []
+    elif not names:
+        names = list(SECTIONS)
+    for name in names:
         stamp = (
             f"_Measured on {datetime.date.today().isoformat()}: "
             f"{platform.machine()}, {torch.get_num_threads()} threads, Python "
