@@ -56,6 +56,9 @@ def memory_probe(target: str) -> None:
 
     import converters.gguf.hf_to_gguf  # noqa: F401  (imports are not the export's memory)
     from shortgpt_export.pruning import source_tensors
+    from shortgpt_export.source import resolve_source
+
+    resolve_source(str(HF_DIR))  # pulls in torch and transformers before the baseline
     from shortgpt_export.validation.evaluators import PeakRss
 
     largest = max(ref.nbytes for ref in source_tensors(HF_DIR).values())
