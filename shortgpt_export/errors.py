@@ -66,3 +66,7 @@ class UnknownFormatError(ShortGPTError):
 
 class ExportError(ShortGPTError):
     """An export back-end failed."""
+
+
+class DeviceUnavailableError(ShortGPTError):
+    """An accelerator was requested that this machine or back-end build does not have."""

@@ -29,6 +29,46 @@ def table_rows(artifacts: list[dict]) -> list[list[str]]:
     ]
 
 
+ACCELERATOR_COLUMNS = (
+    ("kl_divergence", "KL vs original", "{:.4f}"), ("top1_agreement", "top-1 agreement", "{:.3f}"),
+    ("prompt_tok_s", "prompt tok/s", "{:,.0f}"), ("gen_tok_s", "gen tok/s", "{:,.1f}"),
+    ("ttft_s", "TTFT s", "{:.3f}"),
+)  # fmt: skip
+ACCELERATOR_HEADER = (
+    ["artifact", "quant", "device", "back-end"]
+    + [title for _, title, _ in ACCELERATOR_COLUMNS]
+    + ["gen speed vs CPU"]
+)
+
+
+def accelerator_rows(artifacts: list[dict]) -> list[list[str]]:
+    """One row per artifact and accelerator; a failed accelerator shows its error."""
+    rows = []
+    for a in artifacts:
+        for acc in a.get("accelerators", []):
+            head = [a["label"], a.get("quant") or "-", acc["device"]]
+            if "error" in acc:
+                rows.append(head + [f"failed: {acc['error']}"] + [""] * 6)
+                continue
+            cells = [_cell(acc, k, f) for k, _, f in ACCELERATOR_COLUMNS]
+            speedup = f"{acc['gen_tok_s'] / a['gen_tok_s']:.2f}x"
+            rows.append(head + [acc["backend"], *cells, speedup])
+    return rows
+
+
+def devices_note(report: dict) -> str:
+    """Where the latency figures come from, including when no accelerator was found."""
+    arts = report["artifacts"]
+    if any(a.get("accelerators") for a in arts):
+        return "Accelerator figures are in addition to the CPU figures above."
+    if report["eval"].get("devices", "auto") == "cpu":
+        return "Latency measured on the CPU only (--devices cpu)."
+    return (
+        "Latency measured on the CPU only: no accelerator (llama.cpp Metal/CUDA, onnxruntime "
+        "CoreML/CUDA, torch CUDA/MPS) was found for these back-ends on this machine."
+    )
+
+
 def quant_factors(artifacts: list[dict]) -> list[str]:
     """One line per quant type: the perplexity factor it adds, pruned vs. original."""
     lines = []
@@ -59,6 +99,16 @@ def render_markdown(report: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(report["artifacts"])]
     lines += ["", *quant_factors(report["artifacts"]), ""]
+    accelerated = accelerator_rows(report["artifacts"])
+    if accelerated:
+        lines += ["## Accelerators", ""]
+        lines += [
+            "| " + " | ".join(ACCELERATOR_HEADER) + " |",
+            "|" + "---|" * len(ACCELERATOR_HEADER),
+        ]
+        lines += ["| " + " | ".join(row) + " |" for row in accelerated]
+        lines.append("")
+    lines += [devices_note(report), ""]
     lines.append(
         "Back-ends: "
         + "; ".join(
@@ -130,13 +180,19 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
     plt.close(fig)
     names.append("perplexity_vs_size.png")
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"{a['label']} {a.get('quant') or ''}".strip() for a in arts]
-    colors = ["tab:orange" if a["pruned"] else "tab:gray" for a in arts]
-    ax.barh(labels, [a["gen_tok_s"] for a in arts], color=colors)
+    bars = [(a, a) for a in arts] + [
+        (a, acc) for a in arts for acc in a.get("accelerators", []) if "error" not in acc
+    ]
+    labels = [f"{a['label']} {a.get('quant') or ''} [{m['device']}]" for a, m in bars]
+    colors = ["tab:orange" if a["pruned"] else "tab:gray" for a, _ in bars]
+    hatches = ["" if m is a else "//" for a, m in bars]
+    ax.barh(labels, [m["gen_tok_s"] for _, m in bars], color=colors, hatch=hatches)
     ax.barh([], [], color="tab:orange", label="pruned")
     ax.barh([], [], color="tab:gray", label="original")
+    if len(bars) > len(arts):
+        ax.barh([], [], color="white", edgecolor="black", hatch="//", label="accelerator")
     ax.set(
-        title=f"Generation speed ({arts[0]['device']}, {arts[0]['threads']} threads)",
+        title=f"Generation speed (CPU: {arts[0]['threads']} threads)",
         xlabel="tokens per second (higher is better)",
     )
     ax.legend()

@@ -74,6 +74,8 @@ def test_latency_figures_name_their_device_and_threads(validated):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "| pruned | F16 |" in md and "multiplies perplexity by" in md
+    if not any(a["accelerators"] for a in report["artifacts"]):  # a CPU-only machine
+        assert "CPU only: no accelerator" in md and "## Accelerators" not in md
     baseline = sorted(p.name for p in (out / "baseline").iterdir())
     assert "onnx-fp32" in baseline
     (gguf,) = [n for n in baseline if n.endswith(".gguf")]
@@ -204,3 +206,88 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
     assert table[("pruned", "F16")]["perplexity"] > table[("original", "F16")]["perplexity"]
     assert table[("pruned", "Q4_K_M")]["size_bytes"] < table[("original", "Q4_K_M")]["size_bytes"]
     assert "multiplies perplexity by" in (tmp_path / "s" / "report.md").read_text()
+
+
+@pytest.fixture
+def evaluation(validated, tmp_path):
+    """The validated model's evaluation set-up, in this process (for worker-level tests)."""
+    from shortgpt_export.source import load_model, resolve_source
+    from shortgpt_export.validation import EvalOptions, prepare
+
+    source, _, _ = validated
+    loaded = load_model(resolve_source(str(source)))
+    opts = EvalOptions(ctx=128, max_tokens=256, kl_windows=1, threads=2, reps=1, gen_tokens=4)
+    return prepare(loaded, opts, tmp_path / "cache", tmp_path)
+
+
+def test_accelerator_probes_read_the_backend_builds(monkeypatch):
+    import llama_cpp
+    import onnxruntime
+
+    from shortgpt_export.validation import devices
+
+    assert devices.accelerators("gguf") == (
+        [] if not llama_cpp.llama_supports_gpu_offload() else devices.llama_cpp_accelerators()
+    )
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(
+        llama_cpp,
+        "llama_print_system_info",
+        lambda: b"Metal : EMBED_LIBRARY = 1 | BLAS : ACCELERATE = 1 | CPU : NEON = 1 | ",
+    )
+    assert devices.accelerators("gguf") == ["metal"]
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    assert devices.accelerators("gguf") == []  # a CPU-only build offloads nothing
+    monkeypatch.setattr(
+        onnxruntime,
+        "get_available_providers",
+        lambda: ["CoreMLExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    assert devices.accelerators("onnx") == ["cuda", "coreml"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert devices.accelerators("onnx") == []
+
+
+def test_a_missing_accelerator_is_a_clear_error(validated, monkeypatch):
+    import onnxruntime
+
+    from shortgpt_export.errors import DeviceUnavailableError
+    from shortgpt_export.validation.evaluators import open_evaluator
+
+    _, out, _ = validated
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(DeviceUnavailableError, match=r"'coreml' is not available .*cpu\)"):
+        open_evaluator(out / "onnx-fp32", 2, device="coreml")
+
+
+def test_accelerator_figures_reach_the_report(validated, evaluation, monkeypatch):
+    """With a stand-in accelerator (onnxruntime's CPU provider under another name) the worker
+    adds agreement and latency for it, and a provider that cannot start is reported, not
+    fatal."""
+    from shortgpt_export.report import devices_note, render_markdown
+    from shortgpt_export.validation import devices, worker_job
+    from shortgpt_export.validation.worker import evaluate
+
+    _, out, _ = validated
+    monkeypatch.setitem(devices.ORT_PROVIDERS, "stand-in", "CPUExecutionProvider")
+    job = worker_job(out / "onnx-fp32", evaluation)
+    assert job["devices"] == ["stand-in"]
+    job["devices"].append("cuda")  # not available here: an error entry
+    record = evaluate(job)
+    standin, cuda = record["accelerators"]
+    assert standin["device"] == "stand-in" and standin["threads"] == 2
+    assert standin["kl_divergence"] == pytest.approx(record["kl_divergence"], abs=1e-9)
+    assert standin["top1_agreement"] == record["top1_agreement"]
+    assert standin["gen_tok_s"] > 0 and standin["prompt_tok_s"] > 0 and standin["ttft_s"] > 0
+    assert cuda["device"] == "cuda" and "not available" in cuda["error"]
+    assert record["device"] == "cpu" and record["perplexity"] > 1
+    entry = {"label": "pruned", "quant": "fp32", "pruned": True, "format": "onnx", "path": "x"}
+    report = {"eval": evaluation.describe(), "artifacts": [entry | record]}
+    md = render_markdown(report)
+    assert "## Accelerators" in md and "| pruned | fp32 | stand-in | onnxruntime" in md
+    assert "| pruned | fp32 | cuda | failed: device 'cuda' is not available" in md
+    assert devices_note(report).startswith("Accelerator figures are in addition")
+    evaluation.opts.devices = "cpu"
+    assert worker_job(out / "onnx-fp32", evaluation)["devices"] == []
+    cpu_only = {"eval": evaluation.describe(), "artifacts": [entry | record | {"accelerators": []}]}
+    assert devices_note(cpu_only) == "Latency measured on the CPU only (--devices cpu)."

@@ -27,19 +27,29 @@ EXACT_BOUNDS = (0.99, 0.01)
 QUANTIZED_BOUNDS = (0.0, 1.0)
 
 
-@contextmanager
-def llama_model(path: Path, n_ctx: int, threads: int | None = None):
-    """A llama-cpp-python model with logits for every position."""
+def open_llama(path: Path, n_ctx: int, threads: int | None = None, n_gpu_layers: int = 0):
+    """A llama-cpp-python model with logits for every position; the caller closes it.
+
+    ``n_gpu_layers=-1`` offloads every layer to the GPU back-end (Metal, CUDA) when the
+    build has one.
+    """
     from llama_cpp import Llama
 
-    llm = Llama(
+    return Llama(
         model_path=str(path),
         n_ctx=n_ctx,
         logits_all=True,
         verbose=False,
         n_threads=threads,
         n_batch=n_ctx,
+        n_gpu_layers=n_gpu_layers,
     )
+
+
+@contextmanager
+def llama_model(path: Path, n_ctx: int, threads: int | None = None):
+    """:func:`open_llama` as a context manager."""
+    llm = open_llama(path, n_ctx, threads)
     try:
         yield llm
     finally:

@@ -6,19 +6,29 @@ from pathlib import Path
 
 import numpy as np
 
+from shortgpt_export.errors import DeviceUnavailableError
+
 
 class OnnxDecoder:
     """An ``onnxruntime.InferenceSession`` over ``model.onnx`` with its KV-cache inputs."""
 
-    def __init__(self, folder: Path, threads: int | None = None):
+    def __init__(
+        self, folder: Path, threads: int | None = None, provider: str = "CPUExecutionProvider"
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(Path(folder) / "model.onnx"), options, providers=["CPUExecutionProvider"]
-        )
+        providers = list(dict.fromkeys([provider, "CPUExecutionProvider"]))
+        self.session = ort.InferenceSession(str(Path(folder) / "model.onnx"), options, providers)
+        # onnxruntime falls back to the CPU silently when a provider cannot start.
+        if self.session.get_providers()[0] != provider:
+            raise DeviceUnavailableError(
+                f"onnxruntime could not start {provider} for {folder}; it fell back to "
+                f"{self.session.get_providers()[0]}",
+                hint="check the provider's drivers, or use --devices cpu",
+            )
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
         self.input_names = {i.name for i in self.session.get_inputs()}
 

@@ -221,6 +221,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for every back-end (default: all cores)",
     )
     group.add_argument(
+        "--devices",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="auto: CPU figures plus latency on every accelerator found (llama.cpp Metal/CUDA, "
+        "onnxruntime CoreML/CUDA); cpu: CPU only (default: auto)",
+    )
+    group.add_argument(
         "--max-ppl-increase",
         type=float,
         default=None,
@@ -233,7 +240,11 @@ def eval_options(args):
     from ..validation import EvalOptions
 
     opts = EvalOptions(
-        eval=args.eval, ctx=args.ctx, max_tokens=args.max_tokens, kl_windows=args.kl_windows
+        eval=args.eval,
+        ctx=args.ctx,
+        max_tokens=args.max_tokens,
+        kl_windows=args.kl_windows,
+        devices=args.devices,
     )
     if args.threads:
         opts.threads = args.threads

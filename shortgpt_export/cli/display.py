@@ -83,3 +83,26 @@ def report_table(report: dict) -> Table:
     for row in table_rows(report["artifacts"]):
         table.add_row(*row)
     return table
+
+
+def accelerator_table(report: dict) -> Table | None:
+    """Latency and agreement on each accelerator found, or None when there were none."""
+    from ..report import ACCELERATOR_HEADER, accelerator_rows
+
+    rows = accelerator_rows(report["artifacts"])
+    if not rows:
+        return None
+    table = Table(title="accelerators (in addition to the CPU figures)")
+    for index, title in enumerate(ACCELERATOR_HEADER):
+        table.add_column(title, justify="right" if index >= 4 else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def report_renderables(report: dict) -> list:
+    """What the CLI prints for a validation report: tables, then where latency came from."""
+    from ..report import devices_note
+
+    accelerated = accelerator_table(report)
+    return [report_table(report), *([accelerated] if accelerated else []), devices_note(report)]

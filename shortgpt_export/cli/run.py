@@ -54,7 +54,8 @@ def execute(args) -> int:
     if result.artifacts:
         common.stdout.print(display.artifacts_table(result.artifacts, result.out))
     if result.report:
-        common.stdout.print(display.report_table(result.report))
+        for item in display.report_renderables(result.report):
+            common.stdout.print(item)
     else:
         common.stdout.print(f"dry run: wrote {result.out / 'plan.json'}")
     return 0

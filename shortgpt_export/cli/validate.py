@@ -47,6 +47,7 @@ def execute(args) -> int:
     if args.json:
         common.print_json(report)
     else:
-        common.stdout.print(display.report_table(report))
+        for item in display.report_renderables(report):
+            common.stdout.print(item)
         common.stdout.print(f"wrote {args.out}/report.json, report.md and plots")
     return 0

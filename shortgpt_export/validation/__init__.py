@@ -46,6 +46,7 @@ class EvalOptions:
     prompt_tokens: int = 128
     gen_tokens: int = 32
     reps: int = 3
+    devices: str = "auto"  # auto: CPU plus every accelerator found; cpu: CPU only
 
 
 def eval_windows(tokenizer, opts: EvalOptions, max_context: int | None):
@@ -110,6 +111,7 @@ class Evaluation:
             "tokens": int(self.windows.size),
             "ctx": self.opts.ctx,
             "kl_tokens": int(self.windows[: self.opts.kl_windows].size),
+            "devices": self.opts.devices,
         }
 
 
@@ -132,11 +134,17 @@ def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evalua
     )
 
 
-def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
-    """Run one artifact in a worker process; raises ValidationError on its failure."""
+def worker_job(path: Path, evaluation: Evaluation) -> dict:
+    """What the worker process needs to evaluate ``path`` (see ``worker.evaluate``)."""
+    from .devices import accelerators
+
     opts = evaluation.opts
-    job = {
+    devices = accelerators(artifact_kind(path)) if opts.devices == "auto" else []
+    if devices:
+        log.info("%s: latency on CPU and on %s", path.name, ", ".join(devices))
+    return {
         "artifact": str(path),
+        "devices": devices,
         "windows": str(evaluation.workdir / "windows.npy"),
         "reference": str(evaluation.reference_path),
         "reference_ids": evaluation.reference_ids,
@@ -147,6 +155,11 @@ def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
         "gen_tokens": opts.gen_tokens,
         "reps": opts.reps,
     }
+
+
+def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
+    """Run one artifact in a worker process; raises ValidationError on its failure."""
+    job = worker_job(path, evaluation)
     job_file = evaluation.workdir / "job.json"
     job_file.write_text(json.dumps(job))
     result = subprocess.run(
@@ -174,7 +187,7 @@ def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> d
     opts = evaluation.opts
     evaluator = TorchEvaluator(Path(label_path), opts.threads, model=model, tokenizer=tokenizer)
     reference = np.load(evaluation.reference_path, mmap_mode="r")
-    return measure_evaluator(
+    record = measure_evaluator(
         evaluator,
         evaluation.windows,
         reference,
@@ -183,6 +196,7 @@ def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> d
         gen_tokens=opts.gen_tokens,
         reps=opts.reps,
     )
+    return record | {"accelerators": []}  # in-memory models are measured on the CPU
 
 
 def describe_artifact(

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelNotFoundError
+from .devices import ORT_PROVIDERS, require
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It's 2024; isn't it?",
@@ -52,11 +53,11 @@ class Evaluator:
     """Base class: ``logprobs``, ``token_ids`` and ``_prompt``/``_step`` for latency."""
 
     backend = "?"
-    device = "cpu"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, device: str = "cpu"):
         self.path = Path(path)
         self.threads = threads
+        self.device = device
 
     def logprobs(self, window: np.ndarray):
         """[len, vocab] float64 log-probabilities of the token after each position."""
@@ -99,14 +100,18 @@ class Evaluator:
 class TorchEvaluator(Evaluator):
     backend = "torch"
 
-    def __init__(self, path: Path, threads: int, model=None, tokenizer=None):
+    def __init__(self, path: Path, threads: int, model=None, tokenizer=None, device="cpu"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        super().__init__(path, threads)
+        if model is None:
+            require(device, "hf")
+        super().__init__(path, threads, device)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        self.model = model or AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        self.model = model.eval()
         self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         self.version = f"torch {torch.__version__}"
         self._cache = None
@@ -116,8 +121,9 @@ class TorchEvaluator(Evaluator):
         import torch
 
         with torch.inference_mode():
-            logits = self.model(input_ids=torch.as_tensor(window).view(1, -1), use_cache=False)
-        return torch.log_softmax(logits.logits[0].double(), dim=-1)
+            ids = torch.as_tensor(window).view(1, -1).to(self.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits[0].cpu()
+        return torch.log_softmax(logits.double(), dim=-1)
 
     def token_ids(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -127,7 +133,9 @@ class TorchEvaluator(Evaluator):
 
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor([ids]), past_key_values=self._cache, use_cache=True
+                input_ids=torch.tensor([ids], device=self.device),
+                past_key_values=self._cache,
+                use_cache=True,
             )
         self._cache = out.past_key_values
         return int(out.logits[0, -1].argmax())
@@ -143,28 +151,20 @@ class TorchEvaluator(Evaluator):
 class LlamaCppEvaluator(Evaluator):
     backend = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int, n_ctx: int = 2048):
+    def __init__(self, path: Path, threads: int, n_ctx: int = 2048, device: str = "cpu"):
         import llama_cpp
 
-        super().__init__(path, threads)
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            logits_all=True,
-            n_threads=threads,
-            verbose=False,
-        )
+        from converters.gguf.verify import open_llama
+
+        require(device, "gguf")
+        super().__init__(path, threads, device)
+        self.llm = open_llama(path, n_ctx, threads, n_gpu_layers=0 if device == "cpu" else -1)
         self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
     def logprobs(self, window):
-        import torch
+        from converters.gguf.verify import llama_logprobs
 
-        tokens = [int(t) for t in window]
-        self.llm.reset()
-        self.llm.eval(tokens)
-        logits = torch.from_numpy(np.array(self.llm.scores[: len(tokens)], dtype=np.float64))
-        return torch.log_softmax(logits, dim=-1)
+        return llama_logprobs(self.llm, [np.asarray(window)])
 
     def token_ids(self, text):
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
@@ -185,14 +185,16 @@ class LlamaCppEvaluator(Evaluator):
 class OrtEvaluator(Evaluator):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, threads: int):
+    def __init__(self, path: Path, threads: int, device: str = "cpu"):
         import onnxruntime
         from transformers import AutoTokenizer
 
         from converters.onnx.runtime import OnnxDecoder
 
-        super().__init__(path, threads)
-        self.decoder = OnnxDecoder(path, threads=threads)
+        require(device, "onnx")
+        super().__init__(path, threads, device)
+        provider = "CPUExecutionProvider" if device == "cpu" else ORT_PROVIDERS[device]
+        self.decoder = OnnxDecoder(path, threads=threads, provider=provider)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.version = f"onnxruntime {onnxruntime.__version__}"
         self._past, self._length = None, 0
@@ -229,10 +231,12 @@ def artifact_kind(path: Path) -> str:
     )
 
 
-def open_evaluator(path: Path, threads: int, n_ctx: int = 2048) -> Evaluator:
+EVALUATORS = {"gguf": LlamaCppEvaluator, "onnx": OrtEvaluator, "hf": TorchEvaluator}
+
+
+def open_evaluator(path: Path, threads: int, n_ctx: int = 2048, device: str = "cpu") -> Evaluator:
+    """The evaluator for the artifact at ``path`` on ``device`` (cpu or an accelerator)."""
     kind = artifact_kind(path)
     if kind == "gguf":
-        return LlamaCppEvaluator(path, threads, n_ctx=n_ctx)
-    if kind == "onnx":
-        return OrtEvaluator(path, threads)
-    return TorchEvaluator(path, threads)
+        return LlamaCppEvaluator(path, threads, n_ctx=n_ctx, device=device)
+    return EVALUATORS[kind](path, threads, device=device)

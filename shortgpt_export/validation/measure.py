@@ -26,8 +26,6 @@ def measure_evaluator(
     """
     import torch
 
-    from ..fidelity import compare_logprobs
-
     with PeakRss() as rss:
         nll, count, candidates = 0.0, 0, []
         for index, window in enumerate(windows):
@@ -37,19 +35,52 @@ def measure_evaluator(
             count += len(targets)
             if index < kl_windows:
                 candidates.append(logprobs.float())
-        rows = sum(c.shape[0] for c in candidates)
-        fidelity = compare_logprobs(
-            torch.from_numpy(np.array(reference[:rows])), torch.cat(candidates)
-        )
+        fidelity = against_reference(candidates, reference)
         prompt = [int(t) for t in windows[0][:prompt_tokens]]
         latency = evaluator.latency(prompt, gen_tokens, reps)
     return {
         "perplexity": math.exp(nll / count),
-        "kl_divergence": fidelity.kl_divergence,
-        "top1_agreement": fidelity.top1_agreement,
+        **fidelity,
         **latency,
         "peak_rss_bytes": rss.peak,
-        "backend": evaluator.version,
-        "device": evaluator.device,
-        "threads": evaluator.threads,
+        **provenance(evaluator),
     }
+
+
+def measure_accelerated(
+    evaluator: Evaluator,
+    windows: np.ndarray,
+    reference,
+    *,
+    kl_windows: int,
+    prompt_tokens: int,
+    gen_tokens: int,
+    reps: int,
+) -> dict:
+    """Agreement with the reference on the KL windows, and latency, on an accelerator.
+
+    Perplexity stays a CPU figure; the agreement check catches accelerator kernels that
+    compute something else than the CPU ones.
+    """
+    candidates = [evaluator.logprobs(window).float() for window in windows[:kl_windows]]
+    prompt = [int(t) for t in windows[0][:prompt_tokens]]
+    return {
+        **against_reference(candidates, reference),
+        **evaluator.latency(prompt, gen_tokens, reps),
+        **provenance(evaluator),
+    }
+
+
+def against_reference(candidates: list, reference) -> dict:
+    """Mean KL and top-1 agreement of ``candidates`` (log-prob rows) against the reference."""
+    import torch
+
+    from ..fidelity import compare_logprobs
+
+    rows = sum(c.shape[0] for c in candidates)
+    fidelity = compare_logprobs(torch.from_numpy(np.array(reference[:rows])), torch.cat(candidates))
+    return {"kl_divergence": fidelity.kl_divergence, "top1_agreement": fidelity.top1_agreement}
+
+
+def provenance(evaluator: Evaluator) -> dict:
+    return {"backend": evaluator.version, "device": evaluator.device, "threads": evaluator.threads}

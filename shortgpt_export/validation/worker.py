@@ -13,12 +13,14 @@ import numpy as np
 
 
 def evaluate(job: dict) -> dict:
-    """Tokenizer check, then :func:`measure_evaluator` on the artifact in ``job``."""
+    """Tokenizer check and :func:`measure_evaluator` on the artifact in ``job``, then
+    :func:`measure_accelerated` on each accelerator in ``job["devices"]``."""
     from .evaluators import SAMPLE_TEXTS, open_evaluator
     from .measure import measure_evaluator
 
     windows = np.load(job["windows"])
     reference = np.load(job["reference"], mmap_mode="r")
+    settings = {k: job[k] for k in ("kl_windows", "prompt_tokens", "gen_tokens", "reps")}
     evaluator = open_evaluator(Path(job["artifact"]), job["threads"], n_ctx=job["n_ctx"])
     try:
         for text in SAMPLE_TEXTS:
@@ -28,17 +30,31 @@ def evaluate(job: dict) -> dict:
                     "error": f"the tokenizer of {job['artifact']} splits {text[:30]!r} "
                     "differently from the reference model's"
                 }
-        return measure_evaluator(
-            evaluator,
-            windows,
-            reference,
-            kl_windows=job["kl_windows"],
-            prompt_tokens=job["prompt_tokens"],
-            gen_tokens=job["gen_tokens"],
-            reps=job["reps"],
-        )
+        record = measure_evaluator(evaluator, windows, reference, **settings)
     finally:
         evaluator.close()
+    record["accelerators"] = [
+        accelerated(job, device, windows, reference, settings) for device in job["devices"]
+    ]
+    return record
+
+
+def accelerated(job: dict, device: str, windows, reference, settings: dict) -> dict:
+    """One accelerator's figures, or its error: the CPU figures stand either way."""
+    from ..errors import ShortGPTError
+    from .evaluators import open_evaluator
+    from .measure import measure_accelerated
+
+    try:
+        evaluator = open_evaluator(
+            Path(job["artifact"]), job["threads"], n_ctx=job["n_ctx"], device=device
+        )
+        try:
+            return measure_accelerated(evaluator, windows, reference, **settings)
+        finally:
+            evaluator.close()
+    except (ShortGPTError, RuntimeError, ValueError) as exc:  # llama.cpp, ORT load failures
+        return {"device": device, "error": str(exc)}
 
 
 if __name__ == "__main__":
