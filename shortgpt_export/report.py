@@ -10,14 +10,21 @@ COLUMNS = (
     ("top1_agreement", "top-1 agreement", "{:.3f}"), ("size_bytes", "size MB", "{:,.1f}"),
     ("prompt_tok_s", "prompt tok/s", "{:,.0f}"), ("gen_tok_s", "gen tok/s", "{:,.1f}"),
     ("ttft_s", "TTFT s", "{:.3f}"), ("peak_rss_bytes", "peak RSS MB", "{:,.0f}"),
+    ("rss_growth_bytes", "model RSS MB", "{:,.0f}"),
 )  # fmt: skip
+MEMORY_NOTE = (
+    "Memory: each artifact loads and generates in its own worker process. Peak RSS is that "
+    "process at its highest (Python and its libraries included); model RSS is the peak minus "
+    "the RSS before loading, what the model itself costs. Torch rows run in the pipeline's "
+    "own process and have no memory figures."
+)
 
 
 def _cell(record: dict, key: str, fmt: str) -> str:
     value = record.get(key)
     if value is None:
         return "-"
-    if key in ("size_bytes", "peak_rss_bytes"):
+    if key.endswith("_bytes"):
         value = value / 1e6
     return fmt.format(value)
 
@@ -108,7 +115,7 @@ def render_markdown(report: dict) -> str:
         ]
         lines += ["| " + " | ".join(row) + " |" for row in accelerated]
         lines.append("")
-    lines += [devices_note(report), ""]
+    lines += [devices_note(report), "", MEMORY_NOTE, ""]
     lines.append(
         "Back-ends: "
         + "; ".join(

@@ -181,22 +181,29 @@ def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
 
 
 def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> dict:
-    """The same measurements for an in-memory torch model (the reference or a pruned view)."""
-    from .measure import measure_evaluator
+    """The same measurements for an in-memory torch model (the reference or a pruned view).
+
+    These run inside the pipeline's own process, so they get no memory figures.
+    """
+    from .measure import latency, provenance, quality
 
     opts = evaluation.opts
     evaluator = TorchEvaluator(Path(label_path), opts.threads, model=model, tokenizer=tokenizer)
     reference = np.load(evaluation.reference_path, mmap_mode="r")
-    record = measure_evaluator(
-        evaluator,
-        evaluation.windows,
-        reference,
-        kl_windows=opts.kl_windows,
-        prompt_tokens=opts.prompt_tokens,
-        gen_tokens=opts.gen_tokens,
-        reps=opts.reps,
-    )
-    return record | {"accelerators": []}  # in-memory models are measured on the CPU
+    return {
+        **quality(evaluator, evaluation.windows, reference, opts.kl_windows),
+        **latency(
+            evaluator,
+            evaluation.windows,
+            prompt_tokens=opts.prompt_tokens,
+            gen_tokens=opts.gen_tokens,
+            reps=opts.reps,
+        ),
+        "peak_rss_bytes": None,
+        "rss_growth_bytes": None,
+        **provenance(evaluator),
+        "accelerators": [],
+    }
 
 
 def describe_artifact(

@@ -1,4 +1,4 @@
-"""The measurements every back-end gets: perplexity, fidelity, latency, peak RSS."""
+"""The measurements every back-end gets: perplexity, fidelity, latency, memory."""
 
 from __future__ import annotations
 
@@ -9,77 +9,88 @@ import numpy as np
 from .evaluators import Evaluator, PeakRss
 
 
-def measure_evaluator(
-    evaluator: Evaluator,
-    windows: np.ndarray,
-    reference,
-    *,
-    kl_windows: int,
-    prompt_tokens: int,
-    gen_tokens: int,
-    reps: int,
-) -> dict:
-    """Run ``evaluator`` over ``windows`` (and a latency test), sampling RSS throughout.
+def quality(evaluator: Evaluator, windows: np.ndarray, reference, kl_windows: int) -> dict:
+    """Perplexity over ``windows`` and fidelity over the first ``kl_windows`` of them.
 
-    ``reference`` holds the original model's float32 log-probs of the first
-    ``kl_windows`` windows, row per position.
+    ``reference`` holds the original model's float32 log-probs of the first ``kl_windows``
+    windows, a row per position. Windows are compared one at a time, so memory stays at
+    one window's distributions whatever ``kl_windows`` is.
     """
-    import torch
-
-    with PeakRss() as rss:
-        nll, count, candidates = 0.0, 0, []
-        for index, window in enumerate(windows):
-            logprobs = evaluator.logprobs(window)
-            targets = torch.as_tensor(np.asarray(window[1:]), dtype=torch.long)
-            nll -= float(logprobs[:-1].gather(1, targets[:, None]).sum())
-            count += len(targets)
-            if index < kl_windows:
-                candidates.append(logprobs.float())
-        fidelity = against_reference(candidates, reference)
-        prompt = [int(t) for t in windows[0][:prompt_tokens]]
-        latency = evaluator.latency(prompt, gen_tokens, reps)
-    return {
-        "perplexity": math.exp(nll / count),
-        **fidelity,
-        **latency,
-        "peak_rss_bytes": rss.peak,
-        **provenance(evaluator),
-    }
-
-
-def measure_accelerated(
-    evaluator: Evaluator,
-    windows: np.ndarray,
-    reference,
-    *,
-    kl_windows: int,
-    prompt_tokens: int,
-    gen_tokens: int,
-    reps: int,
-) -> dict:
-    """Agreement with the reference on the KL windows, and latency, on an accelerator.
-
-    Perplexity stays a CPU figure; the agreement check catches accelerator kernels that
-    compute something else than the CPU ones.
-    """
-    candidates = [evaluator.logprobs(window).float() for window in windows[:kl_windows]]
-    prompt = [int(t) for t in windows[0][:prompt_tokens]]
-    return {
-        **against_reference(candidates, reference),
-        **evaluator.latency(prompt, gen_tokens, reps),
-        **provenance(evaluator),
-    }
-
-
-def against_reference(candidates: list, reference) -> dict:
-    """Mean KL and top-1 agreement of ``candidates`` (log-prob rows) against the reference."""
     import torch
 
     from ..fidelity import compare_logprobs
 
-    rows = sum(c.shape[0] for c in candidates)
-    fidelity = compare_logprobs(torch.from_numpy(np.array(reference[:rows])), torch.cat(candidates))
-    return {"kl_divergence": fidelity.kl_divergence, "top1_agreement": fidelity.top1_agreement}
+    nll, count = 0.0, 0
+    kl_sum, agree_sum, rows = 0.0, 0.0, 0
+    for index, window in enumerate(windows):
+        logprobs = evaluator.logprobs(window)
+        targets = torch.as_tensor(np.asarray(window[1:]), dtype=torch.long)
+        nll -= float(logprobs[:-1].gather(1, targets[:, None]).sum())
+        count += len(targets)
+        if index < kl_windows:
+            n = logprobs.shape[0]
+            fid = compare_logprobs(np.array(reference[rows : rows + n]), logprobs.float())
+            kl_sum += fid.kl_divergence * n
+            agree_sum += fid.top1_agreement * n
+            rows += n
+    return {
+        "perplexity": math.exp(nll / count),
+        "kl_divergence": kl_sum / rows if rows else None,
+        "top1_agreement": agree_sum / rows if rows else None,
+    }
+
+
+def latency(evaluator: Evaluator, windows: np.ndarray, prompt_tokens: int, **settings) -> dict:
+    """Prompt/generation speed and TTFT for the first ``prompt_tokens`` of the text."""
+    prompt = [int(t) for t in windows[0][:prompt_tokens]]
+    return evaluator.latency(prompt, settings["gen_tokens"], settings["reps"])
+
+
+def measure_evaluator(
+    open_evaluator, windows: np.ndarray, reference, *, kl_windows: int, check=None, **settings
+) -> dict:
+    """Load an artifact with ``open_evaluator()`` and measure everything.
+
+    Peak RSS is sampled while the model loads and generates (what running it costs);
+    perplexity and KL bookkeeping hold full-vocabulary float64 arrays and come after.
+    ``check(evaluator)`` may return an error message, which ends the measurement.
+    """
+    import psutil
+
+    before = psutil.Process().memory_info().rss
+    with PeakRss() as rss:
+        evaluator = open_evaluator()
+        try:
+            problem = check(evaluator) if check else None
+            speed = None if problem else latency(evaluator, windows, **settings)
+        except BaseException:
+            evaluator.close()
+            raise
+    try:
+        if problem:
+            return {"error": problem}
+        return {
+            **quality(evaluator, windows, reference, kl_windows),
+            **speed,
+            "peak_rss_bytes": rss.peak,
+            "rss_growth_bytes": rss.peak - before,
+            **provenance(evaluator),
+        }
+    finally:
+        evaluator.close()
+
+
+def measure_accelerated(
+    evaluator: Evaluator, windows: np.ndarray, reference, *, kl_windows: int, **settings
+) -> dict:
+    """Agreement with the reference on the KL windows, and latency, on an accelerator.
+
+    Perplexity stays a CPU figure; the agreement check catches accelerator kernels that
+    compute something other than the CPU ones.
+    """
+    fidelity = quality(evaluator, windows[:kl_windows], reference, kl_windows)
+    del fidelity["perplexity"]  # over the KL windows only: not comparable with the CPU's
+    return {**fidelity, **latency(evaluator, windows, **settings), **provenance(evaluator)}
 
 
 def provenance(evaluator: Evaluator) -> dict:

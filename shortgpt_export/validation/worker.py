@@ -15,28 +15,38 @@ import numpy as np
 def evaluate(job: dict) -> dict:
     """Tokenizer check and :func:`measure_evaluator` on the artifact in ``job``, then
     :func:`measure_accelerated` on each accelerator in ``job["devices"]``."""
-    from .evaluators import SAMPLE_TEXTS, open_evaluator
+    from .evaluators import open_evaluator
     from .measure import measure_evaluator
 
     windows = np.load(job["windows"])
     reference = np.load(job["reference"], mmap_mode="r")
     settings = {k: job[k] for k in ("kl_windows", "prompt_tokens", "gen_tokens", "reps")}
-    evaluator = open_evaluator(Path(job["artifact"]), job["threads"], n_ctx=job["n_ctx"])
-    try:
-        for text in SAMPLE_TEXTS:
-            ids = evaluator.token_ids(text)
-            if ids is not None and ids != job["reference_ids"][text]:
-                return {
-                    "error": f"the tokenizer of {job['artifact']} splits {text[:30]!r} "
-                    "differently from the reference model's"
-                }
-        record = measure_evaluator(evaluator, windows, reference, **settings)
-    finally:
-        evaluator.close()
-    record["accelerators"] = [
-        accelerated(job, device, windows, reference, settings) for device in job["devices"]
-    ]
+    record = measure_evaluator(
+        lambda: open_evaluator(Path(job["artifact"]), job["threads"], n_ctx=job["n_ctx"]),
+        windows,
+        reference,
+        check=lambda evaluator: tokenizer_mismatch(evaluator, job),
+        **settings,
+    )
+    if "error" not in record:
+        record["accelerators"] = [
+            accelerated(job, device, windows, reference, settings) for device in job["devices"]
+        ]
     return record
+
+
+def tokenizer_mismatch(evaluator, job: dict) -> str | None:
+    """Why the artifact's tokenizer differs from the reference's, or None if it does not."""
+    from .evaluators import SAMPLE_TEXTS
+
+    for text in SAMPLE_TEXTS:
+        ids = evaluator.token_ids(text)
+        if ids is not None and ids != job["reference_ids"][text]:
+            return (
+                f"the tokenizer of {job['artifact']} splits {text[:30]!r} "
+                "differently from the reference model's"
+            )
+    return None
 
 
 def accelerated(job: dict, device: str, windows, reference, settings: dict) -> dict:
