@@ -34,6 +34,29 @@ class StepTimer:
         self.steps.append((description, time.perf_counter() - began))
 
 
+VALIDATION_STEPS = (
+    "reference log-probabilities",
+    "original (torch)",
+    "pruned (torch)",
+    "validating",
+)
+
+
+def count_tokens(gguf: Path, text_file: Path) -> int:
+    """Tokens in ``text_file`` as validation joins it, counted by the GGUF's tokenizer
+    (checked identical to the reference tokenizer during validation)."""
+    import llama_cpp
+
+    from shortgpt_export.calibration import read_calibration_text
+
+    texts, _ = read_calibration_text(str(text_file))
+    vocab = llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    try:
+        return len(vocab.tokenize("\n\n".join(texts).encode("utf-8"), add_bos=False))
+    finally:
+        vocab.close()
+
+
 def report(max_tokens: int | None = None) -> str:
     """The stacking table; ``max_tokens`` (or $BENCH_EVAL_TOKENS) caps the evaluation text,
     which is otherwise the whole WikiText-2 test split."""
@@ -57,14 +80,27 @@ def report(max_tokens: int | None = None) -> str:
     )
     total = time.perf_counter() - began
     rep = result.report
+    split_tokens = count_tokens(next((out / "baseline").glob("*-F16.gguf")), WIKITEXT)
+    evaluated = rep["eval"]["tokens"]
+    validation_s = sum(s for name, s in timer.steps if name.startswith(VALIDATION_STEPS))
+    coverage = (
+        "the whole split"
+        if evaluated + rep["eval"]["ctx"] > split_tokens
+        else f"the first {evaluated:,} of its {split_tokens:,} tokens "
+        f"({evaluated / split_tokens:.0%}; `BENCH_EVAL_TOKENS` caps it). At this run's rate the "
+        f"eight evaluations of the whole split would take about "
+        f"{validation_s * split_tokens / evaluated / 60:,.0f} min instead of "
+        f"{validation_s / 60:,.0f} (an extrapolation, not a measurement)"
+    )
     header = ["artifact", "quant"] + [title for _, title, _ in COLUMNS]
     lines = [
         "## Stacking table: pruning and quantization (default model)",
         "",
         f"SmolLM2-135M-Instruct, {len(result.plan.remove)} of 30 layers removed by BI "
         f"({result.plan.remove}), calibration and evaluation on WikiText-2 test "
-        f"({rep['eval']['tokens']:,} tokens in windows of {rep['eval']['ctx']}; KL and top-1 "
-        f"over the first {rep['eval']['kl_tokens']} tokens), CPU, 2 threads.",
+        f"({evaluated:,} tokens in windows of {rep['eval']['ctx']}; KL and top-1 "
+        f"over the first {rep['eval']['kl_tokens']} tokens), CPU, 2 threads. "
+        f"Evaluated on {coverage}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
