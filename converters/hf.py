@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shortgpt_export.artifacts import Artifact, path_size
+from shortgpt_export.artifacts import Artifact
 from shortgpt_export.pruning import write_pruned_model
 
 from . import ExportContext
@@ -27,13 +27,4 @@ class HFConverter:
             calibration=ctx.calibration,
             progress=ctx.progress,
         )
-        return [
-            Artifact(
-                path="hf",
-                format="hf",
-                quant=None,
-                pruned=bool(ctx.plan.remove),
-                layers=len(ctx.plan.keep),
-                size_bytes=path_size(out),
-            )
-        ]
+        return [Artifact.written(out, "hf", None, ctx.plan)]

@@ -26,5 +26,20 @@ class Artifact:
     size_bytes: int
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def written(
+        cls, path: Path, format: str, quant: str | None, plan, extra: dict | None = None
+    ) -> Artifact:
+        """The record of ``path`` (a file or folder in the output folder) made under ``plan``."""
+        return cls(
+            path=Path(path).name,
+            format=format,
+            quant=quant,
+            pruned=bool(plan.remove),
+            layers=len(plan.keep),
+            size_bytes=path_size(path),
+            extra=extra or {},
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)

@@ -141,15 +141,7 @@ class GGUFConverter:
 
     def _artifact(self, ctx, path: Path, quant: QuantType, requant: str | None) -> Artifact:
         extra = {"requantized_from": requant} if requant else {}
-        return Artifact(
-            path=path.name,
-            format="gguf",
-            quant=quant.name,
-            pruned=bool(ctx.plan.remove),
-            layers=len(ctx.plan.keep),
-            size_bytes=path.stat().st_size,
-            extra=extra,
-        )
+        return Artifact.written(path, "gguf", quant.name, ctx.plan, extra)
 
     def _verify(self, ctx: ExportContext, artifacts: list[Artifact]) -> None:
         from shortgpt_export.fidelity import pruned_reference, verification_windows

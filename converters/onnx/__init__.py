@@ -98,14 +98,7 @@ class ONNXConverter:
         return artifacts
 
     def _artifact(self, ctx: ExportContext, name: str, folder: Path) -> Artifact:
-        return Artifact(
-            path=folder.name,
-            format="onnx",
-            quant=name,
-            pruned=bool(ctx.plan.remove),
-            layers=len(ctx.plan.keep),
-            size_bytes=path_size(folder),
-        )
+        return Artifact.written(folder, "onnx", name, ctx.plan)
 
     def _verify(
         self, ctx: ExportContext, artifacts: list[Artifact], fp32_dir: Path, block: int
