@@ -138,6 +138,8 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     names = []
     arts = report["artifacts"]
@@ -151,9 +153,10 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
             xlabel="layer",
             ylabel=f"{scores['metric'].upper()} (1 - mean cosine)",
         )
-        ax.bar([], [], color="tab:red", label="removed")
-        ax.bar([], [], color="tab:blue", label="kept")
-        ax.legend()
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(
+            handles=[Patch(color="tab:red", label="removed"), Patch(color="tab:blue", label="kept")]
+        )
         fig.tight_layout()
         fig.savefig(out / "scores.png", dpi=120)
         plt.close(fig)
@@ -187,22 +190,23 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
     plt.close(fig)
     names.append("perplexity_vs_size.png")
     fig, ax = plt.subplots(figsize=(7, 4))
-    bars = [(a, a) for a in arts] + [
-        (a, acc) for a in arts for acc in a.get("accelerators", []) if "error" not in acc
-    ]
+    bars = [
+        (a, measured)
+        for a in arts
+        for measured in [a, *(acc for acc in a.get("accelerators", []) if "error" not in acc)]
+    ][::-1]  # barh draws bottom-up; keep the table's order top-down
     labels = [f"{a['label']} {a.get('quant') or ''} [{m['device']}]" for a, m in bars]
     colors = ["tab:orange" if a["pruned"] else "tab:gray" for a, _ in bars]
     hatches = ["" if m is a else "//" for a, m in bars]
     ax.barh(labels, [m["gen_tok_s"] for _, m in bars], color=colors, hatch=hatches)
-    ax.barh([], [], color="tab:orange", label="pruned")
-    ax.barh([], [], color="tab:gray", label="original")
+    handles = [Patch(color="tab:orange", label="pruned"), Patch(color="tab:gray", label="original")]
     if len(bars) > len(arts):
-        ax.barh([], [], color="white", edgecolor="black", hatch="//", label="accelerator")
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="accelerator"))
     ax.set(
         title=f"Generation speed (CPU: {arts[0]['threads']} threads)",
         xlabel="tokens per second (higher is better)",
     )
-    ax.legend()
+    ax.legend(handles=handles)
     fig.tight_layout()
     fig.savefig(out / "generation_speed.png", dpi=120)
     plt.close(fig)
