@@ -99,11 +99,15 @@ def test_validate_command_and_bad_inputs(capsys, validated, tmp_path, default_gg
         "--out",
         tmp_path / "v",
         "--json",
+        "--devices",
+        "cpu",
         *EVAL,
     )
     assert code == 0, err
     report = json.loads(stdout)
     assert [a["layers"] for a in report["artifacts"]] == [6, 4, 4]
+    assert report["eval"]["devices"] == "cpu"
+    assert all(a["accelerators"] == [] for a in report["artifacts"])
     assert (tmp_path / "v" / "report.json").is_file()
 
     code, _, err = run_cli(
