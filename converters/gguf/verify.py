@@ -27,11 +27,12 @@ EXACT_BOUNDS = (0.99, 0.01)
 QUANTIZED_BOUNDS = (0.0, 1.0)
 
 
-def open_llama(path: Path, n_ctx: int, threads: int | None = None, n_gpu_layers: int = 0):
+def open_llama(path: Path, n_ctx: int, threads: int | None = None, gpu: bool = False):
     """A llama-cpp-python model with logits for every position; the caller closes it.
 
-    ``n_gpu_layers=-1`` offloads every layer to the GPU back-end (Metal, CUDA) when the
-    build has one.
+    ``gpu=True`` offloads every layer and the KV cache to the build's GPU back-end (Metal,
+    CUDA). Otherwise nothing is offloaded, not even large-batch ops, so CPU figures stay
+    CPU figures on a GPU build too.
     """
     from llama_cpp import Llama
 
@@ -42,7 +43,9 @@ def open_llama(path: Path, n_ctx: int, threads: int | None = None, n_gpu_layers:
         verbose=False,
         n_threads=threads,
         n_batch=n_ctx,
-        n_gpu_layers=n_gpu_layers,
+        n_gpu_layers=-1 if gpu else 0,
+        offload_kqv=gpu,
+        op_offload=gpu,
     )
 
 

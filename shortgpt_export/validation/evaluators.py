@@ -158,7 +158,7 @@ class LlamaCppEvaluator(Evaluator):
 
         require(device, "gguf")
         super().__init__(path, threads, device)
-        self.llm = open_llama(path, n_ctx, threads, n_gpu_layers=0 if device == "cpu" else -1)
+        self.llm = open_llama(path, n_ctx, threads, gpu=device != "cpu")
         self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
 
     def logprobs(self, window):
