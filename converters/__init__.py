@@ -36,6 +36,19 @@ class ExportContext:
     options: dict = field(default_factory=dict)
     progress: ProgressFactory = no_progress
 
+    def write_pruned_hf(self, folder: Path) -> Path:
+        """Write the pruned Hugging Face folder (streamed, or from the loaded model)."""
+        from shortgpt_export.pruning import write_pruned_model
+
+        return write_pruned_model(
+            self.source,
+            self.plan,
+            folder,
+            loaded=self.loaded,
+            calibration=self.calibration,
+            progress=self.progress,
+        )
+
 
 class Converter(Protocol):
     name: str

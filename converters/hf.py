@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from shortgpt_export.artifacts import Artifact
-from shortgpt_export.pruning import write_pruned_model
 
 from . import ExportContext
 
@@ -19,12 +18,5 @@ class HFConverter:
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
         out = ctx.out_dir / "hf"
-        write_pruned_model(
-            ctx.source,
-            ctx.plan,
-            out,
-            loaded=ctx.loaded,
-            calibration=ctx.calibration,
-            progress=ctx.progress,
-        )
+        ctx.write_pruned_hf(out)
         return [Artifact.written(out, "hf", None, ctx.plan)]

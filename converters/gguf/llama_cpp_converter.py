@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from shortgpt_export.errors import ExportError, ShortGPTError
-from shortgpt_export.pruning import write_pruned_model
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def convert_with_llama_cpp(ctx, target: Path, *, out_type: str = "F16") -> None:
     """Write the pruned HF folder next to ``target``, then run llama.cpp's converter on it."""
     script = convert_script()
     folder = target.parent / "pruned-hf"
-    write_pruned_model(ctx.source, ctx.plan, folder, loaded=ctx.loaded, progress=ctx.progress)
+    ctx.write_pruned_hf(folder)
     cmd = [
         sys.executable,
         str(script),

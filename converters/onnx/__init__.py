@@ -9,7 +9,6 @@ from pathlib import Path
 from shortgpt_export.artifacts import Artifact, path_size
 from shortgpt_export.errors import ExportError, ShortGPTError
 from shortgpt_export.model_card import render_model_card
-from shortgpt_export.pruning import write_pruned_model
 
 from .. import ExportContext
 from .build import derive, export_fp32
@@ -62,14 +61,7 @@ class ONNXConverter:
         hf_dir = ctx.out_dir / "hf"
         if not (hf_dir / "config.json").is_file():  # no hf export in this run: make one
             hf_dir = work / "hf"
-            write_pruned_model(
-                ctx.source,
-                ctx.plan,
-                hf_dir,
-                loaded=ctx.loaded,
-                calibration=ctx.calibration,
-                progress=ctx.progress,
-            )
+            ctx.write_pruned_hf(hf_dir)
         keep_fp32 = PRECISIONS["fp32"] in precisions
         fp32_dir = ctx.out_dir / "onnx-fp32" if keep_fp32 else work / "onnx-fp32"
         with ctx.progress("exporting ONNX (optimum, with KV cache)", None):
@@ -88,7 +80,9 @@ class ONNXConverter:
                     int8_mode=ctx.options.get("int8_mode", "dynamic"),
                 )
             folders[precision.name] = folder
-        artifacts = [self._artifact(ctx, name, folder) for name, folder in folders.items()]
+        artifacts = [
+            Artifact.written(folder, "onnx", name, ctx.plan) for name, folder in folders.items()
+        ]
         if ctx.options.get("verify", True):
             self._verify(ctx, artifacts, fp32_dir, block)
         for art in artifacts:
@@ -96,9 +90,6 @@ class ONNXConverter:
             art.size_bytes = path_size(ctx.out_dir / art.path)
         shutil.rmtree(work)
         return artifacts
-
-    def _artifact(self, ctx: ExportContext, name: str, folder: Path) -> Artifact:
-        return Artifact.written(folder, "onnx", name, ctx.plan)
 
     def _verify(
         self, ctx: ExportContext, artifacts: list[Artifact], fp32_dir: Path, block: int
