@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shortgpt_export.pipeline import ModelOptions, PlanOptions, ScoreOptions, run
-from shortgpt_export.report import COLUMNS, quant_factors, table_rows
+from shortgpt_export.report import TABLE_HEADER, markdown_table, quant_factors, table_rows
 from shortgpt_export.validation import EvalOptions
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -92,7 +92,6 @@ def report(max_tokens: int | None = None) -> str:
         f"{validation_s * split_tokens / evaluated / 60:,.0f} min instead of "
         f"{validation_s / 60:,.0f} (an extrapolation, not a measurement)"
     )
-    header = ["artifact", "quant"] + [title for _, title, _ in COLUMNS]
     lines = [
         "## Stacking table: pruning and quantization (default model)",
         "",
@@ -102,9 +101,7 @@ def report(max_tokens: int | None = None) -> str:
         f"over the first {rep['eval']['kl_tokens']} tokens), CPU, 2 threads. "
         f"Evaluated on {coverage}.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in table_rows(rep["artifacts"])),
+        *markdown_table(TABLE_HEADER, table_rows(rep["artifacts"])),
         "",
         *quant_factors(rep["artifacts"]),
         "",

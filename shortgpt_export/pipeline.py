@@ -136,6 +136,19 @@ def _score(loaded: LoadedModel, opts: ScoreOptions, progress: ProgressFactory) -
     )
 
 
+def _report_entry(art: Artifact, folder: str, *, pruned: bool) -> dict:
+    """An artifact as a row of the validation report, its path relative to the output."""
+    return {
+        "path": folder + art.path,
+        "label": "pruned" if pruned else "original",
+        "format": art.format,
+        "quant": art.quant,
+        "pruned": pruned,
+        "layers": art.layers,
+        "size_bytes": art.size_bytes,
+    }
+
+
 def _baseline_and_validate(
     formats: list[str],
     source: ModelSource,
@@ -174,29 +187,8 @@ def _baseline_and_validate(
         if quantized
         else []
     )
-    entries = [
-        {
-            "path": f"baseline/{a.path}",
-            "label": "original",
-            "format": a.format,
-            "quant": a.quant,
-            "pruned": False,
-            "layers": a.layers,
-            "size_bytes": a.size_bytes,
-        }
-        for a in baseline
-    ] + [
-        {
-            "path": a.path,
-            "label": "pruned",
-            "format": a.format,
-            "quant": a.quant,
-            "pruned": True,
-            "layers": a.layers,
-            "size_bytes": a.size_bytes,
-        }
-        for a in artifacts
-        if a.format != "hf"
+    entries = [_report_entry(a, "baseline/", pruned=False) for a in baseline] + [
+        _report_entry(a, "", pruned=True) for a in artifacts if a.format != "hf"
     ]
     report = measure(
         loaded,

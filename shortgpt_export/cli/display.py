@@ -69,17 +69,15 @@ def artifacts_table(artifacts: list[Artifact], out) -> Table:
 
 def report_table(report: dict) -> Table:
     """The stacking table: every artifact with perplexity, fidelity, size and speed."""
-    from ..report import COLUMNS, quant_factors, table_rows
+    from ..report import TABLE_HEADER, quant_factors, table_rows
 
     ev = report["eval"]
     table = Table(
         title=f"validation on {ev['tokens']} tokens of {ev['source']} (ctx {ev['ctx']})",
         caption="\n".join(quant_factors(report["artifacts"])),
     )
-    table.add_column("artifact")
-    table.add_column("quant")
-    for _, title, _ in COLUMNS:
-        table.add_column(title, justify="right")
+    for index, title in enumerate(TABLE_HEADER):
+        table.add_column(title, justify="right" if index >= 2 else "left")
     for row in table_rows(report["artifacts"]):
         table.add_row(*row)
     return table

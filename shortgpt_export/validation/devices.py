@@ -7,8 +7,6 @@ Each table maps a device name (as the report shows it) to what the back-end call
 
 from __future__ import annotations
 
-import platform
-
 from ..errors import DeviceUnavailableError
 
 # ggml back-end names as ``llama_print_system_info`` lists them.
@@ -25,7 +23,6 @@ ORT_PROVIDERS = {
     "rocm": "ROCMExecutionProvider",
     "directml": "DmlExecutionProvider",
 }
-TORCH_DEVICES = ("cuda", "mps")
 
 
 def llama_cpp_accelerators() -> list[str]:
@@ -68,11 +65,6 @@ PROBES = {
 def accelerators(kind: str) -> list[str]:
     """Accelerator devices available here for an artifact of ``kind`` (gguf, onnx, hf)."""
     return PROBES[kind]()
-
-
-def machine() -> str:
-    """The CPU the CPU figures were measured on, e.g. ``x86_64`` or ``arm64 (Darwin)``."""
-    return f"{platform.machine()} ({platform.system()})"
 
 
 def require(device: str, kind: str) -> None:

@@ -231,12 +231,11 @@ def artifact_kind(path: Path) -> str:
     )
 
 
-EVALUATORS = {"gguf": LlamaCppEvaluator, "onnx": OrtEvaluator, "hf": TorchEvaluator}
-
-
 def open_evaluator(path: Path, threads: int, n_ctx: int = 2048, device: str = "cpu") -> Evaluator:
     """The evaluator for the artifact at ``path`` on ``device`` (cpu or an accelerator)."""
     kind = artifact_kind(path)
     if kind == "gguf":
         return LlamaCppEvaluator(path, threads, n_ctx=n_ctx, device=device)
-    return EVALUATORS[kind](path, threads, device=device)
+    if kind == "onnx":
+        return OrtEvaluator(path, threads, device=device)
+    return TorchEvaluator(path, threads, device=device)

@@ -40,10 +40,12 @@ def quality(evaluator: Evaluator, windows: np.ndarray, reference, kl_windows: in
     }
 
 
-def latency(evaluator: Evaluator, windows: np.ndarray, prompt_tokens: int, **settings) -> dict:
+def latency(
+    evaluator: Evaluator, windows: np.ndarray, *, prompt_tokens: int, gen_tokens: int, reps: int
+) -> dict:
     """Prompt/generation speed and TTFT for the first ``prompt_tokens`` of the text."""
     prompt = [int(t) for t in windows[0][:prompt_tokens]]
-    return evaluator.latency(prompt, settings["gen_tokens"], settings["reps"])
+    return evaluator.latency(prompt, gen_tokens, reps)
 
 
 def measure_evaluator(
@@ -58,15 +60,12 @@ def measure_evaluator(
     import psutil
 
     before = psutil.Process().memory_info().rss
-    with PeakRss() as rss:
-        evaluator = open_evaluator()
-        try:
+    evaluator = None
+    try:
+        with PeakRss() as rss:
+            evaluator = open_evaluator()
             problem = check(evaluator) if check else None
             speed = None if problem else latency(evaluator, windows, **settings)
-        except BaseException:
-            evaluator.close()
-            raise
-    try:
         if problem:
             return {"error": problem}
         return {
@@ -77,7 +76,8 @@ def measure_evaluator(
             **provenance(evaluator),
         }
     finally:
-        evaluator.close()
+        if evaluator is not None:
+            evaluator.close()
 
 
 def measure_accelerated(

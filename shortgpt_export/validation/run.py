@@ -38,6 +38,21 @@ def parameter_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def torch_row(model, tokenizer, evaluation, path: str, pruned: bool, layers: int) -> dict:
+    """The report row of an in-memory torch model: the original or its pruned view."""
+    label = "pruned" if pruned else "original"
+    return {
+        "path": path,
+        "label": label,
+        "format": "hf",
+        "quant": "torch fp32",
+        "pruned": pruned,
+        "layers": layers,
+        "size_bytes": parameter_bytes(model),
+        **torch_record(model, tokenizer, evaluation, label),
+    }
+
+
 def measure(
     loaded,
     entries: list[dict],
@@ -61,16 +76,14 @@ def measure(
         records = []
         with progress("original (torch)", None):
             records.append(
-                {
-                    "path": str(source.path),
-                    "label": "original",
-                    "format": "hf",
-                    "quant": "torch fp32",
-                    "pruned": False,
-                    "layers": source.num_layers,
-                    "size_bytes": parameter_bytes(loaded.model),
-                    **torch_record(loaded.model, loaded.tokenizer, evaluation, "orig"),
-                }
+                torch_row(
+                    loaded.model,
+                    loaded.tokenizer,
+                    evaluation,
+                    str(source.path),
+                    pruned=False,
+                    layers=source.num_layers,
+                )
             )
         if keep is not None and len(keep) < source.num_layers:
             with (
@@ -78,16 +91,14 @@ def measure(
                 pruned_view(loaded.model, source.spec, keep) as model,
             ):
                 records.append(
-                    {
-                        "path": "(pruned view)",
-                        "label": "pruned",
-                        "format": "hf",
-                        "quant": "torch fp32",
-                        "pruned": True,
-                        "layers": len(keep),
-                        "size_bytes": parameter_bytes(model),
-                        **torch_record(model, loaded.tokenizer, evaluation, "pruned"),
-                    }
+                    torch_row(
+                        model,
+                        loaded.tokenizer,
+                        evaluation,
+                        "(pruned view)",
+                        pruned=True,
+                        layers=len(keep),
+                    )
                 )
         for entry in entries:
             with progress(f"validating {Path(entry['path']).name}", None):
