@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/shortgpt-export download-default
 	touch $(STAMP)
 
+# The headline use: a pruned Q4_K_M GGUF of the default model, then one chat answer from
+# it beside the original's (both in llama.cpp).
 demo: install
-	$(BIN)/shortgpt-export --to hf --out $(DEMO_OUT) --force
+	$(BIN)/shortgpt-export --to gguf --q4_k_m --out $(DEMO_OUT) --force
+	$(BIN)/python examples/chat_demo.py $(DEMO_OUT)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -56,6 +56,6 @@ def execute(args) -> int:
     if result.report:
         for item in display.report_renderables(result.report):
             common.stdout.print(item)
-    else:
+    if args.dry_run:
         common.stdout.print(f"dry run: wrote {result.out / 'plan.json'}")
     return 0
