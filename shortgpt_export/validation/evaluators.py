@@ -6,6 +6,7 @@ measures latency the same way: prompt processing, then greedy generation with th
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
@@ -15,6 +16,7 @@ import numpy as np
 
 from ..errors import ModelNotFoundError
 from .devices import ORT_PROVIDERS, require
+from .qa import FALLBACK_PROMPT
 
 SAMPLE_TEXTS = (
     "The quick brown fox jumps over the lazy dog. It's 2024; isn't it?",
@@ -50,7 +52,8 @@ class PeakRss:
 
 
 class Evaluator:
-    """Base class: ``logprobs``, ``token_ids`` and ``_prompt``/``_step`` for latency."""
+    """Base class: ``logprobs``, ``token_ids``, ``_prompt``/``_step`` for latency and
+    generation, and ``chat_ids``/``detokenize``/``eog_ids`` for chat (the QA check)."""
 
     backend = "?"
 
@@ -87,6 +90,31 @@ class Evaluator:
             "ttft_s": statistics.median(ttfts),
         }
 
+    def chat_ids(self, message: str) -> list[int]:
+        """``message`` as one user turn through the artifact's own chat template, ready
+        for the assistant's reply (a plain question/answer prompt when it has none)."""
+        raise NotImplementedError
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    eog_ids: frozenset[int] = frozenset()  # tokens that end a reply
+
+    def generate(self, prompt: list[int], max_new_tokens: int, stop=None) -> list[int]:
+        """Greedy continuation of ``prompt``: at most ``max_new_tokens`` tokens, ending
+        before an end-of-generation token or once ``stop(text so far)`` is true."""
+        ids: list[int] = []
+        token = self._prompt(prompt)
+        while token not in self.eog_ids and len(ids) < max_new_tokens:
+            ids.append(token)
+            if len(ids) == max_new_tokens or (stop and stop(self.detokenize(ids))):
+                break
+            token = self._step(token)
+        return ids
+
+    def generate_text(self, prompt: list[int], max_new_tokens: int, stop=None) -> str:
+        return self.detokenize(self.generate(prompt, max_new_tokens, stop))
+
     def _prompt(self, prompt: list[int]) -> int:
         raise NotImplementedError
 
@@ -95,6 +123,23 @@ class Evaluator:
 
     def close(self) -> None:
         pass
+
+
+def hf_chat_ids(tokenizer, message: str) -> list[int]:
+    """``chat_ids`` for a Hugging Face tokenizer: its chat template, else the fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(FALLBACK_PROMPT.format(question=message))["input_ids"]
+
+
+def hf_eog_ids(tokenizer, generation_eos) -> frozenset[int]:
+    """The tokenizer's end-of-sequence token and the generation config's ones."""
+    ids = {getattr(tokenizer, "eos_token_id", None)}
+    ids.update(generation_eos if isinstance(generation_eos, list) else [generation_eos])
+    return frozenset(int(i) for i in ids if i is not None)
 
 
 class TorchEvaluator(Evaluator):
@@ -116,6 +161,8 @@ class TorchEvaluator(Evaluator):
         self.version = f"torch {torch.__version__}"
         self._cache = None
         self._length = 0
+        config = getattr(self.model, "generation_config", None)
+        self.eog_ids = hf_eog_ids(self.tokenizer, getattr(config, "eos_token_id", None))
 
     def logprobs(self, window):
         import torch
@@ -127,6 +174,12 @@ class TorchEvaluator(Evaluator):
 
     def token_ids(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, message):
+        return hf_chat_ids(self.tokenizer, message)
+
+    def detokenize(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _run(self, ids: list[int]) -> int:
         import torch
@@ -160,6 +213,10 @@ class LlamaCppEvaluator(Evaluator):
         super().__init__(path, threads, device)
         self.llm = open_llama(path, n_ctx, threads, gpu=device != "cpu")
         self.version = f"llama.cpp (llama-cpp-python {llama_cpp.__version__})"
+        vocab = self.llm._model.vocab
+        self.eog_ids = frozenset(
+            t for t in range(self.llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)
+        )
 
     def logprobs(self, window):
         from converters.gguf.verify import llama_logprobs
@@ -168,6 +225,27 @@ class LlamaCppEvaluator(Evaluator):
 
     def token_ids(self, text):
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def chat_ids(self, message):
+        """Through the GGUF's ``tokenizer.chat_template``, rendered as llama-cpp-python's
+        chat completion renders it."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            text = FALLBACK_PROMPT.format(question=message).encode("utf-8")
+            return list(self.llm.tokenize(text, add_bos=True, special=False))
+
+        def text_of(token: int) -> str:
+            return self.llm._model.token_get_text(token) if token != -1 else ""
+
+        eos, bos = text_of(self.llm.token_eos()), text_of(self.llm.token_bos())
+        formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        prompt = formatter(messages=[{"role": "user", "content": message}]).prompt
+        return list(self.llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
+
+    def detokenize(self, ids):
+        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
 
     def _prompt(self, prompt):
         self.llm.reset()
@@ -198,12 +276,21 @@ class OrtEvaluator(Evaluator):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.version = f"onnxruntime {onnxruntime.__version__}"
         self._past, self._length = None, 0
+        config = Path(path) / "generation_config.json"
+        eos = json.loads(config.read_text())["eos_token_id"] if config.is_file() else None
+        self.eog_ids = hf_eog_ids(self.tokenizer, eos)
 
     def logprobs(self, window):
         return self.decoder.logprobs(np.asarray(window).reshape(1, -1))
 
     def token_ids(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, message):
+        return hf_chat_ids(self.tokenizer, message)
+
+    def detokenize(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _prompt(self, prompt):
         logits, self._past = self.decoder.forward(np.array([prompt]))
