@@ -87,7 +87,9 @@ def _read_jsonl(path: Path, char_budget: int) -> list[str]:
                     f"{path}:{number} is not valid JSON ({str(exc)[:80]})", hint=_JSONL_HINT
                 ) from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CalibrationError(f"{path}:{number} has no string field 'text'", hint=_JSONL_HINT)
+                raise CalibrationError(
+                    f"{path}:{number} has no string field 'text'", hint=_JSONL_HINT
+                )
             text = row["text"][: char_budget - total]
             texts.append(text)
             total += len(text)

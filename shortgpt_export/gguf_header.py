@@ -181,6 +181,6 @@ def check_gguf_header(path: Path) -> None:
                 _check(data, size)
     except _Bad as exc:
         raise CorruptModelError(
-            f"{path} is not a valid GGUF file: {exc}",
+            f"cannot read GGUF file {path}: {exc}",
             hint="the file is truncated or damaged; re-download or re-export it",
         ) from None

@@ -65,13 +65,8 @@ def check_no_overlap(
 
 
 def check_writable(final: Path, force: bool) -> None:
-    """``final`` is free (or ``force``), and new entries can be created next to it."""
+    """``final`` has a usable name, is free (or ``force``), and its parent can be written."""
     final = Path(final)
-    if (final.exists() or final.is_symlink()) and not force:
-        raise OutputExistsError(
-            f"output {final} already exists",
-            hint="pass --force to replace it, or choose another --out",
-        )
     parent = resolve_out(final).parent
     while not parent.exists():
         parent = parent.parent
@@ -84,11 +79,17 @@ def check_writable(final: Path, force: bool) -> None:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    if len(resolve_out(final).name.encode()) + NAME_MARGIN > name_max:
+    too_long = [p for p in final.parts if len(p.encode()) > name_max]
+    if len(resolve_out(final).name.encode()) + NAME_MARGIN > name_max or too_long:
         raise UnsafeOutputError(
             f"output name {final.name[:40]}... is too long for this file system "
             f"({name_max} bytes at most, with room for a temporary suffix)",
             hint="choose a shorter --out",
+        )
+    if (final.exists() or final.is_symlink()) and not force:
+        raise OutputExistsError(
+            f"output {final} already exists",
+            hint="pass --force to replace it, or choose another --out",
         )
     probe = parent / f".shortgpt-probe-{os.getpid()}"
     try:
@@ -129,7 +130,9 @@ def reclaim_stale(final: Path) -> list[Path]:
             continue
         if match.group(1) == "old" and not (final.exists() or final.is_symlink()):
             os.replace(entry, final)
-            log.warning("restored %s from %s, left by an earlier run that was stopped", final, entry)
+            log.warning(
+                "restored %s from %s, left by an earlier run that was stopped", final, entry
+            )
             continue
         _remove(entry)
         removed.append(entry)

@@ -221,8 +221,11 @@ def copy_companions(folder: Path, out_dir: Path) -> list[str]:
         if not (path.is_file() and any(fnmatch(path.name, p) for p in COMPANION_FILES)):
             continue
         if not inside_folder(path, folder):
-            log.warning("skipped %s: it is a link to %s, outside the model folder", path.name,
-                        path.resolve())
+            log.warning(
+                "skipped %s: it is a link to %s, outside the model folder",
+                path.name,
+                path.resolve(),
+            )
             continue
         shutil.copyfile(path, out_dir / path.name)
         copied.append(path.name)

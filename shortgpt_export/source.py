@@ -101,7 +101,7 @@ def _check_config_file(path: Path) -> None:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise NotCausalLMError(
             f"{path} has no model_type, so the model family is unknown",
-            hint="add \"model_type\" (e.g. \"llama\") to config.json",
+            hint='add "model_type" (e.g. "llama") to config.json',
         )
 
 

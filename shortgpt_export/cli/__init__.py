@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import signal
 import sys
@@ -78,10 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv.pop(0) if argv and argv[0] in SUBCOMMANDS else "run"
     previous = None
-    try:
+    # outside the main thread (embedded use) signal() raises; SIGTERM keeps its handler
+    with contextlib.suppress(ValueError):
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (e.g. embedded); SIGTERM keeps its handler
-        pass
     try:
         command = importlib.import_module(SUBCOMMANDS[name])
         parser: argparse.ArgumentParser = command.build_parser()

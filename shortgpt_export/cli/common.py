@@ -19,8 +19,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from ..pipeline import ModelOptions, PlanOptions, ScoreOptions
 from ..errors import ShortGPTError
+from ..pipeline import ModelOptions, PlanOptions, ScoreOptions
 from ..planning import parse_layer_list
 
 stdout = Console()
@@ -224,9 +224,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="evaluation text: a .txt/.jsonl file or wikitext2, pg19, c4 "
         "(default: the built-in text)",
     )
-    group.add_argument("--ctx", type=positive_int, default=512, help="tokens per window (default 512)")
     group.add_argument(
-        "--max-tokens", type=positive_int, default=4096, help="evaluation tokens at most (default 4096)"
+        "--ctx", type=positive_int, default=512, help="tokens per window (default 512)"
+    )
+    group.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=4096,
+        help="evaluation tokens at most (default 4096)",
     )
     group.add_argument(
         "--kl-windows",

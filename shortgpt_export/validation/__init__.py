@@ -95,8 +95,12 @@ def model_fingerprint(source, dtype) -> str:
     """What identifies the reference's log-probs: the resolved path, the size and mtime of
     every weight and config file, and the dtype the model runs in."""
     path = Path(source.path).resolve()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
+        )
     )
     parts = [str(path), str(dtype)]
     for file in files:
