@@ -68,6 +68,24 @@ class _Cursor:
         return raw
 
 
+def _skip_strings(cur: _Cursor, n: int, what: str) -> None:
+    """Skip ``n`` length-prefixed strings (a tight loop: vocabularies hold ~10^5 of them)."""
+    data, pos, end = cur.data, cur.pos, len(cur.data)
+    length_at = struct.Struct(cur.endian + "Q").unpack_from
+    for i in range(n):
+        if pos + 8 > end:
+            cur.pos = pos
+            cur.need(8, f"length of {what}[{i}]")
+        (length,) = length_at(data, pos)
+        pos += 8 + length
+        if pos > end:
+            raise _Bad(
+                f"length of {what}[{i}] is {length}, which needs at least {length} bytes "
+                f"but only {end - pos + length} remain"
+            )
+    cur.pos = pos
+
+
 def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
     """Skip one value of ``vtype``; returns it for scalars (used for general.alignment)."""
     if vtype in SCALARS:
@@ -87,8 +105,7 @@ def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
         cur.pos += n * size
     elif item_type == STRING:
         n = cur.count(f"item count of {what}", 8)
-        for i in range(n):
-            cur.string(f"{what}[{i}]")
+        _skip_strings(cur, n, what)
     elif item_type == ARRAY:
         n = cur.count(f"item count of {what}", 12)
         for i in range(n):

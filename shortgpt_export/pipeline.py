@@ -336,6 +336,8 @@ def run(
         [*_model_inputs(source), ("calibration file", score_opts.calib), ("eval file", eval_file)],
         score_opts,
     )
+    if validate is not None:
+        check_calibration_source(validate.eval, validate.max_tokens)
     _check_layer_count(source)
     _check_plan_request(source.num_layers, plan_opts)
     _check_with_source(formats, source, export_options or {})
@@ -458,6 +460,8 @@ def prune(
     out = Path(out) if out else default_out_dir(source)
     preflight(out, force, [*_model_inputs(source), ("plan", plan_path)])
     _check_layer_count(source)
+    if not plan.remove:
+        log.warning("%s removes no layer: the output is the unpruned model", plan_path)
     _check_with_source(formats, source, export_options or {})
     needed = _needs_model(formats, source, export_options or {})
     loaded = _load(source, model_opts, progress) if needed else None
@@ -502,6 +506,7 @@ def validate(
     inputs = [("artifact", path) for path in paths]
     inputs += [*_model_inputs(source), ("eval file", eval_opts.eval)]
     preflight(Path(out), force, inputs)
+    check_calibration_source(eval_opts.eval, eval_opts.max_tokens)
     loaded = _load(source, model_opts, progress)
     with staged_output(Path(out), force=force) as stage:
         report = validate_artifacts(loaded, paths, eval_opts, progress=progress)
