@@ -51,26 +51,58 @@ class CalibrationSet:
         }
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    texts = []
+MAX_LINE_CHARS = 64 * 1024 * 1024  # one .jsonl line is parsed whole; longer ones are refused
+_JSONL_HINT = "each line of a .jsonl file must be a JSON object with a 'text' field"
+
+
+def _not_utf8(path: Path, where: str, exc: UnicodeDecodeError) -> CalibrationError:
+    return CalibrationError(
+        f"{path}{where} is not UTF-8 text ({exc.reason})", hint="save the file as UTF-8"
+    )
+
+
+def _read_jsonl(path: Path, char_budget: int) -> list[str]:
+    """The 'text' fields of a .jsonl file, reading lines until ``char_budget`` characters."""
+    texts, total, number = [], 0, 0
     with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
+        while total < char_budget:
+            number += 1
+            try:
+                line = fh.readline(MAX_LINE_CHARS + 1)
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, f" near line {number}", exc) from None
+            if not line:
+                break
+            if len(line) > MAX_LINE_CHARS:
+                raise CalibrationError(
+                    f"{path}:{number} is longer than {MAX_LINE_CHARS} characters",
+                    hint="split the document over several lines",
+                )
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise CalibrationError(
-                    f"{path}:{number} is not valid JSON ({exc.msg})",
-                    hint="each line of a .jsonl file must be a JSON object with a 'text' field",
-                ) from exc
+                    f"{path}:{number} is not valid JSON ({str(exc)[:80]})", hint=_JSONL_HINT
+                ) from None
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise CalibrationError(
-                    f"{path}:{number} has no string field 'text'",
-                    hint="each line of a .jsonl file must be a JSON object with a 'text' field",
+                    f"{path}:{number} has no string field 'text'", hint=_JSONL_HINT
                 )
-            texts.append(row["text"])
+            text = row["text"][: char_budget - total]
+            texts.append(text)
+            total += len(text)
     return texts
+
+
+def _read_text(path: Path, char_budget: int) -> str:
+    """The first ``char_budget`` characters of a UTF-8 text file (one huge line included)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read(char_budget)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, "", exc) from None
 
 
 def _load_named(name: str, char_budget: int) -> list[str]:
@@ -110,17 +142,45 @@ def read_calibration_text(spec: str | None, char_budget: int = 10_000_000) -> tu
     if spec in NAMED_DATASETS:
         return _load_named(spec, char_budget), spec
     path = Path(spec).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise CalibrationError(
             f"calibration file {spec!r} does not exist",
             hint=f"pass a .txt or .jsonl file, or one of: {', '.join(NAMED_DATASETS)}",
         )
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path), str(path)
+    if not path.is_file():
+        raise CalibrationError(
+            f"calibration path {spec!r} is not a file", hint="pass a .txt or .jsonl file"
+        )
     try:
-        return [path.read_text(encoding="utf-8")], str(path)
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{path} is not UTF-8 text", hint="pass a UTF-8 .txt file") from exc
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path, char_budget), str(path)
+        return [_read_text(path, char_budget)], str(path)
+    except OSError as exc:
+        raise CalibrationError(
+            f"cannot read calibration file {path}: {exc.strerror or exc}",
+            hint="pass a readable .txt or .jsonl file",
+        ) from None
+
+
+def text_budget(max_tokens: int | None) -> int:
+    """Characters of text read for ``max_tokens`` tokens: a wide margin over ~4 per token."""
+    return 8 * max_tokens if max_tokens else 10_000_000
+
+
+def check_calibration_source(spec: str | None, max_tokens: int | None) -> None:
+    """Before the model is loaded: a --calib file exists, is a file, decodes, and is long
+    enough to give the minimum tokens (a token spans at least one byte)."""
+    if spec is None or spec in NAMED_DATASETS:
+        return
+    texts, source = read_calibration_text(spec, text_budget(max_tokens))
+    size = sum(len(t.encode("utf-8")) for t in texts if t.strip())
+    if size == 0:
+        raise CalibrationError(f"calibration text {source} is empty", hint="pass a non-empty text")
+    if size < MIN_TOKENS:
+        raise CalibrationError(
+            f"calibration text from {source} has {size} bytes, too few for {MIN_TOKENS} tokens",
+            hint="pass a longer text with --calib",
+        )
 
 
 def tokenize_windows(
@@ -194,8 +254,7 @@ def load_calibration(
     seed: int = 0,
 ) -> CalibrationSet:
     """Read ``--calib`` and return its token windows (see :func:`tokenize_windows`)."""
-    budget = 8 * max_tokens if max_tokens else 10_000_000
-    texts, source = read_calibration_text(spec, char_budget=budget)
+    texts, source = read_calibration_text(spec, char_budget=text_budget(max_tokens))
     if not any(t.strip() for t in texts):
         raise CalibrationError(f"calibration text {source} is empty", hint="pass a non-empty text")
     return tokenize_windows(

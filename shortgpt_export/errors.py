@@ -70,3 +70,11 @@ class ExportError(ShortGPTError):
 
 class DeviceUnavailableError(ShortGPTError):
     """An accelerator was requested that this machine or back-end build does not have."""
+
+
+class UnsafeOutputError(ShortGPTError):
+    """The output folder overlaps an input, is the current folder, or cannot be written."""
+
+
+class NonFiniteScoreError(ShortGPTError):
+    """A layer score is NaN or infinite, so no ranking of the layers can be trusted."""

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Artifact
-from .calibration import load_calibration
-from .errors import PlanError, ShortGPTError
-from .output import check_writable, staged_output
+from .calibration import check_calibration_source, load_calibration
+from .errors import NonFiniteScoreError, PlanError, ShortGPTError
+from .output import check_no_overlap, check_writable, staged_output
 from .planning import Plan, make_plan
 from .progress import ProgressFactory, no_progress
 from .scoring import LayerScores, score_model
-from .source import LoadedModel, ModelSource, load_model, pick_device, resolve_source
+from .source import (
+    HUB_ID,
+    LoadedModel,
+    ModelSource,
+    load_model,
+    pick_device,
+    resolve_source,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +81,70 @@ class RunResult:
 
 
 def default_out_dir(source: ModelSource) -> Path:
-    return Path(f"{source.name}-shortgpt")
+    """``<name>-shortgpt`` in the current folder; a hub id gives its repository name."""
+    name = source.name
+    if HUB_ID.match(source.ref or "") and not Path(source.ref).expanduser().exists():
+        name = re.sub(r"[^\w.-]+", "-", source.ref.split("/")[-1]) or name
+    return Path(f"{name}-shortgpt")
+
+
+MAX_LAYERS = 100_000  # more in a config is a crafted or broken file
+
+
+def _model_inputs(source: ModelSource) -> list[tuple[str, Path]]:
+    return [("model", source.path)]
+
+
+def _check_score_options(opts: ScoreOptions) -> None:
+    """Counts that must be positive, checked before anything is loaded."""
+    for flag, value, least in (
+        ("--calib-tokens", opts.calib_tokens, 1),
+        ("--seq-len", opts.seq_len, 2),
+        ("--batch-size", opts.batch_size, 1),
+    ):
+        if not isinstance(value, int) or value < least:
+            raise ShortGPTError(f"{flag} {value} must be at least {least}")
+
+
+def _check_layer_count(source: ModelSource) -> None:
+    try:
+        layers = source.num_layers
+    except (TypeError, ValueError, OverflowError):
+        layers = None
+    if layers is None or not 2 <= layers <= MAX_LAYERS:
+        key = source.spec.num_layers_key
+        raise PlanError(
+            f"{source.ref} declares {key} = {getattr(source.config, key, None)!r}; "
+            "layer pruning needs at least 2 decoder layers",
+            hint="pass a model with 2 or more layers",
+        )
+
+
+def preflight(
+    out: Path,
+    force: bool,
+    inputs: list[tuple[str, Path | str | None]],
+    score_opts: ScoreOptions | None = None,
+) -> None:
+    """Everything that can be checked before the model is loaded: the output does not
+    overlap any input and can be written, the calibration file is usable, counts are sane."""
+    check_no_overlap(out, inputs)
+    check_writable(out, force)
+    if score_opts is not None:
+        _check_score_options(score_opts)
+        check_calibration_source(score_opts.calib, score_opts.calib_tokens)
+
+
+def check_finite_scores(scores: LayerScores, dtype: str | None = None) -> None:
+    """Stop when a layer's score is NaN or infinite: no ranking of the layers can be trusted."""
+    bad = [i for i, s in enumerate(scores.scores) if not math.isfinite(s)]
+    if bad:
+        shown = ", ".join(f"{i}={scores.scores[i]}" for i in bad[:8])
+        raise NonFiniteScoreError(
+            f"layer scores are not finite ({shown}); the hidden states overflowed or the "
+            f"weights hold NaN/inf" + (f" (scored in {dtype})" if dtype else ""),
+            hint="score in float32 (--dtype float32) and check the weights",
+        )
 
 
 def parse_formats(to: str | list[str], options: dict | None = None) -> list[str]:
@@ -257,11 +329,21 @@ def run(
         allow_pickle=model_opts.allow_pickle,
     )
     out = Path(out) if out else default_out_dir(source)
-    check_writable(out, force)
+    eval_file = getattr(validate, "eval", None) if validate is not None else None
+    preflight(
+        out,
+        force,
+        [*_model_inputs(source), ("calibration file", score_opts.calib), ("eval file", eval_file)],
+        score_opts,
+    )
+    if validate is not None:
+        check_calibration_source(validate.eval, validate.max_tokens)
+    _check_layer_count(source)
     _check_plan_request(source.num_layers, plan_opts)
     _check_with_source(formats, source, export_options or {})
     loaded = _load(source, model_opts, progress)
     scores = _score(loaded, score_opts, progress)
+    check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     plan = make_plan(
         scores.num_layers,
         scores.scores,
@@ -270,6 +352,8 @@ def run(
         layers=plan_opts.layers,
         metric=scores.metric,
     )
+    if not plan.remove:
+        log.warning("the plan removes no layer: the output is the unpruned model")
     artifacts: list[Artifact] = []
     report = None
     with staged_output(out, force=force) as stage:
@@ -332,10 +416,20 @@ def score(
         trust_remote_code=model_opts.trust_remote_code,
         allow_pickle=model_opts.allow_pickle,
     )
-    path = Path(out or default_out_dir(source)) / "scores.json"
+    folder = Path(out or default_out_dir(source))
+    path = folder / "scores.json"
+    check_no_overlap(
+        folder, [*_model_inputs(source), ("calibration file", score_opts.calib)], replaced=False
+    )
     check_writable(path, force)
-    scores = _score(_load(source, model_opts, progress), score_opts, progress)
-    _write_file_atomically(path, json.dumps(scores.__dict__, indent=2) + "\n", force)
+    _check_score_options(score_opts)
+    check_calibration_source(score_opts.calib, score_opts.calib_tokens)
+    _check_layer_count(source)
+    loaded = _load(source, model_opts, progress)
+    scores = _score(loaded, score_opts, progress)
+    check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
+    text = json.dumps(scores.__dict__, indent=2, allow_nan=False) + "\n"
+    _write_file_atomically(path, text, force)
     return scores, path
 
 
@@ -364,7 +458,10 @@ def prune(
             hint="use the plan.json made for this model",
         )
     out = Path(out) if out else default_out_dir(source)
-    check_writable(out, force)
+    preflight(out, force, [*_model_inputs(source), ("plan", plan_path)])
+    _check_layer_count(source)
+    if not plan.remove:
+        log.warning("%s removes no layer: the output is the unpruned model", plan_path)
     _check_with_source(formats, source, export_options or {})
     needed = _needs_model(formats, source, export_options or {})
     loaded = _load(source, model_opts, progress) if needed else None
@@ -406,7 +503,10 @@ def validate(
         trust_remote_code=model_opts.trust_remote_code,
         allow_pickle=model_opts.allow_pickle,
     )
-    check_writable(Path(out), force)
+    inputs = [("artifact", path) for path in paths]
+    inputs += [*_model_inputs(source), ("eval file", eval_opts.eval)]
+    preflight(Path(out), force, inputs)
+    check_calibration_source(eval_opts.eval, eval_opts.max_tokens)
     loaded = _load(source, model_opts, progress)
     with staged_output(Path(out), force=force) as stage:
         report = validate_artifacts(loaded, paths, eval_opts, progress=progress)

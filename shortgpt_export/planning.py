@@ -24,7 +24,8 @@ class Plan:
     scores: list[float] | None = field(default=None)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(asdict(self), indent=2, allow_nan=False)  # strict JSON
+        Path(path).write_text(text + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, path: Path) -> Plan:

@@ -84,12 +84,59 @@ def pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[obje
             setattr(config, key, value)
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def inside_folder(path: Path, folder: Path) -> bool:
+    """Whether ``path`` resolves inside ``folder`` (or, for a Hugging Face cache snapshot,
+    inside the blob store of the same repository, which its symlinks point into)."""
+    real, root = path.resolve(), folder.resolve()
+    if root in real.parents:
+        return True
+    snapshots = folder.absolute().parent
+    if snapshots.name == "snapshots":
+        blobs = (snapshots.parent / "blobs").resolve()
+        return blobs in real.parents
+    return False
+
+
+def index_shards(folder: Path) -> list[Path] | None:
+    """The shard files named by ``model.safetensors.index.json``, checked; None without one.
+
+    Shard names must be plain file names of existing files that resolve inside ``folder``.
+    """
+    index = folder / INDEX_FILE
+    if not index.is_file():
+        return None
+
+    def bad(why: str) -> CorruptModelError:
+        return CorruptModelError(f"{index}: {why}", hint="re-download or re-save the model")
+
+    try:
+        data = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise bad(f"not valid JSON ({str(exc)[:120]})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise bad("no 'weight_map' object of tensor names to shard file names")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise bad(f"shard {name[:80]!r} is not a plain file name in the model folder")
+        path = folder / name
+        if not path.is_file():
+            raise bad(f"shard {name!r} is missing")
+        if not inside_folder(path, folder):
+            raise bad(f"shard {name!r} is a link that leads outside the model folder")
+        shards.append(path)
+    return shards
+
+
 def source_tensors(folder: Path) -> dict[str, TensorRef]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted({folder / name for name in weight_map.values()})
-    else:
+    files = index_shards(folder)
+    if files is None:
         files = sorted(folder.glob("*.safetensors"))
     tensors: dict[str, TensorRef] = {}
     for file in files:
@@ -159,14 +206,30 @@ def write_pruned_safetensors(
                 ref.name: name for name, shard in zip(names, shards, strict=True) for ref in shard
             },
         }
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, allow_nan=False))
     return written
 
 
-def copy_companions(folder: Path, out_dir: Path) -> None:
+def copy_companions(folder: Path, out_dir: Path) -> list[str]:
+    """Copy tokenizer and generation files into ``out_dir``; returns the names copied.
+
+    A companion that is a link leading outside ``folder`` is skipped with a warning, so a
+    crafted folder cannot pull an arbitrary file into the output.
+    """
+    copied = []
     for path in sorted(folder.iterdir()):
-        if path.is_file() and any(fnmatch(path.name, pattern) for pattern in COMPANION_FILES):
-            shutil.copy2(path, out_dir / path.name)
+        if not (path.is_file() and any(fnmatch(path.name, p) for p in COMPANION_FILES)):
+            continue
+        if not inside_folder(path, folder):
+            log.warning(
+                "skipped %s: it is a link to %s, outside the model folder",
+                path.name,
+                path.resolve(),
+            )
+            continue
+        shutil.copyfile(path, out_dir / path.name)
+        copied.append(path.name)
+    return copied
 
 
 def write_pruned_model(
@@ -192,7 +255,7 @@ def write_pruned_model(
             source.path, spec, plan, out_dir, max_shard_bytes=max_shard_bytes, progress=progress
         )
         (out_dir / "config.json").write_text(
-            json.dumps(prune_config_dict(config, spec, plan.keep), indent=2) + "\n"
+            json.dumps(prune_config_dict(config, spec, plan.keep), indent=2, allow_nan=False) + "\n"
         )
         copy_companions(source.path, out_dir)
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 COLUMNS = (
@@ -218,9 +219,21 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
     return names
 
 
+def strict_json(value):
+    """``value`` with NaN and infinities as null, so the JSON written is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_report(
     report: dict, out: Path, scores: dict | None = None, removed: list[int] | None = None
 ) -> None:
     report["plots"] = plot(report, out, scores, removed or [])
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(strict_json(report), indent=2, allow_nan=False)
+    (out / "report.json").write_text(text + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")

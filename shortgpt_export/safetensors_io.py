@@ -46,8 +46,46 @@ class TensorRef:
         return TensorRef(name, self.dtype, self.shape, self.path, self.start, self.end)
 
 
+MAX_JSON_DEPTH = 4  # {name: {"shape": [..]}} needs 3; deeper nesting is refused unparsed
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"non-finite number {name}")
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, ignoring brackets inside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
-    """Tensor locations and ``__metadata__`` of a safetensors file; raises on any corruption."""
+    """Tensor locations and ``__metadata__`` of a safetensors file; raises on any corruption.
+
+    Every entry is checked: known dtype, non-negative integer shape, ``end - start`` equal
+    to the tensor's byte size, and the tensors tiling the data section in order from 0 to
+    the end of the file (what the ``safetensors`` library itself requires).
+    """
     path = Path(path)
     size = path.stat().st_size
 
@@ -64,30 +102,54 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         (header_len,) = struct.unpack("<Q", raw_len)
         if header_len > min(MAX_HEADER, size - 8):
             raise corrupt(f"header length {header_len} exceeds the file size {size}")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise corrupt(f"header is not JSON ({exc})") from exc
+        raw = fh.read(header_len)
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise corrupt(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        header = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise corrupt(f"header is not strict JSON ({str(exc)[:120]})") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
     base = 8 + header_len
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise corrupt("__metadata__ is not a map of strings to strings")
     tensors: dict[str, TensorRef] = {}
     for name, info in header.items():
-        try:
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise corrupt(f"bad entry for tensor {name!r}") from exc
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(info, dict):
+            raise corrupt(f"entry for tensor {name!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise corrupt(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise corrupt(f"tensor {name!r} has shape {shape!r}, not non-negative integers")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(_is_int(x) and x >= 0 for x in offsets)
+        ):
+            raise corrupt(f"tensor {name!r} has data_offsets {offsets!r}, not two integers >= 0")
+        begin, end = offsets
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end - begin != expected or begin < 0 or base + end > size:
+        if end - begin != expected or base + end > size:
             raise corrupt(
                 f"tensor {name!r} spans bytes {begin}..{end} but needs {expected} "
                 f"and the data section holds {size - base}"
             )
-        tensors[name] = TensorRef(name, dtype, shape, path, base + begin, base + end)
+        tensors[name] = TensorRef(name, dtype, tuple(shape), path, base + begin, base + end)
+    position = base
+    for ref in sorted(tensors.values(), key=lambda r: (r.start, r.end)):
+        if ref.start != position:
+            raise corrupt(
+                f"tensor {ref.name!r} starts at byte {ref.start - base} of the data section, "
+                f"expected {position - base} (tensors overlap or leave a gap)"
+            )
+        position = ref.end
+    if position != size:
+        raise corrupt(f"{size - position} bytes after the last tensor belong to no tensor")
     return tensors, metadata
 
 

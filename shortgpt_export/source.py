@@ -16,6 +16,7 @@ from .errors import (
     ShortGPTError,
     UnsafeCheckpointError,
 )
+from .gguf_header import check_gguf_header
 from .safetensors_io import read_header
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def _check_gguf(path: Path) -> None:
         raise CorruptModelError(
             f"{path} is not a GGUF file (magic {magic!r})", hint="pass a valid .gguf file"
         )
+    check_gguf_header(path)  # counts and lengths bounded by the file size
 
 
 def _check_folder(path: Path, allow_pickle: bool) -> str:
@@ -64,7 +66,11 @@ def _check_folder(path: Path, allow_pickle: bool) -> str:
             f"{path} has no config.json, so it is not a Hugging Face model folder",
             hint="pass a folder saved with save_pretrained, a .gguf file or a hub id",
         )
-    safetensors = sorted(path.glob("*.safetensors"))
+    _check_config_file(path / "config.json")
+    from .pruning import index_shards
+
+    shards = index_shards(path)  # None without an index; raises on a bad one
+    safetensors = sorted(set(path.glob("*.safetensors")) | set(shards or []))
     if safetensors:
         for file in safetensors:
             read_header(file)  # raises CorruptModelError with the file name
@@ -80,6 +86,23 @@ def _check_folder(path: Path, allow_pickle: bool) -> str:
             f"{path} has no weight files (*.safetensors)", hint="pass a complete model folder"
         )
     return "pickle"
+
+
+def _check_config_file(path: Path) -> None:
+    """config.json is a JSON object naming its ``model_type`` (one line otherwise)."""
+    import json
+
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise NotCausalLMError(
+            f"{path} is not valid JSON ({str(exc)[:120]})", hint="re-download or re-save the model"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise NotCausalLMError(
+            f"{path} has no model_type, so the model family is unknown",
+            hint='add "model_type" (e.g. "llama") to config.json',
+        )
 
 
 def _load_config(path: Path, kind: str, trust_remote_code: bool):

@@ -144,6 +144,14 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
             raise ExportError(f"no GGUF name for tensor {ref.name} ({spec.gguf_arch})")
         refs.append((gguf_name, ref))
 
+    embedding = next((ref for name, ref in refs if name == "token_embd.weight"), None)
+    if embedding is not None and embedding.shape[0] != config["vocab_size"]:
+        # the tokenizer arrays are sized from vocab_size: it must be the embedding's rows
+        raise ExportError(
+            f"config vocab_size {config['vocab_size']} does not match the "
+            f"{embedding.shape[0]} rows of the token embedding",
+            hint="fix vocab_size in config.json",
+        )
     writer = gguf.GGUFWriter(target, spec.gguf_arch)
     _add_hparams(writer, config, source.name)
     writer.add_file_type(

@@ -26,6 +26,9 @@ def open_gguf(path: Path):
     """A ``gguf.GGUFReader`` for ``path``; any parse failure becomes CorruptModelError."""
     from gguf import GGUFReader
 
+    from shortgpt_export.gguf_header import check_gguf_header
+
+    check_gguf_header(path)
     try:
         return GGUFReader(path)
     except Exception as exc:

@@ -42,7 +42,17 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
         )
     tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     types: dict[int, int] = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
-    for added in data.get("added_tokens", []):
+    added_tokens = data.get("added_tokens", [])
+    # ids size the token arrays written below: bound them by the vocabulary
+    limit = max(vocab_size, len(tokens) + len(added_tokens))
+    bad = [i for i in [*tokens, *(a.get("id") for a in added_tokens)]
+           if not isinstance(i, int) or not 0 <= i < limit]  # fmt: skip
+    if bad:
+        raise ExportError(
+            f"{path} has token ids outside the vocabulary of {limit} ({bad[0]!r})",
+            hint="re-save the tokenizer",
+        )
+    for added in added_tokens:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = (
             gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED

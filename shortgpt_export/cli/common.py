@@ -19,11 +19,31 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from ..errors import ShortGPTError
 from ..pipeline import ModelOptions, PlanOptions, ScoreOptions
 from ..planning import parse_layer_list
 
 stdout = Console()
 stderr = Console(stderr=True)
+
+
+def layer_list(text: str) -> list[int]:
+    """argparse type for ``--layers``: a bad list is a usage error, not a traceback."""
+    try:
+        return parse_layer_list(text)
+    except ShortGPTError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from exc
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts and sizes that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
 
 
 @contextmanager
@@ -101,7 +121,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     )
     exclusive.add_argument(
         "--layers",
-        type=parse_layer_list,
+        type=layer_list,
         metavar="I,J,...",
         help="remove exactly these layers (0-based)",
     )
@@ -152,7 +172,7 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
         )
     group.add_argument(
         "--int4-block-size",
-        type=int,
+        type=positive_int,
         default=32,
         metavar="N",
         help="block size of --int4 weight-only quantization (default 32)",
@@ -204,19 +224,24 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="evaluation text: a .txt/.jsonl file or wikitext2, pg19, c4 "
         "(default: the built-in text)",
     )
-    group.add_argument("--ctx", type=int, default=512, help="tokens per window (default 512)")
     group.add_argument(
-        "--max-tokens", type=int, default=4096, help="evaluation tokens at most (default 4096)"
+        "--ctx", type=positive_int, default=512, help="tokens per window (default 512)"
+    )
+    group.add_argument(
+        "--max-tokens",
+        type=positive_int,
+        default=4096,
+        help="evaluation tokens at most (default 4096)",
     )
     group.add_argument(
         "--kl-windows",
-        type=int,
+        type=positive_int,
         default=2,
         help="windows whose full distributions are compared (default 2)",
     )
     group.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="CPU threads for every back-end (default: all cores)",
     )

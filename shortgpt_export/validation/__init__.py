@@ -2,7 +2,8 @@
 
 The evaluation text is tokenized once with the reference model's tokenizer; the same ids
 go to torch, llama.cpp and onnxruntime. The reference (original, unpruned) model's
-log-probabilities are computed once and cached on disk, keyed by model and text.
+log-probabilities are computed once and cached on disk, keyed by the model's resolved
+path, the size and mtime of its weight files, its dtype and the evaluation tokens.
 """
 
 from __future__ import annotations
@@ -87,6 +88,27 @@ def reference_logprobs(model, windows: np.ndarray, kl_windows: int, cache_dir: P
     return path
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def model_fingerprint(source, dtype) -> str:
+    """What identifies the reference's log-probs: the resolved path, the size and mtime of
+    every weight and config file, and the dtype the model runs in."""
+    path = Path(source.path).resolve()
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
+        )
+    )
+    parts = [str(path), str(dtype)]
+    for file in files:
+        stat = file.stat()
+        parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return "\n".join(parts)
+
+
 def cache_key(model_ref: str, windows: np.ndarray, kl_windows: int) -> str:
     digest = hashlib.sha256(model_ref.encode())
     digest.update(windows[:kl_windows].tobytes())
@@ -119,7 +141,8 @@ def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evalua
     """Tokenize the evaluation text and compute (or reuse) the reference log-probs."""
     max_context = getattr(loaded.model.config, "max_position_embeddings", None)
     windows, source = eval_windows(loaded.tokenizer, opts, max_context)
-    key = cache_key(loaded.source.ref + str(loaded.source.path), windows, opts.kl_windows)
+    fingerprint = model_fingerprint(loaded.source, getattr(loaded.model, "dtype", None))
+    key = cache_key(fingerprint, windows, opts.kl_windows)
     reference = reference_logprobs(loaded.model, windows, opts.kl_windows, cache_dir, key)
     ids = {t: loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in SAMPLE_TEXTS}
     np.save(workdir / "windows.npy", windows)

@@ -1,0 +1,203 @@
+"""Bounds check of a GGUF file's header before any parser (gguf-py, transformers) sees it.
+
+Every count and length the header declares is checked against the bytes left in the file
+(a count times the smallest possible item cannot exceed them), so a file of a few dozen
+bytes that claims billions of keys, tensors or array items is refused at once instead of
+making a parser allocate gigabytes. Tensor entries are checked to lie inside the file.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import struct
+from pathlib import Path
+
+from .errors import CorruptModelError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 2
+DEFAULT_ALIGNMENT = 32
+# GGUF value types: id -> (struct code, size); 8 is string, 9 is array.
+SCALARS = {
+    0: ("B", 1), 1: ("b", 1), 2: ("H", 2), 3: ("h", 2), 4: ("I", 4), 5: ("i", 4),
+    6: ("f", 4), 7: ("?", 1), 10: ("Q", 8), 11: ("q", 8), 12: ("d", 8),
+}  # fmt: skip
+STRING, ARRAY = 8, 9
+MIN_TENSOR_INFO = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
+
+
+class _Bad(Exception):
+    pass
+
+
+class _Cursor:
+    def __init__(self, data, endian: str):
+        self.data, self.pos, self.endian = data, 0, endian
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.left:
+            raise _Bad(f"{what} needs {n} bytes at offset {self.pos} but only {self.left} remain")
+
+    def unpack(self, code: str, size: int, what: str):
+        self.need(size, what)
+        (value,) = struct.unpack_from(self.endian + code, self.data, self.pos)
+        self.pos += size
+        return value
+
+    def count(self, what: str, min_item: int):
+        """A u64 count whose items, at ``min_item`` bytes each, must fit in what is left."""
+        n = self.unpack("Q", 8, what)
+        if n * min_item > self.left:
+            raise _Bad(
+                f"{what} is {n}, which needs at least {n * min_item} bytes but "
+                f"only {self.left} remain"
+            )
+        return n
+
+    def string(self, what: str) -> bytes:
+        n = self.count(f"length of {what}", 1)
+        raw = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return raw
+
+
+def _skip_strings(cur: _Cursor, n: int, what: str) -> None:
+    """Skip ``n`` length-prefixed strings (a tight loop: vocabularies hold ~10^5 of them)."""
+    data, pos, end = cur.data, cur.pos, len(cur.data)
+    length_at = struct.Struct(cur.endian + "Q").unpack_from
+    for i in range(n):
+        if pos + 8 > end:
+            cur.pos = pos
+            cur.need(8, f"length of {what}[{i}]")
+        (length,) = length_at(data, pos)
+        pos += 8 + length
+        if pos > end:
+            raise _Bad(
+                f"length of {what}[{i}] is {length}, which needs at least {length} bytes "
+                f"but only {end - pos + length} remain"
+            )
+    cur.pos = pos
+
+
+def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
+    """Skip one value of ``vtype``; returns it for scalars (used for general.alignment)."""
+    if vtype in SCALARS:
+        code, size = SCALARS[vtype]
+        return cur.unpack(code, size, what)
+    if vtype == STRING:
+        cur.string(what)
+        return None
+    if vtype != ARRAY:
+        raise _Bad(f"{what} has unknown value type {vtype}")
+    if depth >= MAX_ARRAY_NESTING:
+        raise _Bad(f"{what} nests arrays deeper than {MAX_ARRAY_NESTING} levels")
+    item_type = cur.unpack("I", 4, f"item type of {what}")
+    if item_type in SCALARS:
+        size = SCALARS[item_type][1]
+        n = cur.count(f"item count of {what}", size)
+        cur.pos += n * size
+    elif item_type == STRING:
+        n = cur.count(f"item count of {what}", 8)
+        _skip_strings(cur, n, what)
+    elif item_type == ARRAY:
+        n = cur.count(f"item count of {what}", 12)
+        for i in range(n):
+            _skip_value(cur, ARRAY, f"{what}[{i}]", depth + 1)
+    else:
+        raise _Bad(f"{what} has unknown item type {item_type}")
+    return None
+
+
+def _check(data, size: int) -> None:
+    if size < 4 or bytes(data[:4]) != MAGIC:
+        raise _Bad("the file does not start with the GGUF magic")
+    version = struct.unpack_from("<I", data, 4)[0] if size >= 8 else None
+    endian = "<"
+    if version is not None and version & 0xFFFF == 0:  # written big-endian
+        endian, version = ">", struct.unpack_from(">I", data, 4)[0]
+    if version not in VERSIONS:
+        raise _Bad(f"GGUF version {version} is not supported (only {VERSIONS})")
+    cur = _Cursor(data, endian)
+    cur.pos = 8
+    n_tensors = cur.unpack("Q", 8, "tensor count")
+    n_kv = cur.count("key/value count", 8 + 4 + 1)
+    if n_tensors * MIN_TENSOR_INFO > cur.left:
+        raise _Bad(f"tensor count {n_tensors} does not fit in the {cur.left} bytes left")
+    keys: set[bytes] = set()
+    alignment = DEFAULT_ALIGNMENT
+    for index in range(n_kv):
+        key = cur.string(f"key #{index}")
+        try:
+            name = key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Bad(f"key #{index} is not UTF-8") from None
+        if key in keys:
+            raise _Bad(f"key {name!r} appears twice")
+        keys.add(key)
+        vtype = cur.unpack("I", 4, f"value type of {name!r}")
+        value = _skip_value(cur, vtype, f"value of {name!r}")
+        if name == "general.alignment":
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise _Bad(f"general.alignment {value!r} is not a power of two")
+            alignment = value
+    if n_tensors * MIN_TENSOR_INFO > cur.left:
+        raise _Bad(f"tensor count {n_tensors} does not fit in the {cur.left} bytes left")
+    infos = []
+    names: set[bytes] = set()
+    for index in range(n_tensors):
+        name = cur.string(f"name of tensor #{index}")
+        if name in names:
+            raise _Bad(f"tensor {name[:80]!r} appears twice")
+        names.add(name)
+        n_dims = cur.unpack("I", 4, f"dimension count of tensor #{index}")
+        if n_dims > MAX_DIMS:
+            raise _Bad(f"tensor #{index} has {n_dims} dimensions (at most {MAX_DIMS})")
+        dims = [cur.unpack("Q", 8, f"shape of tensor #{index}") for _ in range(n_dims)]
+        ggml_type = cur.unpack("I", 4, f"type of tensor #{index}")
+        offset = cur.unpack("Q", 8, f"offset of tensor #{index}")
+        infos.append((index, dims, ggml_type, offset))
+    data_start = -(-cur.pos // alignment) * alignment
+    _check_tensor_data(infos, size - data_start, alignment)
+
+
+def _check_tensor_data(infos, data_bytes: int, alignment: int) -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for index, dims, ggml_type, offset in infos:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+        except (ValueError, KeyError):
+            raise _Bad(f"tensor #{index} has unknown type {ggml_type}") from None
+        elements = math.prod(dims)
+        if dims and dims[0] % block:
+            raise _Bad(f"tensor #{index} has {dims[0]} columns, not a multiple of {block}")
+        nbytes = elements // block * type_size
+        if offset % alignment or offset + nbytes > data_bytes:
+            raise _Bad(
+                f"tensor #{index} spans bytes {offset}..{offset + nbytes} of a data "
+                f"section of {max(data_bytes, 0)} bytes"
+            )
+
+
+def check_gguf_header(path: Path) -> None:
+    """Raise :class:`CorruptModelError` unless the GGUF header of ``path`` fits in the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            if size == 0:
+                raise _Bad("the file is empty")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                _check(data, size)
+    except _Bad as exc:
+        raise CorruptModelError(
+            f"cannot read GGUF file {path}: {exc}",
+            hint="the file is truncated or damaged; re-download or re-export it",
+        ) from None
