@@ -580,6 +580,16 @@ def test_nan_scores_stop_the_run(capsys, tmp_path, model, calib_file):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"[" * 100_000, "cannot read plan"), (b'{"num_layers": 6, "rem\xff', "cannot read plan")],
+)
+def test_bad_plan_file(capsys, tmp_path, model, content, needle):
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(content)
+    refused(capsys, tmp_path, [model, plan], needle, "prune", model, "--plan", plan)
+
+
 # --- silent wrong results ------------------------------------------------------------------
 
 
