@@ -32,7 +32,7 @@ class Plan:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             plan = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}", hint="pass a plan.json") from exc
         check_indices(plan.remove, plan.num_layers)
         if sorted(plan.keep + plan.remove) != list(range(plan.num_layers)):

@@ -88,7 +88,7 @@ class LayerScores:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             scores = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise ShortGPTError(f"cannot read scores file {path}: {exc}") from exc
         if len(scores.scores) != scores.num_layers:
             raise ShortGPTError(

@@ -580,6 +580,16 @@ def test_nan_scores_stop_the_run(capsys, tmp_path, model, calib_file):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"[" * 100_000, "cannot read plan"), (b'{"num_layers": 6, "rem\xff', "cannot read plan")],
+)
+def test_bad_plan_file(capsys, tmp_path, model, content, needle):
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(content)
+    refused(capsys, tmp_path, [model, plan], needle, "prune", model, "--plan", plan)
+
+
 # --- silent wrong results ------------------------------------------------------------------
 
 
@@ -806,6 +816,41 @@ def test_tokenizer_ids_are_bounded_by_the_vocabulary(tmp_path, model):
     (model / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(ExportError, match="outside the vocabulary"):
         add_tokenizer(None, model, 512)
+
+
+def test_config_vocab_size_is_bounded_by_the_embedding(capsys, tmp_path, model):
+    config = json.loads((model / "config.json").read_text())
+    config["vocab_size"] = 10**11  # would size the GGUF token arrays
+    (model / "config.json").write_text(json.dumps(config))
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps(
+            {
+                "num_layers": 6,
+                "remove": [1],
+                "keep": [0, 2, 3, 4, 5],
+                "metric": "bi",
+                "reason": "by hand",
+            }
+        )
+    )
+    refused(
+        capsys,
+        tmp_path,
+        [model, plan],
+        "does not match the 512 rows of the token embedding",
+        "prune",
+        model,
+        "--plan",
+        plan,
+        "--to",
+        "gguf",
+        "--no-verify",
+        "--out",
+        tmp_path / "o",
+        only_line=False,
+    )
+    assert not (tmp_path / "o").exists()
 
 
 # --- SIGTERM -------------------------------------------------------------------------------
