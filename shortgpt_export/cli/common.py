@@ -228,6 +228,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "onnxruntime CoreML/CUDA); cpu: CPU only (default: auto)",
     )
     group.add_argument(
+        "--qa",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ask each artifact the first N built-in questions in chat and report exact-match "
+        "accuracy (0 skips it; default: all)",
+    )
+    group.add_argument(
         "--max-ppl-increase",
         type=float,
         default=None,
@@ -245,6 +253,7 @@ def eval_options(args):
         max_tokens=args.max_tokens,
         kl_windows=args.kl_windows,
         devices=args.devices,
+        qa=args.qa,
     )
     if args.threads:
         opts.threads = args.threads
