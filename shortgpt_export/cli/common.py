@@ -227,13 +227,17 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="auto: CPU figures plus latency on every accelerator found (llama.cpp Metal/CUDA, "
         "onnxruntime CoreML/CUDA); cpu: CPU only (default: auto)",
     )
+
+    def question_count(text: str) -> int | None:
+        return None if text == "all" else int(text)
+
     group.add_argument(
         "--qa",
-        type=int,
-        default=None,
-        metavar="N",
+        type=question_count,
+        default=20,
+        metavar="N|all",
         help="ask each artifact the first N built-in questions in chat and report exact-match "
-        "accuracy (0 skips it; default: all)",
+        "accuracy (0 skips it; all: every question; default 20)",
     )
     group.add_argument(
         "--max-ppl-increase",

@@ -48,7 +48,7 @@ class EvalOptions:
     gen_tokens: int = 32
     reps: int = 3
     devices: str = "auto"  # auto: CPU plus every accelerator found; cpu: CPU only
-    qa: int | None = None  # built-in QA questions per artifact: None all, 0 none
+    qa: int | None = 20  # built-in QA questions per artifact: None all, 0 none
 
 
 def eval_windows(tokenizer, opts: EvalOptions, max_context: int | None):
