@@ -161,7 +161,6 @@ def render_markdown(report: dict) -> str:
     ]
     lines += markdown_table(TABLE_HEADER, table_rows(report["artifacts"]))
     lines += ["", *quant_factors(report["artifacts"]), ""]
-    lines += qa_side_by_side(report["artifacts"])
     accelerated = accelerator_rows(report["artifacts"])
     if accelerated:
         lines += ["## Accelerators", "", *markdown_table(ACCELERATOR_HEADER, accelerated), ""]
@@ -177,6 +176,9 @@ def render_markdown(report: dict) -> str:
             )
         )
     )
+    side_by_side = qa_side_by_side(report["artifacts"])
+    if side_by_side:
+        lines += ["", *side_by_side[:-1]]
     for name in report.get("plots", []):
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"
