@@ -53,6 +53,8 @@ def main(names: list[str]) -> None:
         "in one run; times are medians. Each section says when and where it was measured.\n\n"
     )
     body = [(PARTS / f"{n}.md").read_text() for n in SECTIONS if (PARTS / f"{n}.md").is_file()]
+    # sections measured by hand (results/<name>.md without a bench script) follow
+    body += [p.read_text() for p in sorted(PARTS.glob("*.md")) if p.stem not in SECTIONS]
     RESULTS.write_text(header + "\n".join(body), encoding="utf-8")
     print(RESULTS.read_text())
 

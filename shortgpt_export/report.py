@@ -8,7 +8,8 @@ from pathlib import Path
 
 COLUMNS = (
     ("perplexity", "perplexity", "{:,.2f}"), ("kl_divergence", "KL vs original", "{:.4f}"),
-    ("top1_agreement", "top-1 agreement", "{:.3f}"), ("size_bytes", "size MB", "{:,.1f}"),
+    ("top1_agreement", "top-1 agreement", "{:.3f}"), ("qa_accuracy", "QA exact match", "{:.0%}"),
+    ("size_bytes", "size MB", "{:,.1f}"),
     ("prompt_tok_s", "prompt tok/s", "{:,.0f}"), ("gen_tok_s", "gen tok/s", "{:,.1f}"),
     ("ttft_s", "TTFT s", "{:.3f}"), ("peak_rss_bytes", "peak RSS MB", "{:,.0f}"),
     ("rss_growth_bytes", "model RSS MB", "{:,.0f}"),
@@ -105,6 +106,50 @@ def quant_factors(artifacts: list[dict]) -> list[str]:
     return lines
 
 
+QA_SHOWN = 5  # questions in report.md's side-by-side
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+
+def qa_side_by_side(artifacts: list[dict], shown: int = QA_SHOWN) -> list[str]:
+    """The first questions with the original's and the pruned model's replies (torch
+    rows when there are any), each marked right or wrong; nothing without QA figures."""
+    from .validation.qa import questions
+
+    asked = [a for a in artifacts if a.get("qa_answers")]
+    pair = [
+        next((a for a in asked if a["pruned"] == pruned and a["format"] == "hf"), None)
+        or next((a for a in asked if a["pruned"] == pruned), None)
+        for pruned in (False, True)
+    ]
+    pair = [a for a in pair if a is not None]
+    if not pair:
+        return []
+    items = questions()[: min(shown, *(len(a["qa_answers"]) for a in pair))]
+    header = ["question", "accepted"] + [f"{a['label']} ({a.get('quant') or '-'})" for a in pair]
+    rows = [
+        [_one_line(item.question), " / ".join(item.answers)]
+        + [("✓ " if a["qa_matched"][i] else "✗ ") + _one_line(a["qa_answers"][i]) for a in pair]
+        for i, item in enumerate(items)
+    ]
+    scores = ", ".join(
+        f"{a['label']} ({a.get('quant') or '-'}) {a['qa_correct']}/{a['qa_total']}" for a in pair
+    )
+    return [
+        "## Generation: built-in questions",
+        "",
+        "Each artifact answers the built-in questions through its own chat template, greedy, "
+        "and scores a point when an accepted answer appears as a whole word in the first "
+        f"sentence of its reply (QA exact match). Correct: {scores}. The first "
+        f"{len(items)}:",
+        "",
+        *markdown_table(header, rows),
+        "",
+    ]
+
+
 def render_markdown(report: dict) -> str:
     ev = report["eval"]
     lines = [
@@ -132,6 +177,9 @@ def render_markdown(report: dict) -> str:
             )
         )
     )
+    side_by_side = qa_side_by_side(report["artifacts"])
+    if side_by_side:
+        lines += ["", *side_by_side[:-1]]
     for name in report.get("plots", []):
         lines += ["", f"![{name}]({name})"]
     return "\n".join(lines) + "\n"

@@ -184,3 +184,24 @@ def test_three_backends_ask_the_same_prompt_and_answer_alike(chat_exports):
     assert results[onnx].answers == results[source].answers
     agree = sum(a == b for a, b in zip(results[gguf].answers, results[source].answers, strict=True))
     assert agree >= 3, (results[gguf].answers, results[source].answers)
+
+
+@pytest.mark.default_model
+def test_the_default_model_answers_questions(default_gguf):
+    """SmolLM2-135M-Instruct answers easy questions right, in llama.cpp and in torch."""
+    from shortgpt_export.source import load_model, resolve_source
+    from shortgpt_export.validation.evaluators import LlamaCppEvaluator
+    from shortgpt_export.validation.qa import run_qa
+
+    evaluator = LlamaCppEvaluator(default_gguf, threads=2, n_ctx=512)
+    try:
+        gguf = run_qa(evaluator, limit=8)
+    finally:
+        evaluator.close()
+    assert "Paris" in gguf.answers[0] and gguf.matched[0]
+    assert gguf.correct >= 2, gguf.answers  # measured: 3 of these 8 (Q4_1, 2026-11-29)
+
+    loaded = load_model(resolve_source(None), device="cpu")
+    torch_result = torch_qa(loaded.model, loaded.tokenizer, limit=4)
+    assert "Paris" in torch_result.answers[0] and torch_result.matched[0]
+    assert torch_result.correct >= 1, torch_result.answers

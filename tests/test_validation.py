@@ -6,7 +6,7 @@ import pytest
 from conftest import calibration_text
 from helpers import FAST, export_with_cli, run_cli
 
-EVAL = ["--max-tokens", "1024", "--ctx", "128", "--threads", "2"]
+EVAL = ["--max-tokens", "1024", "--ctx", "128", "--threads", "2", "--qa", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,22 @@ def test_latency_figures_name_their_device_and_threads(validated):
     assert gguf.endswith("-F16.gguf") and "pruned" not in gguf
 
 
+def test_qa_accuracy_in_every_row_and_in_report_md(validated):
+    _, out, report = validated
+    for art in report["artifacts"]:
+        assert art["qa_total"] == 3 and len(art["qa_answers"]) == 3, art["quant"]
+        assert art["qa_correct"] == sum(art["qa_matched"])
+        assert art["qa_accuracy"] == art["qa_correct"] / 3
+    for pruned in (False, True):
+        group = rows(report, pruned)
+        # the same weights in fp32 on torch and onnxruntime: the same greedy replies
+        assert group["fp32"]["qa_answers"] == group["torch fp32"]["qa_answers"]
+    md = (out / "report.md").read_text()
+    assert "QA exact match" in md and "## Generation: built-in questions" in md
+    assert "| What is the capital of France? | Paris |" in md
+    assert "original (torch fp32)" in md and "pruned (torch fp32)" in md
+
+
 def test_validate_command_and_bad_inputs(capsys, validated, tmp_path, default_gguf):
     source, out, _ = validated
     gguf = next(out.glob("*-pruned4L-F16.gguf"))
@@ -102,10 +118,14 @@ def test_validate_command_and_bad_inputs(capsys, validated, tmp_path, default_gg
         "--devices",
         "cpu",
         *EVAL,
+        "--qa",
+        "0",
     )
     assert code == 0, err
     report = json.loads(stdout)
     assert [a["layers"] for a in report["artifacts"]] == [6, 4, 4]
+    assert not any("qa_accuracy" in a for a in report["artifacts"])  # --qa 0 skips it
+    assert "## Generation" not in (tmp_path / "v" / "report.md").read_text()
     assert report["eval"]["devices"] == "cpu"
     assert all(a["accelerators"] == [] for a in report["artifacts"])
     assert (tmp_path / "v" / "report.json").is_file()
@@ -124,6 +144,10 @@ def test_validate_command_and_bad_inputs(capsys, validated, tmp_path, default_gg
         capsys, "validate", gguf, "--reference", source, "--out", tmp_path / "x", "--ctx", "512"
     )
     assert code == 2 and "--ctx 512 is larger than the model's context of 256" in err
+    code, _, err = run_cli(
+        capsys, "validate", gguf, "--reference", source, "--out", tmp_path / "x", "--qa", "-1"
+    )
+    assert code == 2 and "--qa -1 is negative" in err
     short = tmp_path / "short.txt"
     short.write_text("Only a few words here, far fewer than one window of tokens.")
     code, _, err = run_cli(
@@ -190,6 +214,8 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
         "2",
         "--threads",
         "2",
+        "--qa",
+        "5",
         "--json",
     )
     assert code == 0, err
@@ -209,6 +235,7 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
             "size_bytes",
             "prompt_tok_s",
             "gen_tok_s",
+            "qa_accuracy",
         ):
             assert art[key] is not None, (art["label"], art["quant"], key)
     assert table[("pruned", "F16")]["perplexity"] > table[("original", "F16")]["perplexity"]

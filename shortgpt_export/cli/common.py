@@ -252,6 +252,18 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="auto: CPU figures plus latency on every accelerator found (llama.cpp Metal/CUDA, "
         "onnxruntime CoreML/CUDA); cpu: CPU only (default: auto)",
     )
+
+    def question_count(text: str) -> int | None:
+        return None if text == "all" else int(text)
+
+    group.add_argument(
+        "--qa",
+        type=question_count,
+        default=20,
+        metavar="N|all",
+        help="ask each artifact the first N built-in questions in chat and report exact-match "
+        "accuracy (0 skips it; all: every question; default 20)",
+    )
     group.add_argument(
         "--max-ppl-increase",
         type=float,
@@ -270,6 +282,7 @@ def eval_options(args):
         max_tokens=args.max_tokens,
         kl_windows=args.kl_windows,
         devices=args.devices,
+        qa=args.qa,
     )
     if args.threads:
         opts.threads = args.threads

@@ -1,4 +1,5 @@
-"""Validate artifacts: perplexity, agreement with the original model, size and latency.
+"""Validate artifacts: perplexity, agreement with the original model, size, latency and
+exact-match accuracy on built-in questions asked in chat (``qa``).
 
 The evaluation text is tokenized once with the reference model's tokenizer; the same ids
 go to torch, llama.cpp and onnxruntime. The reference (original, unpruned) model's
@@ -48,6 +49,7 @@ class EvalOptions:
     gen_tokens: int = 32
     reps: int = 3
     devices: str = "auto"  # auto: CPU plus every accelerator found; cpu: CPU only
+    qa: int | None = 20  # built-in QA questions per artifact: None all, 0 none
 
 
 def eval_windows(tokenizer, opts: EvalOptions, max_context: int | None):
@@ -139,6 +141,11 @@ class Evaluation:
 
 def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evaluation:
     """Tokenize the evaluation text and compute (or reuse) the reference log-probs."""
+    if opts.qa is not None and opts.qa < 0:
+        raise ValidationError(
+            f"--qa {opts.qa} is negative",
+            hint="pass the number of built-in questions to ask, or 0 to skip the QA check",
+        )
     max_context = getattr(loaded.model.config, "max_position_embeddings", None)
     windows, source = eval_windows(loaded.tokenizer, opts, max_context)
     fingerprint = model_fingerprint(loaded.source, getattr(loaded.model, "dtype", None))
@@ -177,6 +184,7 @@ def worker_job(path: Path, evaluation: Evaluation) -> dict:
         "prompt_tokens": opts.prompt_tokens,
         "gen_tokens": opts.gen_tokens,
         "reps": opts.reps,
+        "qa": opts.qa,
     }
 
 
@@ -209,6 +217,7 @@ def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> d
     These run inside the pipeline's own process, so they get no memory figures.
     """
     from .measure import latency, provenance, quality
+    from .qa import qa_record
 
     opts = evaluation.opts
     evaluator = TorchEvaluator(Path(label_path), opts.threads, model=model, tokenizer=tokenizer)
@@ -226,6 +235,7 @@ def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> d
         "rss_growth_bytes": None,
         **provenance(evaluator),
         "accelerators": [],
+        **qa_record(evaluator, opts.qa),
     }
 
 

@@ -49,15 +49,25 @@ def latency(
 
 
 def measure_evaluator(
-    open_evaluator, windows: np.ndarray, reference, *, kl_windows: int, check=None, **settings
+    open_evaluator,
+    windows: np.ndarray,
+    reference,
+    *,
+    kl_windows: int,
+    check=None,
+    qa: int | None = 0,
+    **settings,
 ) -> dict:
     """Load an artifact with ``open_evaluator()`` and measure everything.
 
     Peak RSS is sampled while the model loads and generates (what running it costs);
-    perplexity and KL bookkeeping hold full-vocabulary float64 arrays and come after.
+    perplexity and KL bookkeeping hold full-vocabulary float64 arrays and come after,
+    then the QA check on ``qa`` questions (all for None, none for 0).
     ``check(evaluator)`` may return an error message, which ends the measurement.
     """
     import psutil
+
+    from .qa import qa_record
 
     before = psutil.Process().memory_info().rss
     evaluator = None
@@ -74,6 +84,7 @@ def measure_evaluator(
             "peak_rss_bytes": rss.peak,
             "rss_growth_bytes": rss.peak - before,
             **provenance(evaluator),
+            **qa_record(evaluator, qa),
         }
     finally:
         if evaluator is not None:

@@ -26,6 +26,7 @@ def evaluate(job: dict) -> dict:
         windows,
         reference,
         check=lambda evaluator: tokenizer_mismatch(evaluator, job),
+        qa=job.get("qa", 0),
         **settings,
     )
     if "error" not in record:
