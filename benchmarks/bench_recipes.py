@@ -1,0 +1,227 @@
+"""Selection strategies x healing on the default model (issue 11), side by side.
+
+Default model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32 torch), CPU.
+Calibration: the TAIL of the WikiText-2 test split (windows of 256); evaluation: 40
+windows of 512 from its HEAD, disjoint from the calibration tokens. For N = 4, 7, 8 removed
+layers: perplexity of score (bi), score (angular), block and greedy, each with heal none
+and linear, and the seconds each recipe took (selection + healing, not the evaluation).
+Greedy's picks for smaller N are prefixes of N = 8's, so one greedy run per heal setting
+serves all N; its seconds for N are the sum of its first N steps.
+
+    python benchmarks/bench_recipes.py            # run, then print the section
+    python benchmarks/bench_recipes.py --render   # only re-render from results/recipes.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from shortgpt_export.architectures import submodule
+from shortgpt_export.calibration import CalibrationSet
+from shortgpt_export.healing import heal_linear
+from shortgpt_export.layerwise import Stack
+from shortgpt_export.planning import make_plan
+from shortgpt_export.scoring import score_layers
+from shortgpt_export.selection import block_plan, greedy_plan, greedy_steps
+from shortgpt_export.source import load_model, resolve_source
+
+HERE = Path(__file__).resolve().parent
+WIKITEXT = HERE.parents[1] / "shared" / "data" / "wikitext-2-raw-test.txt"
+RAW = HERE / "results" / "recipes.json"
+NS = (4, 7, 8)
+EVAL_WINDOWS, EVAL_LEN = 40, 512
+CALIB_TOKENS, SEQ_LEN, SELECT_TOKENS, BATCH = 8192, 256, 2048, 4
+STRATEGIES = ("score-bi", "score-angular", "block", "greedy")
+
+
+def windows(ids: list[int], rows: int, length: int) -> CalibrationSet:
+    tensor = torch.tensor(ids[: rows * length]).view(rows, length)
+    return CalibrationSet(tensor, torch.ones_like(tensor), "wikitext-2 test", length)
+
+
+class Evaluator:
+    """Perplexity on fixed windows; the original model's states entering every block are
+    cached, so a pruned model runs only from its first removed (or patched) layer on."""
+
+    def __init__(self, loaded, evalset: CalibrationSet):
+        self.spec = loaded.source.spec
+        self.stack = Stack(loaded.model, self.spec)
+        with torch.inference_mode():
+            self.batches = self.stack.record(evalset, BATCH)
+            self.states = [[b.embeds for b in self.batches]]
+            for index in range(len(self.stack.layers)):
+                self.states.append(
+                    [self.stack.run(index, h, b) for h, b in zip(self.states[-1], self.batches)]
+                )
+
+    def perplexity(self, keep: list[int], weights: dict | None = None) -> float:
+        n = len(self.stack.layers)
+        weights = weights or {}
+        touched = (set(range(n)) - set(keep)) | set(weights)
+        start = min(touched) if touched else n
+        saved = {}
+        total, count = 0.0, 0
+        try:
+            with torch.inference_mode():
+                for p, w in weights.items():
+                    linear = submodule(self.stack.layers[p], self.spec.down_proj_path)
+                    saved[p] = linear.weight.data
+                    linear.weight.data = w.to(saved[p].dtype)
+                for h, batch in zip(self.states[start], self.batches, strict=True):
+                    h = self.stack.run_many([i for i in keep if i >= start], h, batch)
+                    s, c = self.stack.loss_sums(h, batch)
+                    total, count = total + s, count + c
+        finally:
+            for p, data in saved.items():
+                submodule(self.stack.layers[p], self.spec.down_proj_path).weight.data = data
+        return math.exp(total / count)
+
+
+def save(results: dict) -> None:
+    RAW.parent.mkdir(exist_ok=True)
+    RAW.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def measure() -> dict:
+    torch.manual_seed(0)
+    loaded = load_model(resolve_source(None), device="cpu", dtype="float32")
+    model, spec = loaded.model, loaded.source.spec
+    ids = loaded.tokenizer(WIKITEXT.read_text("utf-8"), add_special_tokens=False)["input_ids"]
+    head = EVAL_WINDOWS * EVAL_LEN
+    assert head + CALIB_TOKENS < len(ids), "evaluation and calibration would overlap"
+    evalset = windows(ids, EVAL_WINDOWS, EVAL_LEN)
+    calib = windows(ids[-CALIB_TOKENS:], CALIB_TOKENS // SEQ_LEN, SEQ_LEN)
+    select = windows(calib.input_ids.flatten().tolist(), SELECT_TOKENS // SEQ_LEN, SEQ_LEN)
+    results: dict = {
+        "config": {
+            "eval": f"{EVAL_WINDOWS} windows of {EVAL_LEN} from the head",
+            "calibration_tokens": CALIB_TOKENS,
+            "greedy_tokens": SELECT_TOKENS,
+            "threads": torch.get_num_threads(),
+            "tokens_total": len(ids),
+        },
+        "rows": [],
+    }
+    began = time.perf_counter()
+    evaluator = Evaluator(loaded, evalset)
+    results["base"] = {"perplexity": evaluator.perplexity(list(range(30))),
+                       "seconds": time.perf_counter() - began}  # fmt: skip
+    print("base", results["base"], flush=True)
+    save(results)
+
+    plans: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    bi, distances = score_layers(model, spec, calib, metric="bi", blocks=True)
+    t_bi = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    angular = score_layers(model, spec, calib, metric="angular")
+    t_angular = time.perf_counter() - t0
+    for n in NS:
+        plans[f"score-bi/{n}"] = (make_plan(30, bi, remove=n), t_bi)
+        plans[f"score-angular/{n}"] = (make_plan(30, angular, remove=n, metric="angular"), t_angular)
+        plans[f"block/{n}"] = (block_plan(30, distances, n, bi), t_bi)
+
+    def record(strategy, n, heal, plan, seconds, heal_result=None):
+        weights = heal_result.weights if heal_result else None
+        row = {
+            "strategy": strategy,
+            "n": n,
+            "heal": heal,
+            "remove": plan.remove,
+            "perplexity": evaluator.perplexity(plan.keep, weights),
+            "seconds": round(seconds + (heal_result.seconds if heal_result else 0.0), 2),
+        }
+        if heal_result:
+            row["fits"] = heal_result.runs
+        if plan.selection:
+            row["selection"] = plan.selection
+        results["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("fits", "selection")}), flush=True)
+        save(results)
+
+    for key, (plan, seconds) in plans.items():
+        strategy, n = key.split("/")
+        record(strategy, int(n), "none", plan, seconds)
+        healed = heal_linear(model, spec, calib, plan.remove, batch_size=BATCH)
+        record(strategy, int(n), "linear", plan, seconds, healed)
+
+    for heal in ("none", "linear"):
+        steps = []
+        generator = greedy_steps(model, spec, select, heal=heal == "linear", batch_size=BATCH)
+        for step in generator:
+            steps.append(step)
+            print(f"greedy ({heal}) step {len(steps)}: layer {step.layer}, "
+                  f"{step.seconds:.1f} s", flush=True)  # fmt: skip
+            if len(steps) == max(NS):
+                break
+        generator.close()
+        results[f"greedy_{heal}_seconds_per_step"] = [round(s.seconds, 2) for s in steps]
+        for n in NS:
+            plan = greedy_plan(30, steps[:n], bi, heal=heal == "linear")
+            seconds = sum(s.seconds for s in steps[:n])
+            healed = (
+                heal_linear(model, spec, calib, plan.remove, batch_size=BATCH)
+                if heal == "linear"
+                else None
+            )
+            record("greedy", n, heal, plan, seconds, healed)
+    return results
+
+
+def render(results: dict) -> str:
+    base = results["base"]["perplexity"]
+    cfg = results["config"]
+    rows = {(r["strategy"], r["n"], r["heal"]): r for r in results["rows"]}
+    lines = [
+        "## Layer selection and healing (issue 11)",
+        "",
+        f"Default model (SmolLM2-135M-Instruct, fp32 torch, CPU). Evaluation: {cfg['eval']} of "
+        f"the WikiText-2 test split; calibration: its last {cfg['calibration_tokens']:,} tokens "
+        f"(windows of 256, disjoint from the evaluation), greedy selection on the first "
+        f"{cfg['greedy_tokens']:,} of them. Original model: perplexity {base:.2f}. Seconds are "
+        "selection plus healing (greedy: the sum of its first N steps; score and block: the "
+        "scoring pass), not the evaluation. The 2 cores were shared with other jobs during this "
+        "run, so times are upper bounds.",
+        "",
+        "| strategy | N | ppl, heal none | ppl, heal linear | s, none | s, linear | removed (linear) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for strategy in STRATEGIES:
+        for n in NS:
+            plain, healed = rows.get((strategy, n, "none")), rows.get((strategy, n, "linear"))
+            if not plain and not healed:
+                continue
+
+            def cell(row, key, fmt):
+                return format(row[key], fmt) if row else "not run"
+
+            lines.append(
+                f"| {strategy} | {n} | {cell(plain, 'perplexity', '.2f')} | "
+                f"{cell(healed, 'perplexity', '.2f')} | {cell(plain, 'seconds', '.1f')} | "
+                f"{cell(healed, 'seconds', '.1f')} | {healed['remove'] if healed else ''} |"
+            )
+    for heal in ("none", "linear"):
+        per_step = results.get(f"greedy_{heal}_seconds_per_step")
+        if per_step:
+            lines.append(
+                f"\nGreedy (heal {heal}): {sum(per_step):.0f} s for {len(per_step)} removals, "
+                f"seconds per removed layer: {', '.join(f'{s:.0f}' for s in per_step)}."
+            )
+    return "\n".join(lines) + "\n"
+
+
+def report() -> str:
+    return render(measure())
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--render"]:
+        print(render(json.loads(RAW.read_text())))
+    else:
+        print(report())
