@@ -226,6 +226,8 @@ def heal_linear(
     finally:
         for p, weight in originals.items():
             down_proj(stack, p).weight.data.copy_(weight)
+    # plain (not inference-mode) tensors, so they can become parameters' data later
+    result.weights = {p: w.clone() for p, w in result.weights.items()}
     result.runs.sort(key=lambda entry: entry["run"][0])
     result.seconds = time.perf_counter() - began
     return result

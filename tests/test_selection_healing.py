@@ -271,10 +271,28 @@ def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf,
         assert torch.equal(torch_weight, weights[11])
 
 
+def own_text(loaded, rows, length):
+    """Greedy continuations of random first tokens: text the model predicts well, so that
+    every real layer removed costs perplexity."""
+    from shortgpt_export.calibration import CalibrationSet
+
+    start = torch.randint(3, 400, (rows, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ids = loaded.model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            max_new_tokens=length - 1,
+            min_new_tokens=length - 1,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return CalibrationSet(ids, torch.ones_like(ids), "own", length)
+
+
 def test_remove_auto_picks_the_most_layers_within_budget(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     make_identity(loaded.model, [1, 4])  # planted curve: two free layers, then a cliff
-    calib = calib_for(loaded, tokens=2048)
+    calib = own_text(loaded, rows=32, length=64)
     fit, held = split_calibration(calib, holdout=True)
     assert fit.input_ids.shape[0] + held.input_ids.shape[0] == calib.input_ids.shape[0]
     scores = scores_of(loaded, fit)
