@@ -36,8 +36,11 @@ WIKITEXT = HERE.parents[1] / "shared" / "data" / "wikitext-2-raw-test.txt"
 RAW = HERE / "results" / "recipes.json"
 NS = (4, 7, 8)
 EVAL_WINDOWS, EVAL_LEN = 40, 512
-CALIB_TOKENS, SEQ_LEN, SELECT_TOKENS, BATCH = 8192, 256, 2048, 4
-STRATEGIES = ("score-bi", "score-angular", "block", "greedy")
+CALIB_TOKENS, SEQ_LEN, SELECT_TOKENS, BATCH = 8192, 256, 512, 4
+ORDER = (7, 4, 8)  # N = 7 first: the issue's headline figure
+# pilot, BI 7 of 30, 8 eval windows: ppl 65.8 unweighted, 64.0 token-weighted
+WEIGHTING = "token"
+STRATEGIES = ("score-bi", "score-angular", "block", "greedy", "greedy, healed after")
 
 
 def windows(ids: list[int], rows: int, length: int) -> CalibrationSet:
@@ -45,20 +48,27 @@ def windows(ids: list[int], rows: int, length: int) -> CalibrationSet:
     return CalibrationSet(tensor, torch.ones_like(tensor), "wikitext-2 test", length)
 
 
-class Evaluator:
-    """Perplexity on fixed windows; the original model's states entering every block are
-    cached, so a pruned model runs only from its first removed (or patched) layer on."""
+class Cached:
+    """Windows with the original model's state entering every block (``states[i][batch]``)."""
 
-    def __init__(self, loaded, evalset: CalibrationSet):
+    def __init__(self, loaded, windows_: CalibrationSet):
         self.spec = loaded.source.spec
         self.stack = Stack(loaded.model, self.spec)
         with torch.inference_mode():
-            self.batches = self.stack.record(evalset, BATCH)
+            self.batches = self.stack.record(windows_, BATCH)
             self.states = [[b.embeds for b in self.batches]]
             for index in range(len(self.stack.layers)):
                 self.states.append(
-                    [self.stack.run(index, h, b) for h, b in zip(self.states[-1], self.batches)]
+                    [
+                        self.stack.run(index, h, b)
+                        for h, b in zip(self.states[-1], self.batches, strict=True)
+                    ]
                 )
+
+
+class Evaluator(Cached):
+    """Perplexity on fixed windows; a pruned model runs only from its first removed (or
+    patched) layer on."""
 
     def perplexity(self, keep: list[int], weights: dict | None = None) -> float:
         n = len(self.stack.layers)
@@ -103,6 +113,7 @@ def measure() -> dict:
             "eval": f"{EVAL_WINDOWS} windows of {EVAL_LEN} from the head",
             "calibration_tokens": CALIB_TOKENS,
             "greedy_tokens": SELECT_TOKENS,
+            "weighting": WEIGHTING,
             "threads": torch.get_num_threads(),
             "tokens_total": len(ids),
         },
@@ -124,7 +135,10 @@ def measure() -> dict:
     t_angular = time.perf_counter() - t0
     for n in NS:
         plans[f"score-bi/{n}"] = (make_plan(30, bi, remove=n), t_bi)
-        plans[f"score-angular/{n}"] = (make_plan(30, angular, remove=n, metric="angular"), t_angular)
+        plans[f"score-angular/{n}"] = (
+            make_plan(30, angular, remove=n, metric="angular"),
+            t_angular,
+        )
         plans[f"block/{n}"] = (block_plan(30, distances, n, bi), t_bi)
 
     def record(strategy, n, heal, plan, seconds, heal_result=None):
@@ -142,35 +156,60 @@ def measure() -> dict:
         if plan.selection:
             row["selection"] = plan.selection
         results["rows"].append(row)
-        print(json.dumps({k: v for k, v in row.items() if k not in ("fits", "selection")}), flush=True)
+        print(
+            json.dumps({k: v for k, v in row.items() if k not in ("fits", "selection")}), flush=True
+        )
         save(results)
 
-    for key, (plan, seconds) in plans.items():
-        strategy, n = key.split("/")
-        record(strategy, int(n), "none", plan, seconds)
-        healed = heal_linear(model, spec, calib, plan.remove, batch_size=BATCH)
-        record(strategy, int(n), "linear", plan, seconds, healed)
+    fitset = Cached(loaded, calib)
 
-    for heal in ("none", "linear"):
+    def heal(plan):
+        return heal_linear(
+            model,
+            spec,
+            calib,
+            plan.remove,
+            weighting=WEIGHTING,
+            batches=fitset.batches,
+            original_states=fitset.states,
+        )
+
+    def score_and_block(ns):
+        for n in ns:
+            for strategy in STRATEGIES[:3]:
+                plan, seconds = plans[f"{strategy}/{n}"]
+                record(strategy, n, "none", plan, seconds)
+                record(strategy, n, "linear", plan, seconds, heal(plan))
+
+    score_and_block(ORDER[:1])
+    for heal_mode in ("linear", "none"):
         steps = []
-        generator = greedy_steps(model, spec, select, heal=heal == "linear", batch_size=BATCH)
+        in_loop = heal_mode == "linear"
+        generator = greedy_steps(
+            model, spec, select, heal=in_loop, weighting=WEIGHTING, batch_size=BATCH
+        )
         for step in generator:
             steps.append(step)
-            print(f"greedy ({heal}) step {len(steps)}: layer {step.layer}, "
+            print(f"greedy ({heal_mode}) step {len(steps)}: layer {step.layer}, "
                   f"{step.seconds:.1f} s", flush=True)  # fmt: skip
+            results[f"greedy_{heal_mode}_seconds_per_step"] = [round(s.seconds, 2) for s in steps]
+            save(results)
             if len(steps) == max(NS):
                 break
         generator.close()
-        results[f"greedy_{heal}_seconds_per_step"] = [round(s.seconds, 2) for s in steps]
-        for n in NS:
-            plan = greedy_plan(30, steps[:n], bi, heal=heal == "linear")
+        for n in ORDER:
+            plan = greedy_plan(30, steps[:n], bi, heal=in_loop)
             seconds = sum(s.seconds for s in steps[:n])
-            healed = (
-                heal_linear(model, spec, calib, plan.remove, batch_size=BATCH)
-                if heal == "linear"
-                else None
-            )
-            record("greedy", n, heal, plan, seconds, healed)
+            if in_loop:
+                record("greedy", n, "linear", plan, seconds, heal(plan))
+            else:
+                record("greedy", n, "none", plan, seconds)
+        if not in_loop:  # the plain greedy picks, healed afterwards
+            for n in ORDER:
+                plan = greedy_plan(30, steps[:n], bi, heal=False)
+                seconds = sum(s.seconds for s in steps[:n])
+                record("greedy, healed after", n, "linear", plan, seconds, heal(plan))
+    score_and_block(ORDER[1:])
     return results
 
 
@@ -189,7 +228,8 @@ def render(results: dict) -> str:
         "scoring pass), not the evaluation. The 2 cores were shared with other jobs during this "
         "run, so times are upper bounds.",
         "",
-        "| strategy | N | ppl, heal none | ppl, heal linear | s, none | s, linear | removed (linear) |",
+        "| strategy | N | ppl, heal none | ppl, heal linear | s, none | s, linear "
+        "| removed (linear) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for strategy in STRATEGIES:

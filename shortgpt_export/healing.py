@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 HEAL_METHODS = ("none", "linear")
 DEFAULT_HEAL = "none"  # the benchmark decides (README, "Healing")
 DEFAULT_RIDGE = 1e-3  # times the mean diagonal of m^T m
+WEIGHTINGS = ("none", "token")
+DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
 PATCH_FILE = "heal.safetensors"
 
 
@@ -80,13 +82,21 @@ class GramFit:
         self.yy = 0.0  # sum |y|^2
         self.tokens = 0
 
-    def add(self, m, r, y) -> None:
-        """Rows of real tokens only: ``m``, ``r``, ``y`` are [tokens, hidden]."""
-        m, e = m.double(), (y.double() - r.double())
-        self.mm += m.T @ m
-        self.me += m.T @ e
-        self.ee += float((e * e).sum())
-        self.yy += float((y.double() ** 2).sum())
+    def add(self, m, r, y, weighting: str = "none") -> None:
+        """Rows of real tokens only: ``m``, ``r``, ``y`` are [tokens, hidden].
+
+        ``weighting="token"`` weighs each token by ``1 / |y|^2``, so that the few tokens
+        with massive activations (attention sinks) do not decide the fit alone.
+        """
+        m, e, y = m.double(), (y.double() - r.double()), y.double()
+        w = None
+        if weighting == "token":
+            w = 1.0 / (y * y).sum(-1, keepdim=True).clamp_min(1e-12)
+        mw = m * w if w is not None else m
+        self.mm += mw.T @ m
+        self.me += mw.T @ e
+        self.ee += float(((e * w) if w is not None else e).mul(e).sum())
+        self.yy += float(((y * w) if w is not None else y).mul(y).sum())
         self.tokens += m.shape[0]
 
     def solve(self, ridge: float = DEFAULT_RIDGE):
@@ -133,10 +143,13 @@ class HealResult:
     tokens: int = 0
     seconds: float = 0.0
 
+    weighting: str = DEFAULT_WEIGHTING
+
     def describe(self) -> dict:
         return {
             "method": "linear",
             "ridge": self.ridge,
+            "weighting": self.weighting,
             "tokens": self.tokens,
             "seconds": round(self.seconds, 3),
             "runs": self.runs,
@@ -150,11 +163,17 @@ def heal_linear(
     remove: list[int],
     *,
     ridge: float = DEFAULT_RIDGE,
+    weighting: str = DEFAULT_WEIGHTING,
     batch_size: int = 4,
     batches: list[Batch] | None = None,
+    original_states: list | None = None,
     progress: ProgressFactory = no_progress,
 ) -> HealResult:
-    """Fit one patch per healable removed run; ``model`` is left unchanged."""
+    """Fit one patch per healable removed run; ``model`` is left unchanged.
+
+    ``batches`` and ``original_states`` (per block input, per batch: ``[n + 1][batch]``
+    from :class:`Stack`) may be passed in when several plans are healed on one model.
+    """
     import time
 
     import torch
@@ -164,7 +183,7 @@ def heal_linear(
     stack = Stack(model, spec)
     n = len(stack.layers)
     keep = [i for i in range(n) if i not in set(remove)]
-    result = HealResult(ridge=ridge)
+    result = HealResult(ridge=ridge, weighting=weighting)
     runs = removed_runs(remove)
     todo = []
     for run in runs:
@@ -184,18 +203,29 @@ def heal_linear(
             # the original model's output of each run's last layer, per batch (real tokens)
             targets: list[dict[int, object]] = []
             last = max(b for _, b in todo)
-            with progress("healing: original hidden states", len(batches)) as advance:
-                for batch in batches:
-                    hidden, wanted = batch.embeds, {}
-                    for index in range(last + 1):
-                        hidden = stack.run(index, hidden, batch)
-                        if any(b == index for _, b in todo):
-                            wanted[index] = hidden[batch.mask]
-                    targets.append(wanted)
-                    advance(1)
-            # the pruned model's state per batch, advanced front to back
-            states = [batch.embeds for batch in batches]
-            position = 0  # index into keep of the block ``states`` enter
+            # blocks before ``position`` are kept and unpatched: the pruned model's state
+            # entering it is the original's
+            position = max(min(remove) - 1, 0)
+            if original_states is not None:
+                targets = [
+                    {b: original_states[b + 1][k][batch.mask] for _, b in todo}
+                    for k, batch in enumerate(batches)
+                ]
+                states = list(original_states[position])
+            else:
+                states = []
+                with progress("healing: original hidden states", len(batches)) as advance:
+                    for batch in batches:
+                        hidden, wanted = batch.embeds, {}
+                        for index in range(last + 1):
+                            if index == position:
+                                states.append(hidden)
+                            hidden = stack.run(index, hidden, batch)
+                            if any(b == index for _, b in todo):
+                                wanted[index] = hidden[batch.mask]
+                        targets.append(wanted)
+                        advance(1)
+            # the pruned model's state per batch (entering keep[position]), front to back
             with progress("healing: fitting patches", len(todo)) as advance:
                 for a, b in todo:
                     p = a - 1
@@ -204,7 +234,7 @@ def heal_linear(
                     for k, batch in enumerate(batches):
                         states[k] = stack.run_many(keep[position:stop], states[k], batch)
                         out, m = mlp_parts(stack, p, states[k], batch)
-                        fit.add(m[batch.mask], (out - m)[batch.mask], targets[k][b])
+                        fit.add(m[batch.mask], (out - m)[batch.mask], targets[k][b], weighting)
                     position = stop
                     t = fit.solve(ridge)
                     weight = down_proj(stack, p).weight

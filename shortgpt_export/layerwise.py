@@ -9,6 +9,7 @@ hidden state, and the final norm and LM head give the next-token loss.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass
 
 from .architectures import ArchitectureSpec, submodule
@@ -81,10 +82,8 @@ class Stack:
                     ids = calib.input_ids[start : start + batch_size].to(self.device)
                     mask = calib.attention_mask[start : start + batch_size].to(self.device)
                     seen.clear()
-                    try:
+                    with suppress(_Stop):
                         base(input_ids=ids, attention_mask=mask, use_cache=False)
-                    except _Stop:
-                        pass
                     batches.append(
                         Batch(ids, mask.bool(), seen[0][0], [seen[i][1] for i in range(n)])
                     )

@@ -52,9 +52,15 @@ def _recipe_lines(plan: Plan) -> list[str]:
     lines = ["", f"Selection: `{plan.strategy}`."]
     selection = plan.selection or {}
     if plan.strategy == "greedy" and selection.get("steps"):
-        lines += ["", "| step | removed layer | calibration loss after | seconds |", "|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| step | removed layer | calibration loss after | seconds |",
+            "|---:|---:|---:|---:|",
+        ]
         for number, step in enumerate(selection["steps"], 1):
-            lines.append(f"| {number} | {step['layer']} | {step['loss']:.4f} | {step['seconds']:.1f} |")
+            lines.append(
+                f"| {number} | {step['layer']} | {step['loss']:.4f} | {step['seconds']:.1f} |"
+            )
     if plan.strategy == "block" and "distance" in selection:
         lines.append(
             f"Block of {len(plan.remove)} from layer {selection['start']}: angular distance "

@@ -11,12 +11,12 @@ from pathlib import Path
 from .artifacts import Artifact
 from .calibration import load_calibration
 from .errors import PlanError, ShortGPTError
-from .output import check_writable, staged_output
-from .pruning import healed
 from .healing import DEFAULT_HEAL, PATCH_FILE, save_patches
+from .output import check_writable, staged_output
 from .planning import Plan, make_plan
-from .recipe import DEFAULT_SELECT_TOKENS, Recipe, choose, split_calibration
 from .progress import ProgressFactory, no_progress
+from .pruning import healed
+from .recipe import DEFAULT_SELECT_TOKENS, Recipe, choose, split_calibration
 from .scoring import LayerScores, score_model
 from .source import LoadedModel, ModelSource, load_model, pick_device, resolve_source
 
@@ -340,7 +340,9 @@ def run(
         if choice.heal is not None:
             plan.heal = choice.heal.describe()
             if choice.heal.weights:
-                save_patches(stage / PATCH_FILE, source.spec, choice.heal.weights, _patch_dtype(source))
+                save_patches(
+                    stage / PATCH_FILE, source.spec, choice.heal.weights, _patch_dtype(source)
+                )
                 plan.patch_file, plan.root = PATCH_FILE, str(stage)
                 weights = plan.patch_weights(source.spec)
         plan.save(stage / "plan.json")

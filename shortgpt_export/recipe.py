@@ -56,7 +56,9 @@ def subset(calib: CalibrationSet, rows) -> CalibrationSet:
     )
 
 
-def split_calibration(calib: CalibrationSet, holdout: bool) -> tuple[CalibrationSet, CalibrationSet | None]:
+def split_calibration(
+    calib: CalibrationSet, holdout: bool
+) -> tuple[CalibrationSet, CalibrationSet | None]:
     """(fitting windows, held-out windows or None): every 4th window is held out."""
     n = calib.input_ids.shape[0]
     if not holdout:
@@ -96,9 +98,7 @@ class _Planner:
     def plan(self, n: int) -> Plan:
         num_layers = self.scores.num_layers
         if self.recipe.select == "score":
-            return make_plan(
-                num_layers, self.scores.scores, remove=n, metric=self.scores.metric
-            )
+            return make_plan(num_layers, self.scores.scores, remove=n, metric=self.scores.metric)
         if self.recipe.select == "block":
             if self.scores.block_distances is None:
                 raise PlanError("block selection needs block distances from the scoring pass")
@@ -147,14 +147,17 @@ def held_out_perplexity(loaded, calib: CalibrationSet, keep, weights, batch_size
     spec = loaded.source.spec
     stack = Stack(loaded.model, spec)
     total, count = 0.0, 0
-    with torch.inference_mode(), healed(loaded.model, keep, weights):
-        with pruned_view(loaded.model, spec, keep):
-            batches = Stack(loaded.model, spec).record(calib, batch_size)
-            pruned = Stack(loaded.model, spec)
-            for batch in batches:
-                hidden = pruned.run_many(range(len(keep)), batch.embeds, batch)
-                s, c = stack.loss_sums(hidden, batch)
-                total, count = total + s, count + c
+    with (
+        torch.inference_mode(),
+        healed(loaded.model, keep, weights),
+        pruned_view(loaded.model, spec, keep),
+    ):
+        batches = Stack(loaded.model, spec).record(calib, batch_size)
+        pruned = Stack(loaded.model, spec)
+        for batch in batches:
+            hidden = pruned.run_many(range(len(keep)), batch.embeds, batch)
+            s, c = stack.loss_sums(hidden, batch)
+            total, count = total + s, count + c
     return math.exp(total / max(count, 1))
 
 

@@ -35,8 +35,6 @@ def token_metric(x, y, metric: str):
 
 
 def _unit(x):
-    import torch
-
     x = x.float()
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 

@@ -22,6 +22,7 @@ from .calibration import CalibrationSet
 from .errors import PlanError
 from .healing import (
     DEFAULT_RIDGE,
+    DEFAULT_WEIGHTING,
     GramFit,
     check_healable,
     down_proj,
@@ -111,6 +112,7 @@ def greedy_steps(
     *,
     heal: bool = False,
     ridge: float = DEFAULT_RIDGE,
+    weighting: str = DEFAULT_WEIGHTING,
     batch_size: int = 4,
     progress: ProgressFactory = no_progress,
 ) -> Iterator[GreedyStep]:
@@ -133,7 +135,9 @@ def greedy_steps(
             states = [[b.embeds for b in batches]]
             with progress("greedy: caching hidden states", n) as advance:
                 for index in range(n):
-                    states.append([stack.run(index, h, b) for h, b in zip(states[-1], batches)])
+                    states.append(
+                        [stack.run(index, h, b) for h, b in zip(states[-1], batches, strict=True)]
+                    )
                     advance(1)
         # the original model's state entering each block, the targets of healing
         targets = [list(s) for s in states] if heal else None
@@ -142,15 +146,16 @@ def greedy_steps(
             step += 1
             began = time.perf_counter()
             with torch.inference_mode():
-                layer, loss = _remove_best(
-                    stack, batches, keep, states, targets, originals, ridge, step, progress
-                )
+                fitting = (targets, originals, ridge, weighting)
+                layer, loss = _remove_best(stack, batches, keep, states, fitting, step, progress)
                 # the caller sees the unpatched model between steps
                 patched = {p: down_proj(stack, p).weight.detach().clone() for p in originals}
                 for p, weight in originals.items():
                     down_proj(stack, p).weight.data.copy_(weight)
             seconds = time.perf_counter() - began
-            log.info("greedy step %d: removed layer %d, loss %.4f, %.1f s", step, layer, loss, seconds)
+            log.info(
+                "greedy step %d: removed layer %d, loss %.4f, %.1f s", step, layer, loss, seconds
+            )
             yield GreedyStep(layer=layer, loss=loss, seconds=seconds)
             with torch.inference_mode():
                 for p, weight in patched.items():
@@ -160,12 +165,13 @@ def greedy_steps(
             down_proj(stack, p).weight.data.copy_(weight)
 
 
-def _remove_best(stack, batches, keep, states, targets, originals, ridge, step, progress):
+def _remove_best(stack, batches, keep, states, fitting, step, progress):
     """Remove the candidate with the lowest loss from ``keep``; update ``states`` in place."""
+    originals = fitting[1]
     best: tuple[float, int, object] | None = None
     with progress(f"greedy: removal {step} ({len(keep)} candidates)", len(keep)) as advance:
         for j in range(len(keep)):
-            loss, patch = _candidate(stack, batches, keep, states, j, targets, originals, ridge)
+            loss, patch = _candidate(stack, batches, keep, states, j, fitting)
             if best is None or loss < best[0]:
                 best = (loss, j, patch)
             advance(1)
@@ -191,11 +197,10 @@ def _candidate(
     keep: list[int],
     states: list,
     j: int,
-    targets,
-    originals: dict,
-    ridge: float,
+    fitting: tuple,
 ) -> tuple[float, object]:
     """Calibration loss with ``keep[j]`` removed (and, with ``targets``, the patch fitted)."""
+    targets, originals, ridge, weighting = fitting
     after = keep[j + 1 :]
     healable = targets is not None and 0 < j < len(keep) - 1
     if not healable:
@@ -216,7 +221,7 @@ def _candidate(
             weight.data.copy_(original)
         for h, b, y in zip(states[j - 1], batches, targets[y_index], strict=True):
             out, m = mlp_parts(stack, p, h, b)
-            fit.add(m[b.mask], (out - m)[b.mask], y[b.mask])
+            fit.add(m[b.mask], (out - m)[b.mask], y[b.mask], weighting)
             parts.append((out - m, m))
     finally:
         weight.data.copy_(current)
