@@ -141,7 +141,7 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
     calib = calib_for(loaded, tokens=2048)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     remove = [0, 2, 3, 5]  # runs 0..0 (no layer before), 2..3 (healed), 5..5 (last)
-    result = heal_linear(loaded.model, loaded.source.spec, calib, remove)
+    result = heal_linear(loaded.model, loaded.source.spec, calib, remove, weighting="none")
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     runs = {tuple(r["run"]): r for r in result.runs}
@@ -161,12 +161,17 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
     plain = held_out_perplexity(loaded, held, keep, None, 4)
     healed_ppl = held_out_perplexity(loaded, held, keep, result.weights, 4)
     assert healed_ppl < plain
+    # the default fit weighs tokens by 1/|y|^2; it lowers its own objective too
+    weighted = heal_linear(loaded.model, loaded.source.spec, calib, remove)
+    fit = next(r for r in weighted.runs if r["patched_layer"] == 1)
+    assert fit["residual_after"] < fit["residual_before"]
+    assert not torch.equal(weighted.weights[1], result.weights[1])
 
 
 def test_later_fits_see_earlier_patches(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     calib = calib_for(loaded, tokens=1024)
-    both = heal_linear(loaded.model, loaded.source.spec, calib, [2, 4])
+    both = heal_linear(loaded.model, loaded.source.spec, calib, [2, 4], weighting="none")
     assert [r["patched_layer"] for r in both.runs] == [1, 3]
     second_alone_after_first = _run_end_error(loaded, calib, [0, 1, 3, 5], (4, 4), both.weights)
     assert second_alone_after_first == pytest.approx(both.runs[1]["residual_after"], rel=1e-3)
@@ -294,7 +299,7 @@ def own_text(loaded, rows, length):
 def test_remove_auto_picks_the_most_layers_within_budget(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     make_identity(loaded.model, [1, 4])  # planted curve: two free layers, then a cliff
-    calib = own_text(loaded, rows=32, length=64)
+    calib = own_text(loaded, rows=16, length=64)
     fit, held = split_calibration(calib, holdout=True)
     assert fit.input_ids.shape[0] + held.input_ids.shape[0] == calib.input_ids.shape[0]
     scores = scores_of(loaded, fit)
