@@ -345,3 +345,24 @@ def test_remove_auto_needs_a_budget(capsys, tiny_llama_dir, tmp_path, calib_file
         "--out", tmp_path / "o",
     )  # fmt: skip
     assert code == 2 and "--max-ppl-increase" in err
+
+
+def test_prune_reapplies_a_healed_plan(capsys, tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from helpers import run_cli
+
+    out = export_with_cli(tiny_llama_dir, tmp_path, "--layers", "2,3", "--heal", "linear")
+    code, _, err = run_cli(
+        capsys, "prune", tiny_llama_dir, "--plan", out / "plan.json", "--out", tmp_path / "again"
+    )
+    assert code == 0, err
+    first = load_file(str(out / "hf" / "model.safetensors"))
+    second = load_file(str(tmp_path / "again" / "hf" / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    patch = load_patches(out / "heal.safetensors", spec_for("llama"))[1]
+    assert torch.equal(first["model.layers.1.mlp.down_proj.weight"], patch)
+    plain = load_file(str(tiny_llama_dir / "model.safetensors"))
+    assert not torch.equal(patch, plain["model.layers.1.mlp.down_proj.weight"])
+    assert (tmp_path / "again" / "heal.safetensors").is_file()
