@@ -348,9 +348,8 @@ def test_remove_auto_needs_a_budget(capsys, tiny_llama_dir, tmp_path, calib_file
 
 
 def test_prune_reapplies_a_healed_plan(capsys, tiny_llama_dir, tmp_path):
-    from safetensors.torch import load_file
-
     from helpers import run_cli
+    from safetensors.torch import load_file
 
     out = export_with_cli(tiny_llama_dir, tmp_path, "--layers", "2,3", "--heal", "linear")
     code, _, err = run_cli(
