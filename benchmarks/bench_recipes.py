@@ -37,7 +37,9 @@ from shortgpt_export.source import load_model, resolve_source
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parents[1] / "shared" / "data" / "wikitext-2-raw-test.txt"
-RAW = HERE / "results" / "recipes.json"
+# BENCH_PART=greedy|scored runs half of the recipes (two processes on a busy machine)
+PART = os.environ.get("BENCH_PART", "all")
+RAW = HERE / "results" / ("recipes.json" if PART in ("all", "greedy") else f"recipes-{PART}.json")
 NS = (4, 7, 8)
 EVAL_WINDOWS, EVAL_LEN = 40, 512
 EVAL_WINDOWS = int(os.environ.get("BENCH_EVAL_WINDOWS", EVAL_WINDOWS))
@@ -213,14 +215,18 @@ def measure() -> dict:
                 record("greedy, healed after", n, "linear", plan, seconds, heal(plan))
 
     # most telling first, so that a run cut short still answers the main questions
-    scored("score-bi", [7])
-    greedy("linear")
-    scored("score-bi", [4, 8])
-    scored("block", [7])
-    scored("score-angular", [7])
-    greedy("none")
-    scored("block", [4, 8])
-    scored("score-angular", [4, 8])
+    if PART in ("all", "greedy"):
+        scored("score-bi", [7])
+        greedy("linear")
+    if PART in ("all", "scored"):
+        scored("score-bi", [4, 8])
+        scored("block", [7])
+        scored("score-angular", [7])
+    if PART in ("all", "greedy"):
+        greedy("none")
+    if PART in ("all", "scored"):
+        scored("block", [4, 8])
+        scored("score-angular", [4, 8])
     return results
 
 
@@ -233,14 +239,16 @@ def render(results: dict) -> str:
         "",
         f"Default model (SmolLM2-135M-Instruct, fp32 torch, CPU). Evaluation: {cfg['eval']} of "
         f"the WikiText-2 test split; calibration: its last {cfg['calibration_tokens']:,} tokens "
-        f"(windows of 256, disjoint from the evaluation), greedy selection on the first "
-        f"{cfg['greedy_tokens']:,} of them. Original model: perplexity {base:.2f}. Seconds are "
-        "selection plus healing (greedy: the sum of its first N steps; score and block: the "
-        "scoring pass), not the evaluation. The 2 cores were shared with other jobs during this "
-        "run, so times are upper bounds.",
+        f"(windows of 256, disjoint from the evaluation); greedy selection on the first "
+        f"{cfg['greedy_tokens']:,} of them. Healing: ridge least squares, tokens weighted by "
+        f"1/|y|^2 (`{cfg.get('weighting', 'none')}`). Original model: perplexity {base:.2f} on "
+        "these windows. `greedy` with heal linear chooses each layer by its loss after the "
+        "patch its removal gets (heal in the loop); `greedy, healed after` heals the plain "
+        "greedy picks. Seconds: selection plus healing (greedy: the sum of its first N steps; "
+        "score and block: the scoring pass), not the evaluation.",
         "",
         "| strategy | N | ppl, heal none | ppl, heal linear | s, none | s, linear "
-        "| removed (linear) |",
+        "| removed (heal linear) |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for strategy in STRATEGIES:
@@ -250,21 +258,42 @@ def render(results: dict) -> str:
                 continue
 
             def cell(row, key, fmt):
-                return format(row[key], fmt) if row else "not run"
+                return format(row[key], fmt) if row else "-"
 
             lines.append(
                 f"| {strategy} | {n} | {cell(plain, 'perplexity', '.2f')} | "
-                f"{cell(healed, 'perplexity', '.2f')} | {cell(plain, 'seconds', '.1f')} | "
-                f"{cell(healed, 'seconds', '.1f')} | {healed['remove'] if healed else ''} |"
+                f"{cell(healed, 'perplexity', '.2f')} | {cell(plain, 'seconds', '.0f')} | "
+                f"{cell(healed, 'seconds', '.0f')} | {(healed or plain)['remove']} |"
             )
-    for heal in ("none", "linear"):
+    missing = [
+        f"{strategy} N={n}"
+        for strategy in STRATEGIES
+        for n in NS
+        if (strategy, n, "none") not in rows and (strategy, n, "linear") not in rows
+    ]
+    if missing:
+        lines.append(f"\nNot measured in this run (time ran out): {', '.join(missing)}.")
+    for heal in ("linear", "none"):
         per_step = results.get(f"greedy_{heal}_seconds_per_step")
         if per_step:
             lines.append(
-                f"\nGreedy (heal {heal}): {sum(per_step):.0f} s for {len(per_step)} removals, "
+                f"\nGreedy (heal {heal}): {sum(per_step):.0f} s for {len(per_step)} removals; "
                 f"seconds per removed layer: {', '.join(f'{s:.0f}' for s in per_step)}."
             )
+    lines.append(
+        "\nThe 2 CPU cores were shared with 3-4 other jobs during this run (each process got "
+        "about 0.3-0.5 of a core), so all seconds are upper bounds, several times what an idle "
+        "machine takes."
+    )
     return "\n".join(lines) + "\n"
+
+
+def merged() -> dict:
+    """results/recipes.json with the rows of any part run beside it."""
+    results = json.loads((HERE / "results" / "recipes.json").read_text())
+    for extra in sorted((HERE / "results").glob("recipes-*.json")):
+        results["rows"] += json.loads(extra.read_text())["rows"]
+    return results
 
 
 def report() -> str:
@@ -273,6 +302,6 @@ def report() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--render"]:
-        print(render(json.loads(RAW.read_text())))
+        print(render(merged()))
     else:
         print(report())
