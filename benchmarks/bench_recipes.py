@@ -32,12 +32,13 @@ from shortgpt_export.healing import heal_linear
 from shortgpt_export.layerwise import Stack
 from shortgpt_export.planning import make_plan
 from shortgpt_export.scoring import score_layers
-from shortgpt_export.selection import block_plan, greedy_plan, greedy_steps
+from shortgpt_export.selection import GreedyStep, block_plan, greedy_plan, greedy_steps
 from shortgpt_export.source import load_model, resolve_source
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parents[1] / "shared" / "data" / "wikitext-2-raw-test.txt"
-# BENCH_PART=greedy|scored runs half of the recipes (two processes on a busy machine)
+# BENCH_PART=greedy|scored runs half of the recipes (two processes on a busy machine);
+# greedy-given evaluates the prefixes of BENCH_GREEDY_ORDER, a greedy run stopped early
 PART = os.environ.get("BENCH_PART", "all")
 RAW = HERE / "results" / ("recipes.json" if PART in ("all", "greedy") else f"recipes-{PART}.json")
 NS = (4, 7, 8)
@@ -136,7 +137,11 @@ def measure() -> dict:
     save(results)
 
     t0 = time.perf_counter()
-    bi, distances = score_layers(model, spec, calib, metric="bi", blocks=True)
+    bi, distances = (
+        (None, None)
+        if PART == "greedy-given"
+        else score_layers(model, spec, calib, metric="bi", blocks=True)
+    )
     t_bi = time.perf_counter() - t0
     angular: dict = {}
 
@@ -193,9 +198,21 @@ def measure() -> dict:
     def greedy(heal_mode):
         steps = []
         in_loop = heal_mode == "linear"
-        generator = greedy_steps(
-            model, spec, select, heal=in_loop, weighting=WEIGHTING, batch_size=BATCH
-        )
+        given = os.environ.get("BENCH_GREEDY_ORDER")
+        if given:  # the order (and seconds) of a greedy run that was stopped early
+            seconds = json.loads(RAW.with_name("recipes.json").read_text())
+            seconds = seconds[f"greedy_{heal_mode}_seconds_per_step"]
+            generator = iter(
+                [
+                    GreedyStep(int(layer), float("nan"), s)
+                    for layer, s in zip(given.split(","), seconds, strict=False)
+                ]
+            )
+            results[f"greedy_{heal_mode}_seconds_per_step"] = seconds
+        else:
+            generator = greedy_steps(
+                model, spec, select, heal=in_loop, weighting=WEIGHTING, batch_size=BATCH
+            )
         for step in generator:
             steps.append(step)
             print(f"greedy ({heal_mode}) step {len(steps)}: layer {step.layer}, "
@@ -204,8 +221,9 @@ def measure() -> dict:
             save(results)
             if len(steps) == max(NS):
                 break
-        generator.close()
-        for n in ORDER:
+        if not given:
+            generator.close()
+        for n in (n for n in ORDER if n <= len(steps)):
             plan = greedy_plan(30, steps[:n], bi, heal=in_loop)
             seconds = sum(s.seconds for s in steps[:n])
             if in_loop:
@@ -215,6 +233,8 @@ def measure() -> dict:
                 record("greedy, healed after", n, "linear", plan, seconds, heal(plan))
 
     # most telling first, so that a run cut short still answers the main questions
+    if PART == "greedy-given":
+        greedy("linear")
     if PART in ("all", "greedy"):
         scored("score-bi", [7])
         greedy("linear")
