@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SELECT_TOKENS = 512  # greedy cost grows with it: see benchmarks/RESULTS.md
 HOLDOUT_SHARE = 0.25
+IN_LOOP_TOKENS_PER_DIM = 4  # greedy heal-in-the-loop needs tokens >> hidden size
 
 
 @dataclass
@@ -94,6 +95,7 @@ class _Planner:
         self.progress = progress
         self.steps = []
         self._greedy = None
+        self._in_loop = False
 
     def plan(self, n: int) -> Plan:
         num_layers = self.scores.num_layers
@@ -104,20 +106,35 @@ class _Planner:
                 raise PlanError("block selection needs block distances from the scoring pass")
             return block_plan(num_layers, self.scores.block_distances, n, self.scores.scores)
         if self._greedy is None:
+            windows = selection_windows(self.calib, self.recipe.select_tokens)
+            self._in_loop = self._heal_in_loop(windows)
             self._greedy = greedy_steps(
                 self.loaded.model,
                 self.loaded.source.spec,
-                selection_windows(self.calib, self.recipe.select_tokens),
-                heal=self.recipe.heal == "linear",
+                windows,
+                heal=self._in_loop,
                 ridge=self.recipe.ridge,
                 batch_size=self.recipe.batch_size,
                 progress=self.progress,
             )
         while len(self.steps) < n:
             self.steps.append(next(self._greedy))
-        return greedy_plan(
-            num_layers, self.steps[:n], self.scores.scores, self.recipe.heal == "linear"
-        )
+        return greedy_plan(num_layers, self.steps[:n], self.scores.scores, self._in_loop)
+
+    def _heal_in_loop(self, windows: CalibrationSet) -> bool:
+        """Fit patches inside the greedy loop only with enough tokens for a hidden x hidden
+        map: on 512 tokens of the default model (hidden 576) the in-loop fits overfit and
+        chose badly (benchmarks/RESULTS.md); then the plain picks are healed afterwards."""
+        hidden = int(getattr(self.loaded.model.config, "hidden_size", 0))
+        enough = windows.tokens >= IN_LOOP_TOKENS_PER_DIM * hidden
+        if self.recipe.heal == "linear" and not enough:
+            log.warning(
+                "greedy: %d selection tokens are too few to fit patches in the loop "
+                "(need %d); choosing without, healing afterwards",
+                windows.tokens,
+                IN_LOOP_TOKENS_PER_DIM * hidden,
+            )
+        return self.recipe.heal == "linear" and enough
 
     def close(self) -> None:
         if self._greedy is not None:
