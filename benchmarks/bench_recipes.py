@@ -300,6 +300,13 @@ def render(results: dict) -> str:
                 f"\nGreedy (heal {heal}): {sum(per_step):.0f} s for {len(per_step)} removals; "
                 f"seconds per removed layer: {', '.join(f'{s:.0f}' for s in per_step)}."
             )
+    for (strategy, n, heal), row in sorted(rows.items()):
+        plain = rows.get((strategy, n, "none"))
+        if heal == "linear" and plain and row["perplexity"] > plain["perplexity"]:
+            lines.append(
+                f"\nHealing made {strategy} N={n} worse ({plain['perplexity']:.1f} -> "
+                f"{row['perplexity']:.1f}): a known failure of the token-weighted fit."
+            )
     lines.append(
         "\nThe 2 CPU cores were shared with 3-4 other jobs during this run (each process got "
         "about 0.3-0.5 of a core), so all seconds are upper bounds, several times what an idle "
