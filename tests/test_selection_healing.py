@@ -200,7 +200,9 @@ def healed_exports(tiny_tokenizer_dir, tmp_path_factory):
     healed_out = export_with_cli(
         model_dir, tmp_path_factory.mktemp("healed"), *common, "--heal", "linear"
     )
-    plain_out = export_with_cli(model_dir, tmp_path_factory.mktemp("plain"), *common)
+    plain_out = export_with_cli(
+        model_dir, tmp_path_factory.mktemp("plain"), *common, "--heal", "none"
+    )
     return model_dir, healed_out, plain_out
 
 
