@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test bench lint format clean
+.PHONY: install demo test bench bench-recipes lint format clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+bench-recipes: install
+	$(BIN)/python benchmarks/run.py recipes
 
 lint: install
 	$(BIN)/ruff check .

@@ -28,6 +28,14 @@ class ArchitectureSpec:
     # llama.cpp's "llama" graph rotates adjacent pairs, Hugging Face rotates halves:
     # q/k projection rows must be interleaved when converting to GGUF.
     gguf_permute_qk: bool = False
+    # Linear healing (healing.py) merges a patch into one layer's MLP down projection. That
+    # is exact only when the MLP's output is added straight to the residual stream (no
+    # norm after the MLP, as Gemma 2/3 have) and there is an MLP at all (not Mamba).
+    mlp_path: str | None = "mlp"  # the MLP module inside a decoder block
+    down_proj_path: str | None = "mlp.down_proj"  # its output projection (an nn.Linear)
+    gguf_down_proj: str = "ffn_down"  # that projection's GGUF tensor name in blk.N.
+    mlp_feeds_residual: bool = True  # False when a norm sits between MLP and residual
+    final_norm_path: str = "model.norm"  # the norm before the LM head
     examples: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -47,12 +55,27 @@ class ArchitectureSpec:
         start, end = match.span(1)
         return f"{tensor_name[:start]}{new_index}{tensor_name[end:]}"
 
+    @property
+    def healable(self) -> bool:
+        return bool(self.mlp_path and self.down_proj_path and self.mlp_feeds_residual)
+
+    def down_proj_tensor(self, layer: int) -> str:
+        """Checkpoint name of a layer's MLP down projection weight."""
+        return f"{self.layers_path}.{layer}.{self.down_proj_path}.weight"
+
     def decoder_layers(self, model):
         """The ``nn.ModuleList`` of decoder blocks of a loaded model."""
         module = model
         for attr in self.layers_path.split("."):
             module = getattr(module, attr)
         return module
+
+
+def submodule(root, path: str):
+    """``root.a.b.c`` for ``path`` ``"a.b.c"``."""
+    for attr in filter(None, path.split(".")):
+        root = getattr(root, attr)
+    return root
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {

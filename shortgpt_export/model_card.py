@@ -31,6 +31,7 @@ def render_model_card(
         f"Metric: `{plan.metric}` (Block Influence = 1 - mean cosine similarity "
         "between a layer's input and output hidden state; Men et al. 2024, arXiv 2403.03853).",
     ]
+    lines += _recipe_lines(plan)
     if calibration:
         lines.append(
             f"Calibration: {calibration.get('source')}, {calibration.get('tokens')} tokens, "
@@ -44,3 +45,49 @@ def render_model_card(
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"
+
+
+def _recipe_lines(plan: Plan) -> list[str]:
+    """Selection strategy, what it measured, and the healing fits."""
+    lines = ["", f"Selection: `{plan.strategy}`."]
+    selection = plan.selection or {}
+    if plan.strategy == "greedy" and selection.get("steps"):
+        lines += [
+            "",
+            "| step | removed layer | calibration loss after | seconds |",
+            "|---:|---:|---:|---:|",
+        ]
+        for number, step in enumerate(selection["steps"], 1):
+            lines.append(
+                f"| {number} | {step['layer']} | {step['loss']:.4f} | {step['seconds']:.1f} |"
+            )
+    if plan.strategy == "block" and "distance" in selection:
+        lines.append(
+            f"Block of {len(plan.remove)} from layer {selection['start']}: angular distance "
+            f"{selection['distance']:.4f} between its input and output (Gromov et al. 2024)."
+        )
+    if plan.heal:
+        lines += [
+            "",
+            "Healing: a least-squares linear patch per removed run, merged into the MLP down "
+            "projection of the layer before it (the architecture is unchanged).",
+            "",
+            "| removed run | patched layer | relative residual before | after |",
+            "|---|---:|---:|---:|",
+        ]
+        for run in plan.heal.get("runs", []):
+            span = f"{run['run'][0]}..{run['run'][1]}"
+            if run.get("patched_layer") is None:
+                lines.append(f"| {span} | not healed: {run['skipped']} | | |")
+            else:
+                lines.append(
+                    f"| {span} | {run['patched_layer']} | {run['residual_before']:.4f} "
+                    f"| {run['residual_after']:.4f} |"
+                )
+    if plan.budget:
+        b = plan.budget
+        lines.append(
+            f"\nBudget: {b['chosen']} layers removed, the most whose held-out perplexity stays "
+            f"within {b['max_ppl_increase']}x the original's ({b['original_perplexity']:.2f})."
+        )
+    return lines

@@ -13,9 +13,12 @@ from pathlib import Path
 from .artifacts import Artifact
 from .calibration import check_calibration_source, load_calibration
 from .errors import NonFiniteScoreError, PlanError, ShortGPTError
+from .healing import DEFAULT_HEAL, PATCH_FILE, save_patches
 from .output import check_no_overlap, check_writable, staged_output
 from .planning import Plan, make_plan
 from .progress import ProgressFactory, no_progress
+from .pruning import healed
+from .recipe import DEFAULT_SELECT_TOKENS, Recipe, choose, split_calibration
 from .scoring import LayerScores, score_model
 from .source import (
     HUB_ID,
@@ -57,6 +60,20 @@ class PlanOptions:
     remove: int | None = None
     ratio: float | None = None
     layers: list[int] | None = None
+    select: str = "score"  # score | greedy | block (selection.py)
+    heal: str = DEFAULT_HEAL  # none | linear (healing.py)
+    auto: bool = False  # --remove auto / --ratio auto: the most layers within the budget
+    select_tokens: int = DEFAULT_SELECT_TOKENS  # calibration tokens greedy selection uses
+
+    def recipe(self, max_ppl_increase: float | None, batch_size: int) -> Recipe:
+        return Recipe(
+            select=self.select,
+            heal=self.heal,
+            auto=self.auto,
+            max_ppl_increase=max_ppl_increase,
+            select_tokens=self.select_tokens,
+            batch_size=batch_size,
+        )
 
 
 @dataclass
@@ -75,6 +92,9 @@ class RunResult:
             "num_layers": self.plan.num_layers,
             "remove": self.plan.remove,
             "keep": self.plan.keep,
+            "strategy": self.plan.strategy,
+            "heal": self.plan.heal,
+            "budget": self.plan.budget,
             "artifacts": [a.to_dict() for a in self.artifacts],
             "report": self.report,
         }
@@ -180,6 +200,10 @@ def _load(source: ModelSource, opts: ModelOptions, progress: ProgressFactory) ->
 
 def _check_plan_request(num_layers: int, plan_opts: PlanOptions) -> None:
     """Fail on an impossible request before the (slow) scoring, not after it."""
+    if plan_opts.auto:
+        if plan_opts.remove is not None or plan_opts.ratio is not None or plan_opts.layers:
+            raise PlanError("--remove auto / --ratio auto goes without other layer counts")
+        return
     make_plan(
         num_layers,
         [0.0] * num_layers,
@@ -189,7 +213,15 @@ def _check_plan_request(num_layers: int, plan_opts: PlanOptions) -> None:
     )
 
 
-def _score(loaded: LoadedModel, opts: ScoreOptions, progress: ProgressFactory) -> LayerScores:
+def _score(
+    loaded: LoadedModel,
+    opts: ScoreOptions,
+    progress: ProgressFactory,
+    *,
+    blocks: bool = False,
+    holdout: bool = False,
+):
+    """Scores (on the calibration windows not held out), and (fit windows, held-out)."""
     with progress("reading calibration text", None):
         calib = load_calibration(
             loaded.tokenizer,
@@ -198,14 +230,33 @@ def _score(loaded: LoadedModel, opts: ScoreOptions, progress: ProgressFactory) -
             max_tokens=opts.calib_tokens,
             seed=opts.seed,
         )
-    return score_model(
+    fit, held_out = split_calibration(calib, holdout)
+    scores = score_model(
         loaded,
-        calib,
+        fit,
         metric=opts.metric,
         batch_size=opts.batch_size,
         seed=opts.seed,
+        blocks=blocks,
         progress=progress,
     )
+    return scores, fit, held_out
+
+
+def _patch_dtype(source: ModelSource):
+    """Healed weights are stored in the checkpoint's own dtype (F32 for GGUF sources)."""
+    import torch
+
+    if source.kind != "hf":
+        return torch.float32
+    from .pruning import source_tensors
+    from .safetensors_io import TORCH_DTYPES
+
+    some = next(
+        (r for name, r in source_tensors(source.path).items() if source.spec.layer_of(name) == 0),
+        None,
+    )
+    return getattr(torch, TORCH_DTYPES.get(some.dtype, "float32")) if some else torch.float32
 
 
 def _report_entry(art: Artifact, folder: str, *, pruned: bool) -> dict:
@@ -341,48 +392,74 @@ def run(
     _check_layer_count(source)
     _check_plan_request(source.num_layers, plan_opts)
     _check_with_source(formats, source, export_options or {})
+    recipe = plan_opts.recipe(max_ppl_increase, score_opts.batch_size)
+    recipe.check(source.spec)
     loaded = _load(source, model_opts, progress)
-    scores = _score(loaded, score_opts, progress)
+    scores, calib, held_out = _score(
+        loaded,
+        score_opts,
+        progress,
+        blocks=plan_opts.select == "block",
+        holdout=plan_opts.auto,
+    )
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
-    plan = make_plan(
-        scores.num_layers,
-        scores.scores,
+    choice = choose(
+        loaded,
+        calib,
+        scores,
+        recipe,
         remove=plan_opts.remove,
         ratio=plan_opts.ratio,
         layers=plan_opts.layers,
-        metric=scores.metric,
+        held_out=held_out,
+        progress=progress,
     )
+    plan = choice.plan
     if not plan.remove:
         log.warning("the plan removes no layer: the output is the unpruned model")
     artifacts: list[Artifact] = []
     report = None
     with staged_output(out, force=force) as stage:
+        weights = None
+        if choice.heal is not None:
+            plan.heal = choice.heal.describe()
+            if choice.heal.weights:
+                save_patches(
+                    stage / PATCH_FILE, source.spec, choice.heal.weights, _patch_dtype(source)
+                )
+                plan.patch_file, plan.root = PATCH_FILE, str(stage)
+                weights = plan.patch_weights(source.spec)
         plan.save(stage / "plan.json")
+        if plan.budget:
+            from .report import budget_plot
+
+            budget_plot(plan.budget, stage / "budget.png")
         if not dry_run:
             scores.save(stage / "scores.json")
-            artifacts = _export(
-                formats,
-                source,
-                plan,
-                stage,
-                loaded,
-                scores.calibration,
-                export_options or {},
-                progress,
-            )
-            if validate is not None:
-                report = _baseline_and_validate(
+            with healed(loaded.model, plan.keep, weights):
+                artifacts = _export(
                     formats,
                     source,
                     plan,
                     stage,
                     loaded,
-                    artifacts,
-                    scores,
+                    scores.calibration,
                     export_options or {},
-                    validate,
                     progress,
                 )
+                if validate is not None:
+                    report = _baseline_and_validate(
+                        formats,
+                        source,
+                        plan,
+                        stage,
+                        loaded,
+                        artifacts,
+                        scores,
+                        export_options or {},
+                        validate,
+                        progress,
+                    )
     result = RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts, report=report)
     if validate is not None:
         from .validation.run import check_quality_gate
@@ -426,7 +503,7 @@ def score(
     check_calibration_source(score_opts.calib, score_opts.calib_tokens)
     _check_layer_count(source)
     loaded = _load(source, model_opts, progress)
-    scores = _score(loaded, score_opts, progress)
+    scores = _score(loaded, score_opts, progress, blocks=True)[0]
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     text = json.dumps(scores.__dict__, indent=2, allow_nan=False) + "\n"
     _write_file_atomically(path, text, force)
@@ -465,11 +542,18 @@ def prune(
     _check_with_source(formats, source, export_options or {})
     needed = _needs_model(formats, source, export_options or {})
     loaded = _load(source, model_opts, progress) if needed else None
+    weights = plan.patch_weights(source.spec)
     with staged_output(out, force=force) as stage:
+        if weights:
+            import shutil
+
+            shutil.copy2(plan.patch_path(), stage / PATCH_FILE)
+            plan.patch_file, plan.root = PATCH_FILE, str(stage)
         plan.save(stage / "plan.json")
-        artifacts = _export(
-            formats, source, plan, stage, loaded, None, export_options or {}, progress
-        )
+        with healed(loaded.model if loaded else None, plan.keep, weights):
+            artifacts = _export(
+                formats, source, plan, stage, loaded, None, export_options or {}, progress
+            )
     return RunResult(out=out, scores=None, plan=plan, artifacts=artifacts)
 
 

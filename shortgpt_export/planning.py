@@ -22,10 +22,31 @@ class Plan:
     metric: str
     reason: str
     scores: list[float] | None = field(default=None)
+    strategy: str = "score"  # score | greedy | block (selection.py)
+    selection: dict | None = None  # what the strategy measured: per-step losses, distances
+    heal: dict | None = None  # healing.py: method, per-run fit residuals
+    budget: dict | None = None  # --remove auto: the held-out perplexity curve
+    patch_file: str | None = None  # healed weights, relative to plan.json's folder
+    root: str | None = field(default=None, compare=False)  # that folder; not saved
 
     def save(self, path: Path) -> None:
-        text = json.dumps(asdict(self), indent=2, allow_nan=False)  # strict JSON
+        data = asdict(self)
+        del data["root"]
+        text = json.dumps(data, indent=2, allow_nan=False)  # strict JSON
         Path(path).write_text(text + "\n", encoding="utf-8")
+
+    def patch_path(self) -> Path | None:
+        """The healed-weights file, or None for a plain removal."""
+        if not self.patch_file:
+            return None
+        return Path(self.root or ".") / self.patch_file
+
+    def patch_weights(self, spec) -> dict | None:
+        """Healed down-projection weights by original layer index, or None."""
+        from .healing import load_patches
+
+        path = self.patch_path()
+        return load_patches(path, spec) if path is not None else None
 
     @classmethod
     def load(cls, path: Path) -> Plan:
@@ -34,6 +55,12 @@ class Plan:
             plan = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except (OSError, ValueError, TypeError, RecursionError) as exc:
             raise PlanError(f"cannot read plan {path}: {exc}", hint="pass a plan.json") from exc
+        plan.root = str(Path(path).parent)
+        if plan.patch_file and not (plan.patch_path() or Path()).is_file():
+            raise PlanError(
+                f"{path} names healed weights {plan.patch_file} that are not beside it",
+                hint="keep the plan's folder together",
+            )
         check_indices(plan.remove, plan.num_layers)
         if sorted(plan.keep + plan.remove) != list(range(plan.num_layers)):
             raise PlanError(f"{path}: keep and remove do not partition {plan.num_layers} layers")

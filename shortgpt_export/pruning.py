@@ -45,13 +45,59 @@ def prune_config_dict(config: dict, spec: ArchitectureSpec, keep: list[int]) -> 
     return new
 
 
+HEAL_ATTR = "_shortgpt_heal"
+
+
+@contextmanager
+def healed(model, keep: list[int], weights: dict[int, object] | None) -> Iterator[object]:
+    """While inside, every :func:`pruned_view` of ``model`` with exactly ``keep`` is the
+    healed model: the patched down-projection ``weights`` (by original layer) replace the
+    originals. The full model (and any other ``keep``) stays the original."""
+    if not weights or model is None:
+        yield model
+        return
+    setattr(model, HEAL_ATTR, (tuple(keep), weights))
+    try:
+        yield model
+    finally:
+        delattr(model, HEAL_ATTR)
+
+
+@contextmanager
+def _patched(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[None]:
+    from .architectures import submodule
+
+    heal = getattr(model, HEAL_ATTR, None)
+    if heal is None or heal[0] != tuple(keep):
+        yield
+        return
+    layers = spec.decoder_layers(model)
+    saved = {}
+    try:
+        for index, weight in heal[1].items():
+            linear = submodule(layers[index], spec.down_proj_path)
+            saved[index] = linear.weight.data
+            linear.weight.data = weight.to(device=saved[index].device, dtype=saved[index].dtype)
+        yield
+    finally:
+        for index, data in saved.items():
+            submodule(layers[index], spec.down_proj_path).weight.data = data
+
+
 @contextmanager
 def pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[object]:
     """Temporarily turn ``model`` into its pruned self (no weight copies); restore on exit.
 
     Kept blocks are renumbered (``layer_idx`` of attention modules, so the KV cache uses
-    contiguous slots) and the config's layer count and per-layer lists follow.
+    contiguous slots) and the config's layer count and per-layer lists follow. Inside
+    :func:`healed` for the same ``keep``, the healed weights are in place.
     """
+    with _patched(model, spec, keep), _pruned_view(model, spec, keep) as view:
+        yield view
+
+
+@contextmanager
+def _pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[object]:
     import torch
 
     container_path, _, attr = spec.layers_path.rpartition(".")
@@ -134,13 +180,19 @@ def index_shards(folder: Path) -> list[Path] | None:
     return shards
 
 
-def source_tensors(folder: Path) -> dict[str, TensorRef]:
+def source_tensors(folder: Path, patch_file: str | Path | None = None) -> dict[str, TensorRef]:
+    """Tensor locations of a safetensors folder; ``patch_file`` (healing) overrides some."""
     files = index_shards(folder)
     if files is None:
         files = sorted(folder.glob("*.safetensors"))
     tensors: dict[str, TensorRef] = {}
     for file in files:
         tensors.update(read_header(file)[0])
+    if patch_file is not None:
+        for name, ref in read_header(Path(patch_file))[0].items():
+            if name not in tensors or tensors[name].shape != ref.shape:
+                raise CorruptModelError(f"{patch_file}: {name} does not match the model")
+            tensors[name] = ref
     return tensors
 
 
@@ -187,7 +239,7 @@ def write_pruned_safetensors(
     progress: ProgressFactory = no_progress,
 ) -> int:
     """Stream the kept tensors of ``folder`` into shards in ``out_dir``; returns bytes written."""
-    refs = plan_tensors(source_tensors(folder), spec, plan)
+    refs = plan_tensors(source_tensors(folder, plan.patch_path()), spec, plan)
     shards = _shard(refs, max_shard_bytes)
     names = (
         ["model.safetensors"]
@@ -261,7 +313,11 @@ def write_pruned_model(
     else:
         if loaded is None:
             raise ValueError("a GGUF or pickle source is pruned from the loaded model")
-        with progress("writing pruned model", None), pruned_view(loaded.model, spec, plan.keep):
+        with (
+            progress("writing pruned model", None),
+            healed(loaded.model, plan.keep, plan.patch_weights(spec)),
+            pruned_view(loaded.model, spec, plan.keep),
+        ):
             loaded.model.save_pretrained(out_dir, safe_serialization=True)
         loaded.tokenizer.save_pretrained(out_dir)
     card = render_model_card(

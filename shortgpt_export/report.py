@@ -285,3 +285,24 @@ def write_report(
     text = json.dumps(strict_json(report), indent=2, allow_nan=False)
     (out / "report.json").write_text(text + "\n", encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+
+
+def budget_plot(budget: dict, path: Path) -> None:
+    """Held-out perplexity against layers removed (``--remove auto``), with the limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = budget["curve"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([c["removed"] for c in curve], [c["perplexity"] for c in curve], marker="o")
+    ax.axhline(budget["limit"], color="tab:red", linestyle="--", label="budget")
+    ax.axvline(budget["chosen"], color="tab:green", linestyle=":", label="chosen")
+    ax.set_xlabel("layers removed")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -34,15 +34,29 @@ def token_metric(x, y, metric: str):
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
 
 
-class _LayerAccumulator:
-    """Hooks for one scoring pass; holds the running sums of every layer."""
+def _unit(x):
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    def __init__(self, num_layers: int, metric: str):
+
+class _LayerAccumulator:
+    """Hooks for one scoring pass; holds the running sums of every layer.
+
+    With ``blocks``, it also sums the angular distance between the input of every layer
+    ``s`` and the output of every later layer (Gromov et al.'s block distance), keeping
+    the current batch's unit-normalized block inputs until the batch ends.
+    """
+
+    def __init__(self, num_layers: int, metric: str, blocks: bool = False):
         self.metric = metric
         self.sums = [0.0] * num_layers
         self.counts = [0] * num_layers
         self.mask = None  # [batch, seq] bool of real tokens for the current batch
         self._inputs: dict[int, object] = {}
+        self.blocks = blocks
+        # block_sums[n - 1][s]: summed distance, input of s to output of s + n - 1
+        self.block_sums = [[0.0] * (num_layers - n) for n in range(num_layers)]
+        self._units: dict[int, object] = {}
 
     def pre_hook(self, index: int):
         def hook(module, args, kwargs):
@@ -53,11 +67,31 @@ class _LayerAccumulator:
     def post_hook(self, index: int):
         def hook(module, args, kwargs, output):
             out = output[0] if isinstance(output, tuple) else output
-            values = token_metric(self._inputs.pop(index), out, self.metric)
+            x = self._inputs.pop(index)
+            values = token_metric(x, out, self.metric)
             self.sums[index] += float(values[self.mask].double().sum())
             self.counts[index] += int(self.mask.sum())
+            if self.blocks:
+                self._add_blocks(index, x, out)
 
         return hook
+
+    def _add_blocks(self, index: int, x, out) -> None:
+        import torch
+
+        if index == 0:
+            self._units.clear()
+        self._units[index] = _unit(x)[self.mask]
+        y = _unit(out)[self.mask]
+        for start, xs in self._units.items():
+            cos = (xs * y).sum(-1).clamp(-1.0, 1.0)
+            dist = torch.arccos(cos) / math.pi
+            self.block_sums[index - start][start] += float(dist.double().sum())
+
+    def block_distances(self) -> list[list[float]]:
+        """``[n - 1][s]``: mean angular distance from the input of s to the output of s+n-1."""
+        count = self.counts[0]
+        return [[v / count if count else float("nan") for v in row] for row in self.block_sums]
 
     def scores(self) -> list[float]:
         return [s / c if c else float("nan") for s, c in zip(self.sums, self.counts, strict=True)]
@@ -74,6 +108,9 @@ class LayerScores:
     calibration: dict = field(default_factory=dict)
     device: str = "cpu"
     seconds: float = 0.0
+    # [n - 1][s]: mean angular distance between the input of layer s and the output of
+    # layer s + n - 1 (Gromov et al. 2024); block selection picks the smallest of row n - 1
+    block_distances: list[list[float]] | None = None
 
     def ranking(self) -> list[int]:
         """Layer indices from least to most influential."""
@@ -104,12 +141,14 @@ def score_layers(
     *,
     metric: str = "bi",
     batch_size: int = 4,
+    blocks: bool = False,
     progress: ProgressFactory = no_progress,
-) -> list[float]:
+) -> list[float] | tuple[list[float], list[list[float]]]:
     """Mean per-token ``metric`` of each decoder layer of ``model`` over ``calib``.
 
     Runs the model's base (no LM head: the logits are not needed) once over the
-    calibration windows with hooks on every decoder block.
+    calibration windows with hooks on every decoder block. With ``blocks``, returns
+    ``(scores, block_distances)`` from the same pass.
     """
     import torch
 
@@ -120,7 +159,7 @@ def score_layers(
     layers = spec.decoder_layers(model)
     base = getattr(model, model.base_model_prefix, model)
     device = next(model.parameters()).device
-    acc = _LayerAccumulator(len(layers), metric)
+    acc = _LayerAccumulator(len(layers), metric, blocks=blocks)
     handles = []
     for index, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(acc.pre_hook(index), with_kwargs=True))
@@ -137,7 +176,7 @@ def score_layers(
     finally:
         for handle in handles:
             handle.remove()
-    return acc.scores()
+    return (acc.scores(), acc.block_distances()) if blocks else acc.scores()
 
 
 def score_model(
@@ -147,6 +186,7 @@ def score_model(
     metric: str = "bi",
     batch_size: int = 4,
     seed: int = 0,
+    blocks: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> LayerScores:
     """Score every layer of a loaded model and package the result as ``scores.json`` data."""
@@ -161,8 +201,12 @@ def score_model(
         calib,
         metric=metric,
         batch_size=batch_size,
+        blocks=blocks,
         progress=progress,
     )
+    distances = None
+    if blocks:
+        values, distances = values
     seconds = time.perf_counter() - began
     log.info("scored %d layers on %d tokens in %.1f s", len(values), calib.tokens, seconds)
     return LayerScores(
@@ -173,4 +217,5 @@ def score_model(
         calibration=calib.describe(),
         device=device,
         seconds=round(seconds, 3),
+        block_distances=distances,
     )

@@ -124,8 +124,17 @@ class GGUFConverter:
             )
         if ctx.source.kind == "gguf":
             target = staging / "pruned-source.gguf"
+            weights = ctx.plan.patch_weights(ctx.source.spec) or {}
+            patches = {
+                f"blk.{p}.{ctx.source.spec.gguf_down_proj}.weight": w.float().numpy()
+                for p, w in weights.items()
+            }
             with ctx.progress("pruning GGUF", None):
-                info = prune_gguf(ctx.source.path, ctx.plan, target, progress=ctx.progress)
+                info = prune_gguf(
+                    ctx.source.path, ctx.plan, target, patches=patches, progress=ctx.progress
+                )
+            if patches:
+                log.info("healed down projections written as F32 into %s", target.name)
             return target, info.file_type or "source"
         base_type = "F32" if any(q.name == "F32" for q in quants) else "F16"
         target = staging / f"pruned-{base_type}.gguf"

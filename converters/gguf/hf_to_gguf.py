@@ -136,7 +136,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
         )
 
     refs: list[tuple[str, TensorRef | None]] = []
-    for ref in plan_tensors(source_tensors(folder), spec, plan):
+    for ref in plan_tensors(source_tensors(folder, plan.patch_path()), spec, plan):
         if ref.name.endswith(SKIP_SUFFIXES):
             continue
         gguf_name = name_map.get_name(ref.name, try_suffixes=(".weight", ".bias"))

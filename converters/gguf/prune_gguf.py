@@ -90,10 +90,22 @@ def sliced_metadata(reader, arch: str, keep: list[int]):
 
 
 def prune_gguf(
-    src: Path, plan: Plan, dst: Path, *, progress: ProgressFactory = no_progress
+    src: Path,
+    plan: Plan,
+    dst: Path,
+    *,
+    patches: dict | None = None,
+    progress: ProgressFactory = no_progress,
 ) -> GGUFInfo:
-    """Write ``dst``: ``src`` without the layers ``plan`` removes; returns the source's info."""
-    from gguf import GGUFWriter
+    """Write ``dst``: ``src`` without the layers ``plan`` removes; returns the source's info.
+
+    ``patches`` (healing) maps source tensor names to float arrays in numpy layout; those
+    tensors are written as F32 in their place, every other tensor is copied byte for byte.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    patches = dict(patches or {})
 
     reader = open_gguf(src)
     info = gguf_info(reader)
@@ -120,18 +132,30 @@ def prune_gguf(
             if layer not in new_index:
                 continue
             name = f"blk.{new_index[layer]}.{name[match.end() :]}"
+        if tensor.name in patches:
+            array = np.ascontiguousarray(patches.pop(tensor.name), dtype=np.float32)
+            if array.shape != tuple(reversed([int(n) for n in tensor.shape])):
+                raise PlanError(f"healed {tensor.name} has shape {array.shape}, not the source's")
+            kept.append(array)
+            writer.add_tensor_info(
+                name, array.shape, array.dtype, array.nbytes, GGMLQuantizationType.F32
+            )
+            continue
         kept.append(tensor)
         writer.add_tensor_info(
             name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
         )
+    if patches:
+        raise PlanError(f"healed tensors {sorted(patches)} are not in {src}")
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with progress(f"writing {dst.name}", sum(t.n_bytes for t in kept)) as advance:
-            for tensor in kept:
-                writer.write_tensor_data(tensor.data)
-                advance(tensor.n_bytes)
+        sizes = [t.nbytes if isinstance(t, np.ndarray) else t.n_bytes for t in kept]
+        with progress(f"writing {dst.name}", sum(sizes)) as advance:
+            for tensor, size in zip(kept, sizes, strict=True):
+                writer.write_tensor_data(tensor if isinstance(tensor, np.ndarray) else tensor.data)
+                advance(size)
     finally:
         writer.close()
     return info

@@ -110,14 +110,59 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _count_or_auto(kind):
+    def parse(text: str):
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from exc
+
+    return parse
+
+
 def add_plan_args(parser: argparse.ArgumentParser) -> None:
+    from ..healing import DEFAULT_HEAL, HEAL_METHODS
+    from ..recipe import DEFAULT_SELECT_TOKENS
+    from ..selection import STRATEGIES
+
     group = parser.add_argument_group("which layers to remove (default: 25%% lowest-scored)")
     exclusive = group.add_mutually_exclusive_group()
     exclusive.add_argument(
-        "--remove", type=int, metavar="N", help="remove the N lowest-scored layers"
+        "--remove",
+        type=_count_or_auto(int),
+        metavar="N|auto",
+        help="remove N layers; auto: the most whose held-out perplexity stays within "
+        "--max-ppl-increase times the original's",
     )
     exclusive.add_argument(
-        "--ratio", type=float, metavar="R", help="remove this fraction of the layers"
+        "--ratio",
+        type=_count_or_auto(float),
+        metavar="R|auto",
+        help="remove this fraction of the layers (auto: as --remove auto)",
+    )
+    group.add_argument(
+        "--select",
+        choices=STRATEGIES,
+        default="score",
+        help="score: the N lowest by --metric (ShortGPT, default); greedy: one at a time by "
+        "calibration loss (SLEB); block: the N contiguous layers with the closest input "
+        "and output (Gromov et al.)",
+    )
+    group.add_argument(
+        "--heal",
+        choices=HEAL_METHODS,
+        default=DEFAULT_HEAL,
+        help="linear: merge a least-squares patch per removed run into the previous "
+        f"layer's MLP down projection; none: plain removal (default {DEFAULT_HEAL})",
+    )
+    group.add_argument(
+        "--select-tokens",
+        type=int,
+        default=DEFAULT_SELECT_TOKENS,
+        metavar="N",
+        help=f"calibration tokens greedy selection uses (default {DEFAULT_SELECT_TOKENS})",
     )
     exclusive.add_argument(
         "--layers",
@@ -311,7 +356,16 @@ def score_options(args) -> ScoreOptions:
 
 
 def plan_options(args) -> PlanOptions:
-    return PlanOptions(remove=args.remove, ratio=args.ratio, layers=args.layers)
+    auto = "auto" in (args.remove, args.ratio)
+    return PlanOptions(
+        remove=None if auto else args.remove,
+        ratio=None if auto else args.ratio,
+        layers=args.layers,
+        select=args.select,
+        heal=args.heal,
+        auto=auto,
+        select_tokens=args.select_tokens,
+    )
 
 
 def setup_logging(verbose: bool) -> None:

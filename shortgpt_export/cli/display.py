@@ -46,10 +46,14 @@ def scores_table(scores: LayerScores, plan: Plan | None = None) -> Table:
 
 
 def plan_line(plan: Plan) -> str:
-    return (
+    line = (
         f"plan: {plan.reason}: remove {plan.remove}, keep {len(plan.keep)} of "
         f"{plan.num_layers} layers"
     )
+    fits = [r for r in (plan.heal or {}).get("runs", []) if r.get("patched_layer") is not None]
+    if plan.heal:
+        line += f"; healed {len(fits)} of {len(plan.heal['runs'])} removed runs"
+    return line
 
 
 def artifacts_table(artifacts: list[Artifact], out) -> Table:

@@ -1,0 +1,289 @@
+"""Training-free linear healing: one least-squares patch per removed run of layers.
+
+For each maximal run of removed layers ``[a..b]`` with a kept layer ``p = a - 1`` before
+it, a linear map ``T`` (hidden x hidden) is fitted by ridge least squares so that layer
+p's MLP output ``m`` times ``T`` plus p's post-attention residual ``r`` reproduces the
+original model's output of layer ``b``::
+
+    min_T  sum_tokens |r + m T - y|^2 + lam |T - I|^2
+
+Only hidden x hidden Gram matrices are accumulated (float64, pads masked), never all
+tokens' activations. Since ``m = act W^T``, ``m T = act (T^T W)^T``: the patch is merged
+into p's down projection (``W <- T^T W``) and the model keeps its architecture. Runs are
+healed front to back on the pruned model, each fitted against the original model's
+hidden states, so later fits see the earlier patches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .architectures import ArchitectureSpec, submodule
+from .calibration import CalibrationSet
+from .errors import ShortGPTError
+from .layerwise import Batch, Stack
+from .progress import ProgressFactory, no_progress
+
+log = logging.getLogger(__name__)
+
+HEAL_METHODS = ("none", "linear")
+DEFAULT_HEAL = "linear"  # RESULTS.md: lowers perplexity at N = 4, 7, 8 with BI selection
+DEFAULT_RIDGE = 1e-3  # times the mean diagonal of m^T m
+WEIGHTINGS = ("none", "token")
+DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
+PATCH_FILE = "heal.safetensors"
+
+
+class HealingError(ShortGPTError):
+    """This model family cannot be healed by merging a patch into its MLP."""
+
+
+def check_healable(spec: ArchitectureSpec, method: str) -> None:
+    if method not in HEAL_METHODS:
+        raise ShortGPTError(f"unknown --heal {method!r}", hint=f"use {' or '.join(HEAL_METHODS)}")
+    if method == "linear" and not spec.healable:
+        raise HealingError(
+            f"--heal linear cannot patch {spec.display_name}: its MLP output is not added "
+            "straight to the residual stream",
+            hint="use --heal none",
+        )
+
+
+def removed_runs(remove: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs ``(a, b)`` of consecutive removed layers, front to back."""
+    runs: list[tuple[int, int]] = []
+    for index in sorted(remove):
+        if runs and runs[-1][1] == index - 1:
+            runs[-1] = (runs[-1][0], index)
+        else:
+            runs.append((index, index))
+    return runs
+
+
+def skip_reason(run: tuple[int, int], num_layers: int) -> str | None:
+    if run[0] == 0:
+        return "starts at layer 0: no kept layer before it to patch"
+    if run[1] == num_layers - 1:
+        return "ends at the last layer: the final norm follows, no hidden state to match"
+    return None
+
+
+class GramFit:
+    """Running sums for ``min_T |r + m T - y|^2`` (float64), and the ridge solution."""
+
+    def __init__(self, hidden: int):
+        import torch
+
+        self.mm = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.me = torch.zeros(hidden, hidden, dtype=torch.float64)
+        self.ee = 0.0  # sum |y - r|^2
+        self.yy = 0.0  # sum |y|^2
+        self.tokens = 0
+
+    def add(self, m, r, y, weighting: str = "none") -> None:
+        """Rows of real tokens only: ``m``, ``r``, ``y`` are [tokens, hidden].
+
+        ``weighting="token"`` weighs each token by ``1 / |y|^2``, so that the few tokens
+        with massive activations (attention sinks) do not decide the fit alone.
+        """
+        m, e, y = m.double(), (y.double() - r.double()), y.double()
+        w = None
+        if weighting == "token":
+            w = 1.0 / (y * y).sum(-1, keepdim=True).clamp_min(1e-12)
+        mw = m * w if w is not None else m
+        self.mm += mw.T @ m
+        self.me += mw.T @ e
+        self.ee += float(((e * w) if w is not None else e).mul(e).sum())
+        self.yy += float(((y * w) if w is not None else y).mul(y).sum())
+        self.tokens += m.shape[0]
+
+    def solve(self, ridge: float = DEFAULT_RIDGE):
+        import torch
+
+        eye = torch.eye(self.mm.shape[0], dtype=torch.float64)
+        lam = ridge * float(self.mm.diagonal().mean())
+        return torch.linalg.solve(self.mm + lam * eye, self.me + lam * eye)
+
+    def relative_residual(self, t) -> float:
+        """``|r + m T - y| / |y|`` over the accumulated tokens."""
+        sq = float((t * (self.mm @ t)).sum() - 2 * (t * self.me).sum()) + self.ee
+        return (max(sq, 0.0) / self.yy) ** 0.5 if self.yy else 0.0
+
+
+def mlp_parts(stack: Stack, index: int, hidden, batch: Batch):
+    """Run block ``index``; returns (its output, its MLP output ``m``); ``r`` = out - m."""
+    captured = {}
+    mlp = submodule(stack.layers[index], stack.spec.mlp_path)
+    handle = mlp.register_forward_hook(lambda mod, args, out: captured.__setitem__("m", out))
+    try:
+        out = stack.run(index, hidden, batch)
+    finally:
+        handle.remove()
+    return out, captured["m"]
+
+
+def down_proj(stack: Stack, index: int):
+    return submodule(stack.layers[index], stack.spec.down_proj_path)
+
+
+def patched_weight(weight, t):
+    """``T^T W`` in ``weight``'s dtype (``t`` float64)."""
+    return (t.T @ weight.double()).to(weight.dtype)
+
+
+@dataclass
+class HealResult:
+    """Patched down-projection weights by original layer index, and what each fit did."""
+
+    weights: dict[int, object] = field(default_factory=dict)
+    runs: list[dict] = field(default_factory=list)
+    ridge: float = DEFAULT_RIDGE
+    tokens: int = 0
+    seconds: float = 0.0
+
+    weighting: str = DEFAULT_WEIGHTING
+
+    def describe(self) -> dict:
+        return {
+            "method": "linear",
+            "ridge": self.ridge,
+            "weighting": self.weighting,
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 3),
+            "runs": self.runs,
+        }
+
+
+def heal_linear(
+    model,
+    spec: ArchitectureSpec,
+    calib: CalibrationSet,
+    remove: list[int],
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    weighting: str = DEFAULT_WEIGHTING,
+    batch_size: int = 4,
+    batches: list[Batch] | None = None,
+    original_states: list | None = None,
+    progress: ProgressFactory = no_progress,
+) -> HealResult:
+    """Fit one patch per healable removed run; ``model`` is left unchanged.
+
+    ``batches`` and ``original_states`` (per block input, per batch: ``[n + 1][batch]``
+    from :class:`Stack`) may be passed in when several plans are healed on one model.
+    """
+    import time
+
+    import torch
+
+    check_healable(spec, "linear")
+    began = time.perf_counter()
+    stack = Stack(model, spec)
+    n = len(stack.layers)
+    keep = [i for i in range(n) if i not in set(remove)]
+    result = HealResult(ridge=ridge, weighting=weighting)
+    runs = removed_runs(remove)
+    todo = []
+    for run in runs:
+        reason = skip_reason(run, n)
+        if reason:
+            log.warning("run of layers %d..%d left unhealed: %s", run[0], run[1], reason)
+            result.runs.append({"run": list(run), "patched_layer": None, "skipped": reason})
+        else:
+            todo.append(run)
+    if not todo:
+        return result
+    originals = {a - 1: down_proj(stack, a - 1).weight.detach().clone() for a, _ in todo}
+    try:
+        with torch.inference_mode():
+            if batches is None:
+                batches = stack.record(calib, batch_size)
+            # the original model's output of each run's last layer, per batch (real tokens)
+            targets: list[dict[int, object]] = []
+            last = max(b for _, b in todo)
+            # blocks before ``position`` are kept and unpatched: the pruned model's state
+            # entering it is the original's
+            position = max(min(remove) - 1, 0)
+            if original_states is not None:
+                targets = [
+                    {b: original_states[b + 1][k][batch.mask] for _, b in todo}
+                    for k, batch in enumerate(batches)
+                ]
+                states = list(original_states[position])
+            else:
+                states = []
+                with progress("healing: original hidden states", len(batches)) as advance:
+                    for batch in batches:
+                        hidden, wanted = batch.embeds, {}
+                        for index in range(last + 1):
+                            if index == position:
+                                states.append(hidden)
+                            hidden = stack.run(index, hidden, batch)
+                            if any(b == index for _, b in todo):
+                                wanted[index] = hidden[batch.mask]
+                        targets.append(wanted)
+                        advance(1)
+            # the pruned model's state per batch (entering keep[position]), front to back
+            with progress("healing: fitting patches", len(todo)) as advance:
+                for a, b in todo:
+                    p = a - 1
+                    stop = keep.index(p)
+                    fit = GramFit(states[0].shape[-1])
+                    for k, batch in enumerate(batches):
+                        states[k] = stack.run_many(keep[position:stop], states[k], batch)
+                        out, m = mlp_parts(stack, p, states[k], batch)
+                        fit.add(m[batch.mask], (out - m)[batch.mask], targets[k][b], weighting)
+                    position = stop
+                    t = fit.solve(ridge)
+                    weight = down_proj(stack, p).weight
+                    weight.data.copy_(patched_weight(originals[p], t))
+                    if down_proj(stack, p).bias is not None:
+                        raise HealingError(f"layer {p}'s down projection has a bias")
+                    eye = torch.eye(t.shape[0], dtype=torch.float64)
+                    entry = {
+                        "run": [a, b],
+                        "patched_layer": p,
+                        "residual_before": round(fit.relative_residual(eye), 6),
+                        "residual_after": round(fit.relative_residual(t), 6),
+                    }
+                    log.info("healed run %d..%d into layer %d: %s", a, b, p, entry)
+                    result.runs.append(entry)
+                    result.weights[p] = weight.detach().clone()
+                    result.tokens = fit.tokens
+                    advance(1)
+    finally:
+        for p, weight in originals.items():
+            down_proj(stack, p).weight.data.copy_(weight)
+    # plain (not inference-mode) tensors, so they can become parameters' data later
+    result.weights = {p: w.clone() for p, w in result.weights.items()}
+    result.runs.sort(key=lambda entry: entry["run"][0])
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def save_patches(
+    path: Path, spec: ArchitectureSpec, weights: dict[int, object], dtype=None
+) -> None:
+    """Write the patched weights under their checkpoint names (original layer indices)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        spec.down_proj_tensor(p): (w if dtype is None else w.to(dtype)).contiguous()
+        for p, w in sorted(weights.items())
+    }
+    save_file(tensors, str(path), metadata={"format": "pt", "shortgpt_export": "heal"})
+
+
+def load_patches(path: Path, spec: ArchitectureSpec) -> dict[int, object]:
+    """Patched weights by original layer index, as :func:`save_patches` wrote them."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name, tensor in load_file(str(path)).items():
+        layer = spec.layer_of(name)
+        if layer is None or name != spec.down_proj_tensor(layer):
+            raise ShortGPTError(f"{path}: unexpected tensor {name}", hint="re-run the healing")
+        weights[layer] = tensor
+    return weights

@@ -1,0 +1,234 @@
+"""Which layers to remove: by score (ShortGPT), greedily by loss (SLEB), or as a block.
+
+- ``score``: the N lowest by ``--metric`` (planning.make_plan).
+- ``greedy``: remove one layer at a time, each time the one whose removal gives the lowest
+  next-token loss on the calibration windows of the model as it stands (Song et al. 2024,
+  SLEB). The hidden states entering each block are cached, so a candidate costs only the
+  blocks after it; with healing in the loop, a candidate's loss is measured after fitting
+  the patch its removal would get (healing.py).
+- ``block``: the contiguous run of N layers whose input and output are closest in angular
+  distance (Gromov et al. 2024), from the scoring pass's block distances.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .architectures import ArchitectureSpec
+from .calibration import CalibrationSet
+from .errors import PlanError
+from .healing import (
+    DEFAULT_RIDGE,
+    DEFAULT_WEIGHTING,
+    GramFit,
+    check_healable,
+    down_proj,
+    mlp_parts,
+    patched_weight,
+)
+from .layerwise import Batch, Stack
+from .planning import Plan
+from .progress import ProgressFactory, no_progress
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("score", "greedy", "block")
+
+
+def check_strategy(name: str) -> None:
+    if name not in STRATEGIES:
+        raise PlanError(f"unknown --select {name!r}", hint=f"use one of: {', '.join(STRATEGIES)}")
+
+
+def block_choice(distances: list[list[float]], n: int) -> tuple[int, float]:
+    """(first layer, distance) of the closest block of ``n`` layers."""
+    row = distances[n - 1]
+    start = min(range(len(row)), key=lambda s: (row[s], s))
+    return start, row[start]
+
+
+def block_plan(
+    num_layers: int, distances: list[list[float]], n: int, scores: list[float] | None = None
+) -> Plan:
+    """Remove the ``n`` contiguous layers whose input and output are closest."""
+    if not 0 <= n < num_layers:
+        raise PlanError(f"cannot remove a block of {n} of {num_layers} layers")
+    remove: list[int] = []
+    selection: dict = {"block_distances": distances[n - 1] if n else []}
+    if n:
+        start, distance = block_choice(distances, n)
+        remove = list(range(start, start + n))
+        selection.update(start=start, distance=distance)
+    return Plan(
+        num_layers=num_layers,
+        remove=remove,
+        keep=[i for i in range(num_layers) if i not in set(remove)],
+        metric="angular",
+        reason=f"remove the block of {n} layers with the smallest input-output angular distance",
+        scores=scores,
+        strategy="block",
+        selection=selection,
+    )
+
+
+@dataclass
+class GreedyStep:
+    layer: int  # original index of the layer removed at this step
+    loss: float  # calibration next-token loss after removing it
+    seconds: float
+
+
+def greedy_plan(
+    num_layers: int, steps: list[GreedyStep], scores: list[float] | None, heal: bool
+) -> Plan:
+    """The plan of the first ``len(steps)`` greedy removals."""
+    remove = sorted(s.layer for s in steps)
+    how = " with a linear patch fitted for each candidate" if heal else ""
+    return Plan(
+        num_layers=num_layers,
+        remove=remove,
+        keep=[i for i in range(num_layers) if i not in set(remove)],
+        metric="loss",
+        reason=f"remove {len(steps)} layers greedily by calibration loss{how} (SLEB)",
+        scores=scores,
+        strategy="greedy",
+        selection={
+            "heal_in_loop": heal,
+            "steps": [
+                {"layer": s.layer, "loss": round(s.loss, 6), "seconds": round(s.seconds, 3)}
+                for s in steps
+            ],
+        },
+    )
+
+
+def greedy_steps(
+    model,
+    spec: ArchitectureSpec,
+    calib: CalibrationSet,
+    *,
+    heal: bool = False,
+    ridge: float = DEFAULT_RIDGE,
+    weighting: str = DEFAULT_WEIGHTING,
+    batch_size: int = 4,
+    progress: ProgressFactory = no_progress,
+) -> Iterator[GreedyStep]:
+    """Greedy removals one at a time (take as many as wanted); ``model`` is restored after.
+
+    ``states[j]`` holds, per batch, the hidden state entering the j-th kept block (the
+    last entry: the final output); removing block j leaves ``states[:j+1]`` valid.
+    """
+    import torch
+
+    if heal:
+        check_healable(spec, "linear")
+    stack = Stack(model, spec)
+    n = len(stack.layers)
+    originals: dict[int, object] = {}
+    try:
+        with torch.inference_mode():
+            batches = stack.record(calib, batch_size)
+            keep = list(range(n))
+            states = [[b.embeds for b in batches]]
+            with progress("greedy: caching hidden states", n) as advance:
+                for index in range(n):
+                    states.append(
+                        [stack.run(index, h, b) for h, b in zip(states[-1], batches, strict=True)]
+                    )
+                    advance(1)
+        # the original model's state entering each block, the targets of healing
+        targets = [list(s) for s in states] if heal else None
+        step = 0
+        while len(keep) > 1:
+            step += 1
+            began = time.perf_counter()
+            with torch.inference_mode():
+                fitting = (targets, originals, ridge, weighting)
+                layer, loss = _remove_best(stack, batches, keep, states, fitting, step, progress)
+                # the caller sees the unpatched model between steps
+                patched = {p: down_proj(stack, p).weight.detach().clone() for p in originals}
+                for p, weight in originals.items():
+                    down_proj(stack, p).weight.data.copy_(weight)
+            seconds = time.perf_counter() - began
+            log.info(
+                "greedy step %d: removed layer %d, loss %.4f, %.1f s", step, layer, loss, seconds
+            )
+            yield GreedyStep(layer=layer, loss=loss, seconds=seconds)
+            with torch.inference_mode():
+                for p, weight in patched.items():
+                    down_proj(stack, p).weight.data.copy_(weight)
+    finally:
+        for p, weight in originals.items():
+            down_proj(stack, p).weight.data.copy_(weight)
+
+
+def _remove_best(stack, batches, keep, states, fitting, step, progress):
+    """Remove the candidate with the lowest loss from ``keep``; update ``states`` in place."""
+    originals = fitting[1]
+    best: tuple[float, int, object] | None = None
+    with progress(f"greedy: removal {step} ({len(keep)} candidates)", len(keep)) as advance:
+        for j in range(len(keep)):
+            loss, patch = _candidate(stack, batches, keep, states, j, fitting)
+            if best is None or loss < best[0]:
+                best = (loss, j, patch)
+            advance(1)
+    loss, j, patch = best
+    layer = keep.pop(j)
+    start = j
+    if patch is not None:
+        p = keep[j - 1]
+        weight = down_proj(stack, p).weight
+        originals.setdefault(p, weight.detach().clone())
+        weight.data.copy_(patched_weight(originals[p], patch))
+        start = j - 1
+    # states[start] enters keep[start]; recompute everything after it
+    del states[j + 1]
+    for q in range(start, len(keep)):
+        states[q + 1] = [stack.run(keep[q], h, b) for h, b in zip(states[q], batches, strict=True)]
+    return layer, loss
+
+
+def _candidate(
+    stack: Stack,
+    batches: list[Batch],
+    keep: list[int],
+    states: list,
+    j: int,
+    fitting: tuple,
+) -> tuple[float, object]:
+    """Calibration loss with ``keep[j]`` removed (and, with ``targets``, the patch fitted)."""
+    targets, originals, ridge, weighting = fitting
+    after = keep[j + 1 :]
+    healable = targets is not None and 0 < j < len(keep) - 1
+    if not healable:
+        total, count = 0.0, 0
+        for h, b in zip(states[j], batches, strict=True):
+            s, c = stack.loss_sums(stack.run_many(after, h, b), b)
+            total, count = total + s, count + c
+        return total / max(count, 1), None
+    # the run that removing keep[j] makes ends right before keep[j + 1]
+    p, y_index = keep[j - 1], keep[j + 1]
+    weight = down_proj(stack, p).weight
+    current = weight.detach().clone()
+    original = originals.get(p)  # p may carry the patch of an earlier, shorter run
+    fit = GramFit(weight.shape[0])
+    parts = []
+    try:
+        if original is not None:
+            weight.data.copy_(original)
+        for h, b, y in zip(states[j - 1], batches, targets[y_index], strict=True):
+            out, m = mlp_parts(stack, p, h, b)
+            fit.add(m[b.mask], (out - m)[b.mask], y[b.mask], weighting)
+            parts.append((out - m, m))
+    finally:
+        weight.data.copy_(current)
+    t = fit.solve(ridge).float()
+    total, count = 0.0, 0
+    for (r, m), b in zip(parts, batches, strict=True):
+        h = r + m @ t
+        s, c = stack.loss_sums(stack.run_many(after, h, b), b)
+        total, count = total + s, count + c
+    return total / max(count, 1), t.double()
