@@ -1,0 +1,275 @@
+"""Does an artifact tokenize and chat like the source? One fingerprint per tokenizer.
+
+A fingerprint holds the ids of a fixed set of cases: plain texts with special tokens off
+and on (``add_special``), and a two-turn conversation with a system message rendered with
+the tokenizer's own chat template and tokenized with special-token parsing. It also names
+the end-of-generation ids and the end-of-turn token.
+
+The source's truth is llama.cpp's tokenizer on a GGUF source and the source folder's own
+tokenizer otherwise. llama.cpp runs in a subprocess (``python -m
+shortgpt_export.tokenizer_check``): a broken vocabulary aborts llama.cpp (for instance
+``std::out_of_range`` in ``byte_to_token``), and that must become one error line, not the
+end of our process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+# Varied text every tokenizer of a model must split the same way. No special-token text:
+# llama.cpp parses that only with special=True, transformers always.
+PLAIN_TEXTS = (
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog. It's 2024; isn't it?",
+    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
+    "Digits 0123456789 and 3.14159, 1,000,000 and -42e-7.",
+    "Whitespace    runs\t\ttabs\n\n\nnewlines   and trailing   ",
+    "Ελληνικά, русский текст, 日本語のテキスト, 中文文本, العربية, हिन्दी.",
+    "Emoji 🙂🚀👍🏽 and symbols ©®™ — “quotes” … ½",
+)
+CHAT = (
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy? Answer in one word."},
+)
+GENERATE_TOKENS = 32
+
+
+def cases(texts=PLAIN_TEXTS) -> list[tuple[str, str, bool]]:
+    """(case name, text, add_special) of every plain-text case."""
+    out = []
+    for index, text in enumerate(texts):
+        out.append((f"text{index}", text, False))
+        out.append((f"text{index}+special", text, True))
+    return out
+
+
+def render_chat(template: str | None, bos: str | None, eos: str | None) -> str | None:
+    """``CHAT`` rendered with a chat template the way transformers renders it."""
+    if not template:
+        return None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    rendered, _ = render_jinja_template(
+        conversations=[list(CHAT)],
+        chat_template=template,
+        add_generation_prompt=True,
+        bos_token=bos or "",
+        eos_token=eos or "",
+    )
+    return rendered[0]
+
+
+def _fingerprint(encode, chat_text, eog, end_of_turn, piece) -> dict:
+    ids = {name: encode(text, special, False) for name, text, special in cases()}
+    ids["chat"] = encode(chat_text, False, True) if chat_text is not None else None
+    used = {i for row in ids.values() if row for i in row} | set(eog)
+    if end_of_turn is not None:
+        used.add(end_of_turn)
+    return {
+        "ids": ids,
+        "chat_text": chat_text,
+        "eog": sorted(eog),
+        "end_of_turn": end_of_turn,
+        "pieces": {str(i): piece(i) for i in sorted(used)},
+    }
+
+
+def hf_fingerprint(tokenizer, generation_config=None) -> dict:
+    """The fingerprint of a transformers tokenizer (and the EOG ids of its generation config)."""
+
+    def encode(text, add_special, parse_special):
+        # transformers always parses special-token text; plain cases contain none
+        return tokenizer(text, add_special_tokens=add_special)["input_ids"]
+
+    chat_text = None
+    if getattr(tokenizer, "chat_template", None):
+        chat_text = tokenizer.apply_chat_template(
+            list(CHAT), tokenize=False, add_generation_prompt=True
+        )
+    eog = set()
+    for value in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if value is not None:
+            eog.update(value if isinstance(value, list) else [value])
+    return _fingerprint(
+        encode, chat_text, eog, tokenizer.eos_token_id, tokenizer.convert_ids_to_tokens
+    )
+
+
+def hf_folder_fingerprint(folder: Path) -> dict:
+    """The fingerprint of the tokenizer and generation config saved in ``folder``."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:  # no generation_config.json
+        generation = None
+    return hf_fingerprint(tokenizer, generation)
+
+
+def _llama_fingerprint(path: Path) -> dict:
+    """In this process: llama.cpp's tokenizer on ``path`` (vocabulary only)."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    from .gguf_tokenizer import read_tokenizer_meta
+
+    meta = read_tokenizer_meta(path)
+    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+        def encode(text, add_special, parse_special):
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
+
+        def piece(index):
+            return meta.token(index)
+
+        eog = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+        chat = render_chat(meta.chat_template, meta.token(meta.bos), meta.token(meta.eos))
+        end_of_turn = meta.eot if meta.token(meta.eot) is not None else meta.eos
+        return _fingerprint(encode, chat, eog, end_of_turn, piece)
+    finally:
+        llm.close()
+
+
+def _run_probe(args: list[str], what: str) -> dict:
+    cmd = [sys.executable, "-m", "shortgpt_export.tokenizer_check", *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        err = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
+        why = "killed by signal " + str(-result.returncode) if result.returncode < 0 else (
+            f"exit {result.returncode}"
+        )
+        detail = next((ln for ln in reversed(err) if "what()" in ln or "Error" in ln), None)
+        raise ExportError(
+            f"llama.cpp failed while {what} ({why}): {(detail or (err or ['no output'])[-1])[:200]}",
+            hint="the GGUF's tokenizer metadata is broken; report this as a bug",
+        )
+    return json.loads(lines[-1])
+
+
+def gguf_fingerprint(path: Path) -> dict:
+    """llama.cpp's fingerprint of the GGUF at ``path``, computed in a subprocess."""
+    return _run_probe(["fingerprint", str(path)], f"tokenizing with {Path(path).name}")
+
+
+def source_fingerprint(source, tokenizer=None) -> dict:
+    """The source's truth: llama.cpp on a GGUF source, the source folder's tokenizer else."""
+    if source.kind == "gguf":
+        return gguf_fingerprint(source.path)
+    return hf_folder_fingerprint(source.path)
+
+
+def artifact_fingerprint(path: Path) -> dict:
+    """The fingerprint of an artifact: a .gguf file, or a folder with tokenizer files."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return gguf_fingerprint(path)
+    return hf_folder_fingerprint(path)
+
+
+def _describe(ids, pieces) -> str:
+    return "[" + ", ".join(f"{i} {pieces.get(str(i))!r}" for i in ids) + "]"
+
+
+def mismatch(truth: dict, candidate: dict) -> str | None:
+    """Why ``candidate`` does not tokenize, chat and stop like ``truth``, or None."""
+    for name, expected in truth["ids"].items():
+        got = candidate["ids"].get(name)
+        if got == expected:
+            continue
+        if expected is None or got is None:
+            side = "has no chat template" if got is None else "has a chat template the source lacks"
+            return f"{name}: the artifact {side}"
+        at = next(
+            (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
+            min(len(got), len(expected)),
+        )
+        where = "special tokens on" if name.endswith("+special") else "special tokens off"
+        if name == "chat":
+            where = "rendered chat"
+        return (
+            f"{name} ({where}) differs from token {at}: "
+            f"{_describe(got[at : at + 3], candidate['pieces'])} vs the source's "
+            f"{_describe(expected[at : at + 3], truth['pieces'])} "
+            f"({len(got)} vs {len(expected)} tokens)"
+        )
+    turn = truth["pieces"].get(str(truth["end_of_turn"]))
+    if turn is not None:
+        stops = {candidate["pieces"].get(str(i)) for i in candidate["eog"]}
+        if turn not in stops:
+            names = sorted(s for s in stops if s)
+            return f"generation does not stop at the source's end-of-turn token {turn!r} (stops at {names})"
+    return None
+
+
+def check_artifact(truth: dict, path: Path, candidate: dict | None = None) -> dict:
+    """Raise ExportError when the artifact at ``path`` does not tokenize like the source."""
+    candidate = candidate if candidate is not None else artifact_fingerprint(path)
+    why = mismatch(truth, candidate)
+    if why:
+        raise ExportError(
+            f"{Path(path).name} does not tokenize like the source: {why}",
+            hint="report this as a bug; pass --no-verify to keep the files anyway",
+        )
+    log.info("%s tokenizes and renders chat like the source", Path(path).name)
+    return candidate
+
+
+def main(argv: list[str]) -> int:
+    command, path = argv[0], Path(argv[1])
+    if command == "fingerprint":
+        print(json.dumps(_llama_fingerprint(path)))
+        return 0
+    if command == "generate":
+        print(json.dumps(_llama_generate(path)))
+        return 0
+    raise SystemExit(f"unknown command {command}")
+
+
+def _llama_generate(path: Path) -> dict:
+    """Greedy chat reply of the GGUF at ``path`` in llama.cpp, stopping at an EOG token."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    from .gguf_tokenizer import read_tokenizer_meta
+
+    meta = read_tokenizer_meta(path)
+    chat = render_chat(meta.chat_template, meta.token(meta.bos), meta.token(meta.eos))
+    llm = Llama(model_path=str(path), n_ctx=512, verbose=False, n_gpu_layers=0)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        prompt = list(llm.tokenize(chat.encode("utf-8"), add_bos=False, special=True))
+        llm.eval(prompt)
+        out: list[int] = []
+        for _ in range(GENERATE_TOKENS):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(token)
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            llm.eval([token])
+        return {"ids": out, "pieces": [meta.token(i) for i in out]}
+    finally:
+        llm.close()
+
+
+def gguf_generate(path: Path) -> dict:
+    """:func:`_llama_generate` in a subprocess."""
+    return _run_probe(["generate", str(path)], f"generating with {Path(path).name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
