@@ -11,8 +11,9 @@ same fields llama.cpp reads.
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,6 @@ class GGUFTokenizerMeta:
     add_eos: bool | None  # tokenizer.ggml.add_eos_token
     chat_template: str | None  # tokenizer.chat_template
     context_length: int | None  # {arch}.context_length
-    extra: dict = field(default_factory=dict)
 
     def token(self, index: int | None) -> str | None:
         return self.tokens[index] if index is not None and 0 <= index < len(self.tokens) else None
@@ -69,35 +69,100 @@ class GGUFTokenizerMeta:
         return bool(self.add_eos) if self.add_eos is not None else self.model == "t5"
 
 
-def read_tokenizer_meta(source) -> GGUFTokenizerMeta:
-    """The tokenizer fields of a GGUF file (path) or an open ``gguf.GGUFReader``."""
-    from gguf import GGUFReader
+# GGUF metadata value types -> struct format (gguf.GGUFValueType numbering)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
 
-    reader = source if isinstance(source, GGUFReader) else GGUFReader(Path(source))
 
-    def value(key: str):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
+def read_gguf_kv(path: Path) -> dict:
+    """Every metadata key/value of a GGUF file, read directly (no tensors).
 
-    arch = value("general.architecture")
-    add_bos, add_eos = value("tokenizer.ggml.add_bos_token"), value("tokenizer.ggml.add_eos_token")
+    gguf.GGUFReader maps every string of a 49k-token vocabulary to its own numpy view,
+    which takes seconds; this reads the same key/value section in one pass.
+    """
+    import mmap
+    import struct
+
+    from .errors import CorruptModelError
+
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 0
+
+        def take(fmt: str):
+            nonlocal pos
+            value = struct.unpack_from("<" + fmt, buf, pos)
+            pos += struct.calcsize("<" + fmt)
+            return value[0]
+
+        def string() -> str:
+            nonlocal pos
+            size = take("Q")
+            if pos + size > len(buf):
+                raise ValueError(f"string of {size} bytes runs past the end of the file")
+            text = bytes(buf[pos : pos + size]).decode("utf-8", errors="replace")
+            pos += size
+            return text
+
+        def value(kind: int):
+            if kind == _STRING:
+                return string()
+            if kind == _ARRAY:
+                sub, count = take("I"), take("Q")
+                if sub == _STRING:
+                    return [string() for _ in range(count)]
+                fmt = _SCALARS[sub]
+                values = list(struct.unpack_from(f"<{count}{fmt}", buf, pos))
+                pos_advance(count * struct.calcsize("<" + fmt))
+                return values
+            return take(_SCALARS[kind])
+
+        def pos_advance(n: int) -> None:
+            nonlocal pos
+            pos += n
+
+        try:
+            if bytes(buf[:4]) != b"GGUF":
+                raise ValueError("no GGUF magic")
+            pos_advance(4)
+            take("I")  # version
+            take("Q")  # tensor count
+            count = take("Q")
+            return {string(): value(take("I")) for _ in range(count)}
+        except (ValueError, KeyError, struct.error, OverflowError, MemoryError) as exc:
+            raise CorruptModelError(
+                f"cannot read the metadata of GGUF file {path}: {exc}"[:300],
+                hint="the file is truncated or not GGUF; re-download or re-export it",
+            ) from exc
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_meta(path: str, mtime_ns: int, size: int) -> GGUFTokenizerMeta:
+    kv = read_gguf_kv(Path(path))
+    arch = kv.get("general.architecture")
+    add_bos, add_eos = kv.get("tokenizer.ggml.add_bos_token"), kv.get("tokenizer.ggml.add_eos_token")
     return GGUFTokenizerMeta(
-        model=value("tokenizer.ggml.model"),
-        pre=value("tokenizer.ggml.pre"),
-        tokens=value("tokenizer.ggml.tokens") or [],
-        types=value("tokenizer.ggml.token_type") or [],
-        merges=value("tokenizer.ggml.merges") or [],
-        bos=value("tokenizer.ggml.bos_token_id"),
-        eos=value("tokenizer.ggml.eos_token_id"),
-        unk=value("tokenizer.ggml.unknown_token_id"),
-        pad=value("tokenizer.ggml.padding_token_id"),
-        eot=value("tokenizer.ggml.eot_token_id"),
-        eom=value("tokenizer.ggml.eom_token_id"),
+        model=kv.get("tokenizer.ggml.model"),
+        pre=kv.get("tokenizer.ggml.pre"),
+        tokens=kv.get("tokenizer.ggml.tokens") or [],
+        types=kv.get("tokenizer.ggml.token_type") or [],
+        merges=kv.get("tokenizer.ggml.merges") or [],
+        bos=kv.get("tokenizer.ggml.bos_token_id"),
+        eos=kv.get("tokenizer.ggml.eos_token_id"),
+        unk=kv.get("tokenizer.ggml.unknown_token_id"),
+        pad=kv.get("tokenizer.ggml.padding_token_id"),
+        eot=kv.get("tokenizer.ggml.eot_token_id"),
+        eom=kv.get("tokenizer.ggml.eom_token_id"),
         add_bos=None if add_bos is None else bool(add_bos),
         add_eos=None if add_eos is None else bool(add_eos),
-        chat_template=value("tokenizer.chat_template"),
-        context_length=value(f"{arch}.context_length") if arch else None,
+        chat_template=kv.get("tokenizer.chat_template"),
+        context_length=kv.get(f"{arch}.context_length") if arch else None,
     )
+
+
+def read_tokenizer_meta(path: Path) -> GGUFTokenizerMeta:
+    """The tokenizer fields of the GGUF file at ``path`` (cached while the file is unchanged)."""
+    stat = Path(path).stat()
+    return _cached_meta(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 def _byte_level_bpe(meta: GGUFTokenizerMeta):
@@ -152,7 +217,7 @@ def _byte_level_bpe(meta: GGUFTokenizerMeta):
             special_tokens=[(t, i) for t, i in ((bos, meta.bos), (eos, meta.eos)) if t],
         )
     else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False, add_prefix_space=False)
     return tok
 
 

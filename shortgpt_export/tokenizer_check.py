@@ -117,52 +117,94 @@ def hf_folder_fingerprint(folder: Path) -> dict:
     return hf_fingerprint(tokenizer, generation)
 
 
-def _llama_fingerprint(path: Path) -> dict:
-    """In this process: llama.cpp's tokenizer on ``path`` (vocabulary only)."""
+def _probe(command: str, path: Path, job: dict) -> dict:
+    """In this process: llama.cpp on ``path`` (``tokenize`` needs the vocabulary only)."""
     import llama_cpp
+    import numpy as np
     from llama_cpp import Llama
 
-    from .gguf_tokenizer import read_tokenizer_meta
-
-    meta = read_tokenizer_meta(path)
-    llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    vocab_only = command == "tokenize"
+    llm = Llama(
+        model_path=str(path),
+        vocab_only=vocab_only,
+        n_ctx=512,
+        n_gpu_layers=0,
+        logits_all=True,
+        verbose=False,
+    )
     try:
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
-
-        def encode(text, add_special, parse_special):
-            return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special))
-
-        def piece(index):
-            return meta.token(index)
-
-        eog = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
-        chat = render_chat(meta.chat_template, meta.token(meta.bos), meta.token(meta.eos))
-        end_of_turn = meta.eot if meta.token(meta.eot) is not None else meta.eos
-        return _fingerprint(encode, chat, eog, end_of_turn, piece)
+        if vocab_only:
+            ids = [
+                list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse))
+                for text, add_special, parse in job["texts"]
+            ]
+            eog = [i for i in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, i)]
+            return {"ids": ids, "eog": eog}
+        prompt = list(llm.tokenize(job["prompt"].encode("utf-8"), add_bos=False, special=True))
+        llm.eval(prompt)
+        out: list[int] = []
+        for _ in range(job["max_tokens"]):
+            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            if llama_cpp.llama_vocab_is_eog(vocab, out[-1]):
+                break
+            llm.eval(out[-1:])
+        return {"ids": out}
     finally:
         llm.close()
 
 
-def _run_probe(args: list[str], what: str) -> dict:
-    cmd = [sys.executable, "-m", "shortgpt_export.tokenizer_check", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+def _run_probe(command: str, path: Path, job: dict, what: str) -> dict:
+    cmd = [sys.executable, "-m", "shortgpt_export.tokenizer_check", command, str(path)]
+    result = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
         err = [ln for ln in result.stderr.strip().splitlines() if ln.strip()]
-        why = "killed by signal " + str(-result.returncode) if result.returncode < 0 else (
-            f"exit {result.returncode}"
+        why = (
+            f"killed by signal {-result.returncode}"
+            if result.returncode < 0
+            else f"exit {result.returncode}"
         )
         detail = next((ln for ln in reversed(err) if "what()" in ln or "Error" in ln), None)
+        detail = (detail or (err or ["no output"])[-1]).strip()[:200]
         raise ExportError(
-            f"llama.cpp failed while {what} ({why}): {(detail or (err or ['no output'])[-1])[:200]}",
+            f"llama.cpp failed while {what} {Path(path).name} ({why}): {detail}",
             hint="the GGUF's tokenizer metadata is broken; report this as a bug",
         )
     return json.loads(lines[-1])
 
 
 def gguf_fingerprint(path: Path) -> dict:
-    """llama.cpp's fingerprint of the GGUF at ``path``, computed in a subprocess."""
-    return _run_probe(["fingerprint", str(path)], f"tokenizing with {Path(path).name}")
+    """llama.cpp's fingerprint of the GGUF at ``path``; llama.cpp runs in a subprocess."""
+    from .gguf_tokenizer import read_tokenizer_meta
+
+    meta = read_tokenizer_meta(path)
+    chat_text = render_chat(meta.chat_template, meta.token(meta.bos), meta.token(meta.eos))
+    job = [(text, special, False) for _, text, special in cases()]
+    if chat_text is not None:
+        job.append((chat_text, False, True))
+    result = _run_probe("tokenize", path, {"texts": job}, "tokenizing with")
+    answers = iter(result["ids"])
+
+    def encode(text, add_special, parse_special):
+        return next(answers)
+
+    end_of_turn = meta.eot if meta.token(meta.eot) is not None else meta.eos
+    return _fingerprint(encode, chat_text, result["eog"], end_of_turn, meta.token)
+
+
+def gguf_chat_reply(path: Path, max_tokens: int = GENERATE_TOKENS) -> list[str]:
+    """The greedy reply of the GGUF at ``path`` to ``CHAT`` (its own template), as tokens,
+    up to and including the end-of-generation token llama.cpp stops at."""
+    from .gguf_tokenizer import read_tokenizer_meta
+
+    meta = read_tokenizer_meta(path)
+    prompt = render_chat(meta.chat_template, meta.token(meta.bos), meta.token(meta.eos))
+    if prompt is None:
+        raise ExportError(f"{Path(path).name} has no chat template (tokenizer.chat_template)")
+    job = {"prompt": prompt, "max_tokens": max_tokens}
+    result = _run_probe("generate", path, job, "generating with")
+    return [meta.token(i) for i in result["ids"]]
 
 
 def source_fingerprint(source, tokenizer=None) -> dict:
@@ -229,46 +271,10 @@ def check_artifact(truth: dict, path: Path, candidate: dict | None = None) -> di
 
 
 def main(argv: list[str]) -> int:
+    """``python -m shortgpt_export.tokenizer_check tokenize|generate PATH`` < job JSON."""
     command, path = argv[0], Path(argv[1])
-    if command == "fingerprint":
-        print(json.dumps(_llama_fingerprint(path)))
-        return 0
-    if command == "generate":
-        print(json.dumps(_llama_generate(path)))
-        return 0
-    raise SystemExit(f"unknown command {command}")
-
-
-def _llama_generate(path: Path) -> dict:
-    """Greedy chat reply of the GGUF at ``path`` in llama.cpp, stopping at an EOG token."""
-    import llama_cpp
-    import numpy as np
-    from llama_cpp import Llama
-
-    from .gguf_tokenizer import read_tokenizer_meta
-
-    meta = read_tokenizer_meta(path)
-    chat = render_chat(meta.chat_template, meta.token(meta.bos), meta.token(meta.eos))
-    llm = Llama(model_path=str(path), n_ctx=512, verbose=False, n_gpu_layers=0)
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        prompt = list(llm.tokenize(chat.encode("utf-8"), add_bos=False, special=True))
-        llm.eval(prompt)
-        out: list[int] = []
-        for _ in range(GENERATE_TOKENS):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            out.append(token)
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
-                break
-            llm.eval([token])
-        return {"ids": out, "pieces": [meta.token(i) for i in out]}
-    finally:
-        llm.close()
-
-
-def gguf_generate(path: Path) -> dict:
-    """:func:`_llama_generate` in a subprocess."""
-    return _run_probe(["generate", str(path)], f"generating with {Path(path).name}")
+    print(json.dumps(_probe(command, path, json.loads(sys.stdin.read()))))
+    return 0
 
 
 if __name__ == "__main__":
