@@ -16,6 +16,8 @@ from shortgpt_export.errors import CorruptModelError, PlanError
 from shortgpt_export.planning import Plan
 from shortgpt_export.progress import ProgressFactory, no_progress
 
+from .metadata import size_label
+
 log = logging.getLogger(__name__)
 
 BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -104,8 +106,6 @@ def prune_gguf(
     alignment = field_value(reader, "general.alignment")
     if alignment:
         writer.data_alignment = int(alignment)
-    for key, value, vtype, sub_type in sliced_metadata(reader, info.arch, plan.keep):
-        writer.add_key_value(key, value, vtype, sub_type=sub_type)
     kept = []
     for tensor in reader.tensors:
         match = BLOCK.match(tensor.name)
@@ -117,7 +117,12 @@ def prune_gguf(
             if layer not in new_index:
                 continue
             name = f"blk.{new_index[layer]}.{name[match.end() :]}"
-        kept.append(tensor)
+        kept.append((name, tensor))
+    for key, value, vtype, sub_type in sliced_metadata(reader, info.arch, plan.keep):
+        if key == "general.size_label":  # the pruned model's size, not the source's
+            value = size_label(sum(int(t.n_elements) for _, t in kept))
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    for name, tensor in kept:
         writer.add_tensor_info(
             name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
         )
@@ -125,8 +130,8 @@ def prune_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with progress(f"writing {dst.name}", sum(t.n_bytes for t in kept)) as advance:
-            for tensor in kept:
+        with progress(f"writing {dst.name}", sum(t.n_bytes for _, t in kept)) as advance:
+            for _, tensor in kept:
                 writer.write_tensor_data(tensor.data)
                 advance(tensor.n_bytes)
     finally:
