@@ -62,7 +62,9 @@ class GGUFTokenizerMeta:
         from .pretokenizers import LLAMA_CPP_ADD_BOS
 
         # llama.cpp: SPM/WPM vocabularies add BOS; BPE only for some pre-tokenizers
-        return self.model in ("llama", "bert") or (self.model == "gpt2" and self.pre in LLAMA_CPP_ADD_BOS)
+        return self.model in ("llama", "bert") or (
+            self.model == "gpt2" and self.pre in LLAMA_CPP_ADD_BOS
+        )
 
     @property
     def adds_eos(self) -> bool:
@@ -70,7 +72,19 @@ class GGUFTokenizerMeta:
 
 
 # GGUF metadata value types -> struct format (gguf.GGUFValueType numbering)
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_SCALARS = {
+    0: "B",
+    1: "b",
+    2: "H",
+    3: "h",
+    4: "I",
+    5: "i",
+    6: "f",
+    7: "?",
+    10: "Q",
+    11: "q",
+    12: "d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -139,7 +153,10 @@ def read_gguf_kv(path: Path) -> dict:
 def _cached_meta(path: str, mtime_ns: int, size: int) -> GGUFTokenizerMeta:
     kv = read_gguf_kv(Path(path))
     arch = kv.get("general.architecture")
-    add_bos, add_eos = kv.get("tokenizer.ggml.add_bos_token"), kv.get("tokenizer.ggml.add_eos_token")
+    add_bos, add_eos = (
+        kv.get("tokenizer.ggml.add_bos_token"),
+        kv.get("tokenizer.ggml.add_eos_token"),
+    )
     return GGUFTokenizerMeta(
         model=kv.get("tokenizer.ggml.model"),
         pre=kv.get("tokenizer.ggml.pre"),

@@ -238,9 +238,7 @@ def load_model(
             # this builds (or corrects) it from the GGUF's own fields
             tokenizer = tokenizer_from_gguf(source.path)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(
-                location, trust_remote_code=trust_remote_code
-            )
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except ShortGPTError:
         raise
     except Exception as exc:

@@ -253,7 +253,10 @@ def mismatch(truth: dict, candidate: dict) -> str | None:
         stops = {candidate["pieces"].get(str(i)) for i in candidate["eog"]}
         if turn not in stops:
             names = sorted(s for s in stops if s)
-            return f"generation does not stop at the source's end-of-turn token {turn!r} (stops at {names})"
+            return (
+                f"generation does not stop at the source's end-of-turn token {turn!r} "
+                f"(it stops at {names})"
+            )
     return None
 
 
@@ -268,6 +271,61 @@ def check_artifact(truth: dict, path: Path, candidate: dict | None = None) -> di
         )
     log.info("%s tokenizes and renders chat like the source", Path(path).name)
     return candidate
+
+
+def hf_chat_reply(folder: Path, max_tokens: int = GENERATE_TOKENS) -> list[str]:
+    """The greedy reply of the Hugging Face folder to ``CHAT`` in transformers, as tokens,
+    stopping at its generation config's end-of-generation ids."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(list(CHAT), add_generation_prompt=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.convert_ids_to_tokens(out[0, ids.shape[1] :].tolist())
+
+
+def onnx_chat_reply(folder: Path, max_tokens: int = GENERATE_TOKENS) -> list[str]:
+    """The greedy reply of an ONNX folder to ``CHAT`` in onnxruntime (with its KV cache),
+    stopping at the folder's end-of-generation ids."""
+    import numpy as np
+
+    from converters.onnx.runtime import OnnxDecoder
+
+    from .errors import ShortGPTError
+
+    fingerprint = hf_folder_fingerprint(folder)
+    if fingerprint["chat_text"] is None:
+        raise ShortGPTError(f"{Path(folder).name} has no chat template")
+    stops = set(fingerprint["eog"])
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = fingerprint["ids"]["chat"]
+    decoder = OnnxDecoder(Path(folder))
+    logits, past = decoder.forward(np.array([prompt]))
+    out: list[int] = []
+    for _ in range(max_tokens):
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] in stops:
+            break
+        logits, past = decoder.forward(np.array([out[-1:]]), past, len(prompt) + len(out) - 1)
+    return tokenizer.convert_ids_to_tokens(out)
+
+
+def check_reply(truth: dict, reply: list[str], name: str) -> None:
+    """Raise unless ``reply`` ends at the source's end-of-turn token (within the budget)."""
+    turn = truth["pieces"].get(str(truth["end_of_turn"]))
+    if not reply or reply[-1] != turn:
+        last = reply[-1] if reply else None
+        raise ExportError(
+            f"{name}: the greedy chat reply does not stop at the source's end-of-turn token "
+            f"{turn!r} within {GENERATE_TOKENS} tokens (it ends with {last!r}: "
+            f"{''.join(reply)[:80]!r})",
+            hint="the exported end-of-generation tokens or chat template differ from the source's",
+        )
 
 
 def main(argv: list[str]) -> int:

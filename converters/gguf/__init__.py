@@ -161,7 +161,9 @@ class GGUFConverter:
             quant = QUANT_TYPES.get(art.quant)
             exact = bool(quant and quant.exact) and ctx.source.kind != "gguf"
             with ctx.progress(f"verifying {art.path} in llama.cpp", None):
-                fidelity = verify_gguf(ctx.out_dir / art.path, reference, truth, windows, exact=exact)
+                fidelity = verify_gguf(
+                    ctx.out_dir / art.path, reference, truth, windows, exact=exact
+                )
             art.extra["verify"] = fidelity.as_dict()
 
     def _write_modelfile(self, ctx: ExportContext, paths: list[Path]) -> None:

@@ -35,9 +35,7 @@ def llama_cpp_version() -> str:
     try:
         return metadata.version(PACKAGE)
     except metadata.PackageNotFoundError as exc:
-        raise ShortGPTError(
-            f"{PACKAGE} is not installed", hint=f"pip install {PACKAGE}"
-        ) from exc
+        raise ShortGPTError(f"{PACKAGE} is not installed", hint=f"pip install {PACKAGE}") from exc
 
 
 def cached_checkout(version: str | None = None) -> Path:
