@@ -80,7 +80,8 @@ def test_metadata_reader_matches_gguf_reader(default_gguf):
     assert sorted(ours) == sorted(names)
     for name in names:
         value = reader.get_field(name).contents()
-        assert ours[name] == pytest.approx(value) if isinstance(value, float) else value
+        expected = pytest.approx(value) if isinstance(value, float) else value
+        assert ours[name] == expected, name
 
 
 def test_hf_folder_from_gguf_carries_the_source_tokenizer(default_hf, truth):
