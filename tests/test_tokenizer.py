@@ -263,14 +263,32 @@ def test_safetensors_add_bos_reaches_gguf_and_modelfile(tiny_tokenizer_dir, tmp_
     assert "<|im_start|>" not in modelfile
 
 
-def test_llama_cpp_converter_from_the_cache(tiny_tokenizer_dir, tmp_path, monkeypatch):
-    """No LLAMA_CPP_DIR: the converter cached at install time runs, and is verified."""
+def test_llama_cpp_converter_from_the_cache(default_hf, tmp_path, monkeypatch):
+    """No LLAMA_CPP_DIR: the converter cached at install time runs on the pruned folder,
+    and its GGUF passes the same tokenizer and logits checks as our own."""
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    out = export_with_cli(
+        default_hf, tmp_path, "--to", "gguf", "--converter", "llama.cpp", "--layers", "3",
+        "--quant", "f16", "--json",
+    )  # fmt: skip
+    path = next(out.glob("*-pruned29L-F16.gguf"))
+    assert read_gguf_kv(path)["llama.block_count"] == 29
+    assert stop_tokens_from_gguf(open_gguf(path)) == ["<|im_end|>"]
+
+
+def test_llama_cpp_converter_failure_is_one_line(
+    capsys, tiny_tokenizer_dir, tmp_path, monkeypatch, calib_file
+):
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     model = build_tiny_model("llama", tiny_tokenizer_dir, tmp_path / "m", full_attention=True)
-    out = export_with_cli(
-        model, tmp_path, "--to", "gguf", "--converter", "llama.cpp", "--remove", "2"
-    )
-    assert len(list(out.glob("*-pruned4L-F16.gguf"))) == 1
+    code, _, err = run_cli(
+        capsys, model, "--to", "gguf", "--converter", "llama.cpp", "--remove", "2",
+        "--out", tmp_path / "o", "--calib", calib_file, *FAST,
+    )  # fmt: skip
+    # upstream knows pre-tokenizers by the hash of their output; a freshly trained one is not
+    assert code == 2 and "convert_hf_to_gguf.py failed on pruned-hf (exit 1)" in err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "pre-tokenizer was not recognized" in errors[0]
 
 
 def test_bad_llama_cpp_dir_is_one_line(capsys, tiny_llama_dir, tmp_path, monkeypatch, calib_file):
