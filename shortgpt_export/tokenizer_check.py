@@ -109,7 +109,13 @@ def hf_folder_fingerprint(folder: Path) -> dict:
     """The fingerprint of the tokenizer and generation config saved in ``folder``."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError here
+        raise ExportError(
+            f"cannot load the tokenizer of {Path(folder).name}: {type(exc).__name__}: {exc}"[:300],
+            hint="the folder needs tokenizer.json or the tokenizer files of its model",
+        ) from exc
     try:
         generation = GenerationConfig.from_pretrained(folder)
     except OSError:  # no generation_config.json
@@ -207,10 +213,14 @@ def gguf_chat_reply(path: Path, max_tokens: int = GENERATE_TOKENS) -> list[str]:
     return [meta.token(i) for i in result["ids"]]
 
 
-def source_fingerprint(source, tokenizer=None) -> dict:
-    """The source's truth: llama.cpp on a GGUF source, the source folder's tokenizer else."""
+def source_fingerprint(source) -> dict | None:
+    """The source's truth: llama.cpp on a GGUF source, the source folder's tokenizer else
+    (None when the folder carries no tokenizer: then there is nothing to compare with)."""
     if source.kind == "gguf":
         return gguf_fingerprint(source.path)
+    if not any(source.path.glob("tokenizer*")):
+        log.warning("%s has no tokenizer files; exported tokenizers are not checked", source.ref)
+        return None
     return hf_folder_fingerprint(source.path)
 
 
@@ -260,8 +270,11 @@ def mismatch(truth: dict, candidate: dict) -> str | None:
     return None
 
 
-def check_artifact(truth: dict, path: Path, candidate: dict | None = None) -> dict:
-    """Raise ExportError when the artifact at ``path`` does not tokenize like the source."""
+def check_artifact(truth: dict | None, path: Path, candidate: dict | None = None) -> dict | None:
+    """Raise ExportError when the artifact at ``path`` does not tokenize like the source
+    (``truth``; None skips the check)."""
+    if truth is None:
+        return None
     candidate = candidate if candidate is not None else artifact_fingerprint(path)
     why = mismatch(truth, candidate)
     if why:
