@@ -298,3 +298,31 @@ def test_bad_llama_cpp_dir_is_one_line(capsys, tiny_llama_dir, tmp_path, monkeyp
         "--out", tmp_path / "o", "--calib", calib_file, *FAST,
     )  # fmt: skip
     assert code == 2 and "convert_hf_to_gguf.py does not exist" in err
+
+
+def test_converter_is_unpacked_from_the_sdist_and_nothing_else(tmp_path):
+    import io
+    import tarfile
+
+    from converters.gguf.llama_cpp_converter import unpack_converter
+
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    root = "llama_cpp_python-9.9.9/vendor/llama.cpp/"
+    members = {
+        root + "convert_hf_to_gguf.py": b"print('convert')",
+        root + "conversion/__init__.py": b"",
+        root + "gguf-py/gguf/__init__.py": b"",
+        root + "gguf-py/gguf/__pycache__/x.pyc": b"",
+        root + "src/llama-vocab.cpp": b"// not needed",
+        root + "../../../escape.py": b"",
+        "llama_cpp_python-9.9.9/llama_cpp/llama.py": b"",
+    }
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = unpack_converter(sdist, tmp_path / "out")
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    assert not (tmp_path / "escape.py").exists()
