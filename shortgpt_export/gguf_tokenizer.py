@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,39 @@ _SCALARS = {
 _STRING, _ARRAY = 8, 9
 
 
+class _KVReader:
+    """Sequential little-endian reads from a buffer, bounds-checked by ``struct``."""
+
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
+
+    def take(self, fmt: str):
+        value = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += struct.calcsize("<" + fmt)
+        return value[0] if len(value) == 1 else list(value)
+
+    def string(self) -> str:
+        size = self.take("Q")
+        if self.pos + size > len(self.buf):
+            raise ValueError(f"a string of {size} bytes runs past the end of the file")
+        text = bytes(self.buf[self.pos : self.pos + size]).decode("utf-8", errors="replace")
+        self.pos += size
+        return text
+
+    def value(self, kind: int):
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            return self.take(_SCALARS[kind])
+        sub, count = self.take("I"), self.take("Q")
+        if sub in (_STRING, _ARRAY):
+            return [self.value(sub) for _ in range(count)]
+        if count == 0:
+            return []
+        values = self.take(f"{count}{_SCALARS[sub]}")
+        return values if isinstance(values, list) else [values]
+
+
 def read_gguf_kv(path: Path) -> dict:
     """Every metadata key/value of a GGUF file, read directly (no tensors).
 
@@ -95,53 +129,18 @@ def read_gguf_kv(path: Path) -> dict:
     which takes seconds; this reads the same key/value section in one pass.
     """
     import mmap
-    import struct
 
     from .errors import CorruptModelError
 
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 0
-
-        def take(fmt: str):
-            nonlocal pos
-            value = struct.unpack_from("<" + fmt, buf, pos)
-            pos += struct.calcsize("<" + fmt)
-            return value[0]
-
-        def string() -> str:
-            nonlocal pos
-            size = take("Q")
-            if pos + size > len(buf):
-                raise ValueError(f"string of {size} bytes runs past the end of the file")
-            text = bytes(buf[pos : pos + size]).decode("utf-8", errors="replace")
-            pos += size
-            return text
-
-        def value(kind: int):
-            if kind == _STRING:
-                return string()
-            if kind == _ARRAY:
-                sub, count = take("I"), take("Q")
-                if sub == _STRING:
-                    return [string() for _ in range(count)]
-                fmt = _SCALARS[sub]
-                values = list(struct.unpack_from(f"<{count}{fmt}", buf, pos))
-                pos_advance(count * struct.calcsize("<" + fmt))
-                return values
-            return take(_SCALARS[kind])
-
-        def pos_advance(n: int) -> None:
-            nonlocal pos
-            pos += n
-
+        reader = _KVReader(buf)
         try:
-            if bytes(buf[:4]) != b"GGUF":
+            if reader.take("4s") != b"GGUF":
                 raise ValueError("no GGUF magic")
-            pos_advance(4)
-            take("I")  # version
-            take("Q")  # tensor count
-            count = take("Q")
-            return {string(): value(take("I")) for _ in range(count)}
+            reader.take("I")  # version
+            reader.take("Q")  # tensor count
+            count = reader.take("Q")
+            return {reader.string(): reader.value(reader.take("I")) for _ in range(count)}
         except (ValueError, KeyError, struct.error, OverflowError, MemoryError) as exc:
             raise CorruptModelError(
                 f"cannot read the metadata of GGUF file {path}: {exc}"[:300],

@@ -84,6 +84,16 @@ def test_metadata_reader_matches_gguf_reader(default_gguf):
         assert ours[name] == expected, name
 
 
+def test_metadata_reader_refuses_a_truncated_file(default_gguf, tmp_path):
+    from shortgpt_export.errors import CorruptModelError
+
+    truncated = tmp_path / "t.gguf"
+    with open(default_gguf, "rb") as src:
+        truncated.write_bytes(src.read(300_000))  # cut inside the vocabulary
+    with pytest.raises(CorruptModelError, match="cannot read the metadata of GGUF file"):
+        read_gguf_kv(truncated)
+
+
 def test_hf_folder_from_gguf_carries_the_source_tokenizer(default_hf, truth):
     config = json.loads((default_hf / "tokenizer_config.json").read_text())
     assert config["eos_token"] == "<|im_end|>" and config["bos_token"] == "<|im_start|>"
