@@ -328,6 +328,17 @@ def onnx_chat_reply(folder: Path, max_tokens: int = GENERATE_TOKENS) -> list[str
     return tokenizer.convert_ids_to_tokens(out)
 
 
+def artifact_chat_reply(path: Path, max_tokens: int = GENERATE_TOKENS) -> list[str]:
+    """The greedy reply to ``CHAT`` of a .gguf file (llama.cpp, in a subprocess), an ONNX
+    folder (onnxruntime) or a Hugging Face folder (transformers)."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return gguf_chat_reply(path, max_tokens)
+    if (path / "model.onnx").is_file():
+        return onnx_chat_reply(path, max_tokens)
+    return hf_chat_reply(path, max_tokens)
+
+
 def check_reply(truth: dict, reply: list[str], name: str) -> None:
     """Raise unless ``reply`` ends at the source's end-of-turn token (within the budget)."""
     turn = truth["pieces"].get(str(truth["end_of_turn"]))

@@ -24,6 +24,7 @@ from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import write_pruned_model
 from shortgpt_export.source import load_model, resolve_source
 from shortgpt_export.tokenizer_check import (
+    artifact_chat_reply,
     check_artifact,
     check_reply,
     gguf_chat_reply,
@@ -149,6 +150,7 @@ def test_onnx_written_from_that_folder_tokenizes_and_stops_like_the_source(
     check_artifact(truth, out)
     reply = onnx_chat_reply(out)
     check_reply(truth, reply, out.name)
+    assert artifact_chat_reply(out) == reply
     print(f"\nONNX reply: {''.join(reply)!r}")
 
 
