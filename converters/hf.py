@@ -19,4 +19,9 @@ class HFConverter:
     def export(self, ctx: ExportContext) -> list[Artifact]:
         out = ctx.out_dir / "hf"
         ctx.write_pruned_hf(out)
+        if ctx.options.get("verify", True):
+            from shortgpt_export.tokenizer_check import check_artifact, source_fingerprint
+
+            # tokenizer, special tokens, chat template and end of turn against the source's
+            check_artifact(source_fingerprint(ctx.source), out)
         return [Artifact.written(out, "hf", None, ctx.plan)]

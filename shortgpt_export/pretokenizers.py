@@ -39,6 +39,11 @@ PRE_TOKENIZERS: dict[str, dict] = {
     "llama-bpe": {"type": "Sequence", "pretokenizers": [_split(LLAMA3_REGEX), _byte_level(False)]},
     "qwen2": {"type": "Sequence", "pretokenizers": [_split(QWEN2_REGEX), _byte_level(False)]},
 }  # fmt: skip
+# llama.cpp (llama-vocab.cpp) settings that follow from the pre-tokenizer name of a "gpt2"
+# vocabulary: BOS added by default when tokenizer.ggml.add_bos_token is absent, and whole
+# words found in the vocabulary taken as one token before any merge.
+LLAMA_CPP_ADD_BOS = frozenset({"llama-bpe", "llama3", "llama-v3", "tekken", "chameleon"})
+LLAMA_CPP_IGNORE_MERGES = frozenset({"llama-bpe", "llama3", "llama-v3", "tekken"})
 
 
 def signature(pre: dict | None) -> tuple:
@@ -66,12 +71,13 @@ def llama_cpp_name(pre: dict | None) -> str | None:
     return next((name for name, spec in PRE_TOKENIZERS.items() if signature(spec) == wanted), None)
 
 
-def _build(step: dict):
+def build_pre_tokenizer(step: dict):
+    """A ``tokenizers`` pre-tokenizer from a tokenizer.json ``pre_tokenizer`` section."""
     from tokenizers import Regex, pre_tokenizers
 
     kind = step["type"]
     if kind == "Sequence":
-        return pre_tokenizers.Sequence([_build(s) for s in step["pretokenizers"]])
+        return pre_tokenizers.Sequence([build_pre_tokenizer(s) for s in step["pretokenizers"]])
     if kind == "ByteLevel":
         return pre_tokenizers.ByteLevel(
             add_prefix_space=step["add_prefix_space"],
@@ -95,5 +101,5 @@ def apply_llama_cpp_pre(tokenizer, name: str | None) -> bool:
     spec = PRE_TOKENIZERS.get(name or "")
     if spec is None or not getattr(tokenizer, "is_fast", False):
         return False
-    tokenizer.backend_tokenizer.pre_tokenizer = _build(spec)
+    tokenizer.backend_tokenizer.pre_tokenizer = build_pre_tokenizer(spec)
     return True

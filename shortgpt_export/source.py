@@ -254,8 +254,14 @@ def load_model(
         kwargs["use_safetensors"] = source.kind == "hf"
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "trust_remote_code")}
-        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+        if source.kind == "gguf":
+            from .gguf_tokenizer import tokenizer_from_gguf
+
+            # transformers' GGUF tokenizer conversion gets byte-level BPE and EOS wrong;
+            # this builds (or corrects) it from the GGUF's own fields
+            tokenizer = tokenizer_from_gguf(source.path)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
     except ShortGPTError:
         raise
     except Exception as exc:
@@ -264,7 +270,9 @@ def load_model(
             hint="check that the weight files are complete",
         ) from exc
     if source.kind == "gguf":
-        _align_gguf_tokenizer(tokenizer, source.path)
+        from .gguf_tokenizer import align_model_config
+
+        align_model_config(model, source.path)
         # transformers points the slow-tokenizer file at the .gguf itself; saving would
         # copy the whole GGUF into the folder as "tokenizer.model"
         if hasattr(tokenizer, "vocab_file"):
@@ -280,19 +288,3 @@ def load_model(
         torch_dtype,
     )
     return LoadedModel(source=source, model=model, tokenizer=tokenizer)
-
-
-def _align_gguf_tokenizer(tokenizer, path: Path) -> None:
-    """Make the HF tokenizer built from a GGUF split text the way llama.cpp does."""
-    from gguf import GGUFReader
-
-    from .pretokenizers import apply_llama_cpp_pre
-
-    field = GGUFReader(path).get_field("tokenizer.ggml.pre")
-    name = field.contents() if field is not None else None
-    if name and not apply_llama_cpp_pre(tokenizer, name):
-        log.warning(
-            "GGUF pre-tokenizer %r is not in our table; digits and symbols may be "
-            "tokenized differently from llama.cpp",
-            name,
-        )

@@ -154,6 +154,7 @@ class GGUFConverter:
 
     def _verify(self, ctx: ExportContext, artifacts: list[Artifact]) -> None:
         from shortgpt_export.fidelity import pruned_reference, verification_windows
+        from shortgpt_export.tokenizer_check import source_fingerprint
 
         from .verify import verify_gguf
 
@@ -163,12 +164,14 @@ class GGUFConverter:
         windows = verification_windows(loaded.tokenizer)
         with ctx.progress("torch reference log-probs", None):
             reference = pruned_reference(loaded, ctx.plan.keep, windows)
+        with ctx.progress("the source's tokenizer (truth)", None):
+            truth = source_fingerprint(ctx.source)
         for art in artifacts:
             quant = QUANT_TYPES.get(art.quant)
             exact = bool(quant and quant.exact) and ctx.source.kind != "gguf"
             with ctx.progress(f"verifying {art.path} in llama.cpp", None):
                 fidelity = verify_gguf(
-                    ctx.out_dir / art.path, reference, loaded.tokenizer, windows, exact=exact
+                    ctx.out_dir / art.path, reference, truth, windows, exact=exact
                 )
             art.extra["verify"] = fidelity.as_dict()
 

@@ -10,6 +10,7 @@ from shortgpt_export.errors import ExportError
 from shortgpt_export.pruning import plan_tensors, prune_config_dict, source_tensors
 from shortgpt_export.safetensors_io import TensorRef, load_tensor
 
+from .metadata import add_general_metadata
 from .tokenizer import add_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,12 +28,11 @@ def _model_arch(name: str):
     raise ExportError(f"gguf does not know architecture {name!r}")
 
 
-def _add_hparams(writer, config: dict, name: str) -> None:
+def _add_hparams(writer, config: dict) -> None:
     import gguf
 
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_name(name)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -153,7 +153,9 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
             hint="fix vocab_size in config.json",
         )
     writer = gguf.GGUFWriter(target, spec.gguf_arch)
-    _add_hparams(writer, config, source.name)
+    parameters = sum(int(np.prod(ref.shape)) for _, ref in refs)
+    add_general_metadata(writer, folder, source.name, parameters)
+    _add_hparams(writer, config)
     writer.add_file_type(
         getattr(gguf.LlamaFileType, f"MOSTLY_{out_type}", gguf.LlamaFileType.ALL_F32)
     )

@@ -42,12 +42,17 @@ def render_modelfile(gguf_name: str, stop_tokens: list[str], others: list[str] =
 
 
 def stop_tokens_from_gguf(reader) -> list[str]:
-    """End-of-sequence and end-of-turn tokens named in the GGUF tokenizer metadata."""
+    """The end-of-generation set named in the GGUF tokenizer metadata: EOS, end of turn
+    and end of message (the source's, which every export path carries into the GGUF)."""
     from .prune_gguf import field_value
 
     tokens = reader.get_field("tokenizer.ggml.tokens")
     stops: list[str] = []
-    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
+    for key in (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ):
         index = field_value(reader, key)
         if tokens is not None and index is not None and 0 <= index < len(tokens.data):
             token = tokens.contents(index)

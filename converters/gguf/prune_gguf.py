@@ -16,6 +16,8 @@ from shortgpt_export.errors import CorruptModelError, PlanError
 from shortgpt_export.planning import Plan
 from shortgpt_export.progress import ProgressFactory, no_progress
 
+from .metadata import size_label
+
 log = logging.getLogger(__name__)
 
 BLOCK = re.compile(r"^blk\.(\d+)\.")
@@ -89,6 +91,16 @@ def sliced_metadata(reader, arch: str, keep: list[int]):
         yield field.name, value, vtype, sub_type
 
 
+def _elements(tensor) -> int:
+    """Element count of a source tensor (ReaderTensor) or of a healed numpy array."""
+    return int(tensor.n_elements if hasattr(tensor, "n_elements") else tensor.size)
+
+
+def _nbytes(tensor) -> int:
+    """Data size of a source tensor (ReaderTensor) or of a healed numpy array."""
+    return int(tensor.n_bytes if hasattr(tensor, "n_bytes") else tensor.nbytes)
+
+
 def prune_gguf(
     src: Path,
     plan: Plan,
@@ -119,8 +131,6 @@ def prune_gguf(
     alignment = field_value(reader, "general.alignment")
     if alignment:
         writer.data_alignment = int(alignment)
-    for key, value, vtype, sub_type in sliced_metadata(reader, info.arch, plan.keep):
-        writer.add_key_value(key, value, vtype, sub_type=sub_type)
     kept = []
     for tensor in reader.tensors:
         match = BLOCK.match(tensor.name)
@@ -136,12 +146,19 @@ def prune_gguf(
             array = np.ascontiguousarray(patches.pop(tensor.name), dtype=np.float32)
             if array.shape != tuple(reversed([int(n) for n in tensor.shape])):
                 raise PlanError(f"healed {tensor.name} has shape {array.shape}, not the source's")
-            kept.append(array)
+            kept.append((name, array))
+        else:
+            kept.append((name, tensor))
+    for key, value, vtype, sub_type in sliced_metadata(reader, info.arch, plan.keep):
+        if key == "general.size_label":  # the pruned model's size, not the source's
+            value = size_label(sum(_elements(t) for _, t in kept))
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    for name, tensor in kept:
+        if isinstance(tensor, np.ndarray):
             writer.add_tensor_info(
-                name, array.shape, array.dtype, array.nbytes, GGMLQuantizationType.F32
+                name, tensor.shape, tensor.dtype, tensor.nbytes, GGMLQuantizationType.F32
             )
             continue
-        kept.append(tensor)
         writer.add_tensor_info(
             name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
         )
@@ -151,9 +168,9 @@ def prune_gguf(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        sizes = [t.nbytes if isinstance(t, np.ndarray) else t.n_bytes for t in kept]
+        sizes = [_nbytes(t) for _, t in kept]
         with progress(f"writing {dst.name}", sum(sizes)) as advance:
-            for tensor, size in zip(kept, sizes, strict=True):
+            for (_, tensor), size in zip(kept, sizes, strict=True):
                 writer.write_tensor_data(tensor if isinstance(tensor, np.ndarray) else tensor.data)
                 advance(size)
     finally:

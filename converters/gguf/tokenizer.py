@@ -64,4 +64,19 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(size)])
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
     special.add_to_gguf(writer, quiet=True)
+    eos = special.special_token_ids.get("eos")
+    for key, index in end_of_generation_extras(folder, eos, size).items():
+        getattr(writer, f"add_{key}_token_id")(index)
     log.info("tokenizer: %d tokens, pre-tokenizer %s, %d merges", size, pre, len(special.merges))
+
+
+def end_of_generation_extras(folder: Path, eos: int | None, size: int) -> dict[str, int]:
+    """``{"eot": id, "eom": id}`` from the ids of generation_config.json's ``eos_token_id``
+    list other than the tokenizer's EOS, so llama.cpp and Ollama stop where the source does."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    ids = value if isinstance(value, list) else [value]
+    extras = [i for i in ids if isinstance(i, int) and i != eos and 0 <= i < size]
+    return dict(zip(("eot", "eom"), extras, strict=False))

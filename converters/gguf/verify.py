@@ -11,15 +11,6 @@ from shortgpt_export.fidelity import Fidelity, compare_logprobs
 
 log = logging.getLogger(__name__)
 
-# Varied text the GGUF tokenizer must split exactly like the Hugging Face one.
-TOKENIZER_SAMPLES = (
-    "The quick brown fox jumps over the lazy dog. It's 2024; isn't it?",
-    "def f(x):\n    return {'a': [1, 2, 3], \"b\": x ** 2}  # comment\n",
-    "Digits 0123456789 and 3.14159, 1,000,000 and -42e-7.",
-    "Whitespace    runs\t\ttabs\n\n\nnewlines   and trailing   ",
-    "Ελληνικά, русский текст, 日本語のテキスト, 中文文本, العربية, हिन्दी.",
-    "Emoji 🙂🚀👍🏽 and symbols ©®™ — “quotes” … ½",
-)
 # (top-1 agreement at least, mean KL at most) against the torch model. Quantized files
 # only get a KL bound: a broken file (wrong layer order, wrong rope layout) is off by
 # several nats, while quantization noise on near-tied tokens can flip top-1 freely.
@@ -74,29 +65,15 @@ def llama_logprobs(llm, windows):
     return torch.cat(rows)
 
 
-def check_tokenizer(llm, tokenizer, path: Path) -> None:
-    """Raise if llama.cpp and the Hugging Face tokenizer split any sample differently."""
-    for text in TOKENIZER_SAMPLES:
-        ours = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-        theirs = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ours = list(ours)
-        if ours != theirs:
-            at = next(
-                (i for i, (x, y) in enumerate(zip(ours, theirs, strict=False)) if x != y),
-                min(len(ours), len(theirs)),
-            )
-            raise ExportError(
-                f"{path.name}: llama.cpp and Hugging Face tokenize {text[:30]!r}... differently "
-                f"from token {at} on: {ours[at : at + 4]} vs {theirs[at : at + 4]} "
-                f"({len(ours)} vs {len(theirs)} tokens)",
-                hint="the GGUF tokenizer metadata does not match the model's tokenizer",
-            )
+def verify_gguf(path: Path, reference, truth: dict | None, windows, *, exact: bool) -> Fidelity:
+    """Check the tokenizer of ``path`` against the source's ``truth`` fingerprint (in a
+    subprocess, so a llama.cpp abort is an error line), then compare llama.cpp's
+    log-probs with the torch ``reference``; raise on a mismatch."""
+    from shortgpt_export.tokenizer_check import check_artifact
 
-
-def verify_gguf(path: Path, reference, tokenizer, windows, *, exact: bool) -> Fidelity:
-    """Compare llama.cpp on ``path`` with ``reference`` log-probs; raise on a mismatch."""
+    if truth is not None:
+        check_artifact(truth, path)
     with llama_model(path, n_ctx=int(windows.shape[1])) as llm:
-        check_tokenizer(llm, tokenizer, path)
         fidelity = compare_logprobs(reference, llama_logprobs(llm, windows))
     min_top1, max_kl = EXACT_BOUNDS if exact else QUANTIZED_BOUNDS
     log.info("%s: KL %.5f, top-1 %.3f", path.name, fidelity.kl_divergence, fidelity.top1_agreement)

@@ -99,6 +99,7 @@ class ONNXConverter:
             pruned_reference,
             verification_windows,
         )
+        from shortgpt_export.tokenizer_check import check_artifact, source_fingerprint
 
         from .runtime import OnnxDecoder
 
@@ -107,8 +108,10 @@ class ONNXConverter:
         windows = verification_windows(ctx.loaded.tokenizer)
         with ctx.progress("torch reference log-probs", None):
             reference = pruned_reference(ctx.loaded, ctx.plan.keep, windows)
+        truth = source_fingerprint(ctx.source)
         for art in artifacts:
             precision: Precision = PRECISIONS[art.quant]
+            check_artifact(truth, ctx.out_dir / art.path)  # tokenizer, chat, end of turn
             with ctx.progress(f"verifying {art.path} in onnxruntime", None):
                 decoder = OnnxDecoder(ctx.out_dir / art.path)
                 fidelity = compare_logprobs(reference, decoder.logprobs(windows))

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..artifacts import path_size
 from ..errors import ShortGPTError
+from ..tokenizer_check import artifact_fingerprint, mismatch, source_fingerprint
 from .evaluators import SAMPLE_TEXTS, TorchEvaluator, artifact_kind
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class Evaluation:
     opts: EvalOptions
     n_ctx: int
     workdir: Path
+    truth: dict | None = None  # the source's tokenizer fingerprint (tokenizer_check)
 
     def describe(self) -> dict:
         return {
@@ -161,6 +163,7 @@ def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evalua
         opts=opts,
         n_ctx=max(opts.ctx, opts.prompt_tokens + opts.gen_tokens) + 8,
         workdir=workdir,
+        truth=source_fingerprint(loaded.source),
     )
 
 
@@ -190,6 +193,13 @@ def worker_job(path: Path, evaluation: Evaluation) -> dict:
 
 def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
     """Run one artifact in a worker process; raises ValidationError on its failure."""
+    if evaluation.truth is not None:  # special tokens and chat too, llama.cpp in a subprocess
+        why = mismatch(evaluation.truth, artifact_fingerprint(path))
+        if why:
+            raise ValidationError(
+                f"the tokenizer of {path} works differently from the reference's: {why}",
+                hint="validate artifacts against the model they were made from (--reference)",
+            )
     job = worker_job(path, evaluation)
     job_file = evaluation.workdir / "job.json"
     job_file.write_text(json.dumps(job))
