@@ -56,11 +56,15 @@ def healed(model, keep: list[int], weights: dict[int, object] | None) -> Iterato
     if not weights or model is None:
         yield model
         return
+    previous = getattr(model, HEAL_ATTR, None)  # nested use (export inside a run) is fine
     setattr(model, HEAL_ATTR, (tuple(keep), weights))
     try:
         yield model
     finally:
-        delattr(model, HEAL_ATTR)
+        if previous is None:
+            delattr(model, HEAL_ATTR)
+        else:
+            setattr(model, HEAL_ATTR, previous)
 
 
 @contextmanager
