@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .planning import Plan
+from .scoring import METRIC_TEXT
 
 
 def render_model_card(
@@ -28,8 +29,7 @@ def render_model_card(
         lines.append(f"| {index} | {score} |")
     lines += [
         "",
-        f"Metric: `{plan.metric}` (Block Influence = 1 - mean cosine similarity "
-        "between a layer's input and output hidden state; Men et al. 2024, arXiv 2403.03853).",
+        f"Metric: `{plan.metric}` ({METRIC_TEXT.get(plan.metric, ('', plan.metric))[1]}).",
     ]
     lines += _recipe_lines(plan)
     if calibration:

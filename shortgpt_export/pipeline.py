@@ -20,6 +20,7 @@ from .progress import ProgressFactory, no_progress
 from .pruning import healed
 from .recipe import DEFAULT_SELECT_TOKENS, Recipe, choose, split_calibration
 from .scoring import LayerScores, score_model
+from .selection import block_plan
 from .source import (
     HUB_ID,
     LoadedModel,
@@ -236,7 +237,6 @@ def _score(
         fit,
         metric=opts.metric,
         batch_size=opts.batch_size,
-        seed=opts.seed,
         blocks=blocks,
         progress=progress,
     )
@@ -508,6 +508,54 @@ def score(
     text = json.dumps(scores.__dict__, indent=2, allow_nan=False) + "\n"
     _write_file_atomically(path, text, force)
     return scores, path
+
+
+PLAN_ONLY_STRATEGIES = ("score", "block")  # the selections that need no model
+
+
+def plan_from_scores(
+    scores_path: Path,
+    *,
+    remove: int | None = None,
+    ratio: float | None = None,
+    layers: list[int] | None = None,
+    select: str = "score",
+    out: Path | None = None,
+    force: bool = False,
+) -> tuple[Plan, Path]:
+    """Choose layers from a ``scores.json`` alone and write ``<out>/plan.json``."""
+    scores = LayerScores.load(scores_path)
+    folder = Path(out) if out else Path(scores_path).parent
+    path = folder / "plan.json"
+    check_writable(path, force)
+    if select == "block":
+        if layers is not None or not scores.block_distances:
+            raise PlanError(
+                "--select block needs a layer count and the block distances of scores.json"
+                + ("" if scores.block_distances else f" ({scores_path} has none)"),
+                hint="pass --remove N (or --ratio) with a scores.json from `shortgpt-export score`",
+            )
+        n = remove
+        if n is None:  # the count --ratio (or the default ratio) gives
+            n = len(make_plan(scores.num_layers, scores.scores, ratio=ratio).remove)
+        plan = block_plan(scores.num_layers, scores.block_distances, n, scores.scores)
+    elif select == "score":
+        plan = make_plan(
+            scores.num_layers,
+            scores.scores,
+            remove=remove,
+            ratio=ratio,
+            layers=layers,
+            metric=scores.metric,
+        )
+    else:
+        raise PlanError(
+            f"--select {select} needs the model",
+            hint=f"use one of {', '.join(PLAN_ONLY_STRATEGIES)} here, or the main command",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_file_atomically(path, plan.to_json(), force)
+    return plan, path
 
 
 def prune(

@@ -29,11 +29,13 @@ class Plan:
     patch_file: str | None = None  # healed weights, relative to plan.json's folder
     root: str | None = field(default=None, compare=False)  # that folder; not saved
 
-    def save(self, path: Path) -> None:
+    def to_json(self) -> str:
         data = asdict(self)
         del data["root"]
-        text = json.dumps(data, indent=2, allow_nan=False)  # strict JSON
-        Path(path).write_text(text + "\n", encoding="utf-8")
+        return json.dumps(data, indent=2, allow_nan=False) + "\n"  # strict JSON
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(self.to_json(), encoding="utf-8")
 
     def patch_path(self) -> Path | None:
         """The healed-weights file, or None for a plain removal."""

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from .scoring import METRIC_TEXT
+
 COLUMNS = (
     ("perplexity", "perplexity", "{:,.2f}"), ("kl_divergence", "KL vs original", "{:.4f}"),
     ("top1_agreement", "top-1 agreement", "{:.3f}"), ("qa_accuracy", "QA exact match", "{:.0%}"),
@@ -150,6 +152,24 @@ def qa_side_by_side(artifacts: list[dict], shown: int = QA_SHOWN) -> list[str]:
     ]
 
 
+def chat_stop_lines(artifacts: list[dict]) -> list[str]:
+    """Whether each unpruned artifact's greedy chat reply ends at the end-of-turn token."""
+    checked = [a for a in artifacts if a.get("chat_stop")]
+    if not checked:
+        return []
+    lines = ["", "## Chat end-of-turn check (original model, exported the same way)", ""]
+    for art in checked:
+        stop = art["chat_stop"]
+        verdict = (
+            f"stops at {stop['end_of_turn']!r} after {stop['tokens']} tokens"
+            if stop["stops"]
+            else f"does NOT stop at {stop['end_of_turn']!r} within {stop['tokens']} tokens"
+        )
+        reply = stop["reply"].replace("\n", " ")[:80]
+        lines.append(f"- {Path(art['path']).name} ({art['quant']}): {verdict}: {reply!r}")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     ev = report["eval"]
     lines = [
@@ -177,6 +197,7 @@ def render_markdown(report: dict) -> str:
             )
         )
     )
+    lines += chat_stop_lines(report["artifacts"])
     side_by_side = qa_side_by_side(report["artifacts"])
     if side_by_side:
         lines += ["", *side_by_side[:-1]]
@@ -204,7 +225,7 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
         ax.set(
             title=f"{scores['metric'].upper()} per layer (red: removed)",
             xlabel="layer",
-            ylabel=f"{scores['metric'].upper()} (1 - mean cosine)",
+            ylabel=f"{scores['metric'].upper()} ({METRIC_TEXT[scores['metric']][0]})",
         )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(

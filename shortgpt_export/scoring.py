@@ -21,6 +21,20 @@ from .progress import ProgressFactory, no_progress
 log = logging.getLogger(__name__)
 
 METRICS = ("bi", "angular")
+# What each metric measures between a layer's input and output hidden state, for plots,
+# model cards and reports: (short formula, the sentence with its source).
+METRIC_TEXT = {
+    "bi": (
+        "1 - mean cosine",
+        "Block Influence = 1 - mean cosine similarity between a layer's input and output "
+        "hidden state; Men et al. 2024, arXiv 2403.03853",
+    ),
+    "angular": (
+        "mean arccos(cos)/pi",
+        "angular distance = mean arccos(cosine similarity)/pi between a layer's input and "
+        "output hidden state; Gromov et al. 2024, arXiv 2403.17887",
+    ),
+}
 
 
 def token_metric(x, y, metric: str):
@@ -185,14 +199,12 @@ def score_model(
     *,
     metric: str = "bi",
     batch_size: int = 4,
-    seed: int = 0,
     blocks: bool = False,
     progress: ProgressFactory = no_progress,
 ) -> LayerScores:
-    """Score every layer of a loaded model and package the result as ``scores.json`` data."""
-    import torch
+    """Score every layer of a loaded model and package the result as ``scores.json`` data.
 
-    torch.manual_seed(seed)
+    The pass has no randomness (the seed only samples calibration windows, upstream)."""
     device = str(next(loaded.model.parameters()).device)
     began = time.perf_counter()
     values = score_layers(

@@ -352,6 +352,35 @@ def check_reply(truth: dict, reply: list[str], name: str) -> None:
         )
 
 
+def chat_stop_record(truth: dict, path: Path) -> dict | None:
+    """Greedy-generate the reply to ``CHAT`` from the artifact at ``path`` and say whether it
+    ends at the source's end-of-turn token.
+
+    Meant for the unpruned model exported the same way as the pruned one: if that does not
+    stop, the exported end-of-generation tokens or template are wrong, whatever pruning
+    did. It reports rather than raises, because a model that rambles (a tiny random one,
+    say) is not a broken export; the warning names the token. None when the source has no
+    chat template or no end-of-turn token: there is no conversation to check.
+    """
+    if truth["chat_text"] is None or truth["end_of_turn"] is None:
+        return None
+    reply = artifact_chat_reply(path)
+    turn = truth["pieces"].get(str(truth["end_of_turn"]))
+    try:
+        check_reply(truth, reply, Path(path).name)
+        detail = None
+    except ExportError as err:
+        detail = str(err)
+        log.warning("%s", detail)
+    return {
+        "end_of_turn": turn,
+        "stops": detail is None,
+        "tokens": len(reply),
+        "reply": "".join(reply),
+        "detail": detail,
+    }
+
+
 def main(argv: list[str]) -> int:
     """``python -m shortgpt_export.tokenizer_check tokenize|generate PATH`` < job JSON."""
     command, path = argv[0], Path(argv[1])

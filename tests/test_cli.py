@@ -150,6 +150,11 @@ def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, ca
         (["--layers", "1,9"], "layer indices [9] are out of range"),
         (["--to", "tflite"], "unknown export format 'tflite' — supported: gguf, hf, onnx"),
         (["--metric", "bi", "--batch-size", "0"], "--batch-size 0 must be at least 1"),
+        (["--ctx", "128"], "without --validate, --ctx would be ignored"),
+        (["--eval", "x.txt", "--qa", "3"], "without --validate, --eval, --qa would be ignored"),
+        (["--kl-windows", "1", "--max-tokens", "64"], "--max-tokens, --kl-windows would be"),
+        (["--validate", "--dry-run"], "--validate has nothing to measure with --dry-run"),
+        (["--max-ppl-increase", "2"], "--max-ppl-increase needs --validate"),
     ],
 )
 def test_bad_options(capsys, tiny_llama_dir, tmp_path, calib_file, args, message):
@@ -220,3 +225,54 @@ def test_failed_write_leaves_nothing_partial(
         assert "disk filled up" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "o"]
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+
+
+def test_score_then_plan_then_prune(capsys, tiny_llama_dir, tmp_path, calib_file):
+    """score -> plan -> prune, each from the previous step's file, no model in `plan`."""
+    code, _, err = run_cli(
+        capsys, "score", tiny_llama_dir, "--calib", calib_file, "--metric", "angular",
+        "--out", tmp_path / "s", *FAST,
+    )  # fmt: skip
+    assert code == 0, err
+    scores = json.loads((tmp_path / "s" / "scores.json").read_text())
+    code, stdout, err = run_cli(capsys, "plan", tmp_path / "s" / "scores.json", "--remove", "2")
+    assert code == 0, err
+    plan = json.loads((tmp_path / "s" / "plan.json").read_text())
+    lowest = sorted(sorted(range(6), key=lambda i: scores["scores"][i])[:2])
+    assert plan["remove"] == lowest and plan["metric"] == "angular"
+    assert plan["keep"] == [i for i in range(6) if i not in lowest]
+    code, _, err = run_cli(
+        capsys, "plan", tmp_path / "s" / "scores.json", "--select", "block", "--remove", "2",
+        "--out", tmp_path / "b",
+    )  # fmt: skip
+    assert code == 0, err
+    block = json.loads((tmp_path / "b" / "plan.json").read_text())
+    row = scores["block_distances"][1]
+    start = row.index(min(row))
+    assert block["remove"] == [start, start + 1] and block["strategy"] == "block"
+    code, _, err = run_cli(capsys, "plan", tmp_path / "s" / "scores.json", "--remove", "1")
+    assert code == 2 and "already exists" in " ".join(err.split())  # no silent overwrite
+    code, _, err = run_cli(
+        capsys, "prune", tiny_llama_dir, "--plan", tmp_path / "s" / "plan.json",
+        "--out", tmp_path / "p",
+    )  # fmt: skip
+    assert code == 0, err
+    config = json.loads((tmp_path / "p" / "hf" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    card = (tmp_path / "p" / "hf" / "README.md").read_text()
+    assert "Metric: `angular` (angular distance" in card and "1 - mean cosine" not in card
+    code, _, err = run_cli(
+        capsys, "plan", tmp_path / "s" / "scores.json", "--remove", "9", "--force"
+    )
+    assert code == 2 and "--remove 9 is not possible" in " ".join(err.split())
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    from shortgpt_export.cli import SUBCOMMANDS
+
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    for name in SUBCOMMANDS:
+        if name != "run":
+            assert name in text, name

@@ -338,3 +338,18 @@ def test_converter_is_unpacked_from_the_sdist_and_nothing_else(tmp_path):
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
     assert not (tmp_path / "escape.py").exists()
+
+
+def test_chat_stop_record_reports_a_reply_that_runs_on(truth, monkeypatch, tmp_path):
+    from shortgpt_export import tokenizer_check
+
+    rambling = ["Rome", "."] + ["Ġand"] * 30
+    monkeypatch.setattr(tokenizer_check, "artifact_chat_reply", lambda path: rambling)
+    record = tokenizer_check.chat_stop_record(truth, tmp_path / "rambles.gguf")
+    assert record["stops"] is False and record["tokens"] == 32
+    assert "'<|im_end|>'" in record["detail"] and "rambles.gguf" in record["detail"]
+    monkeypatch.setattr(tokenizer_check, "artifact_chat_reply", lambda path: ["Rome", "<|im_end|>"])
+    record = tokenizer_check.chat_stop_record(truth, tmp_path / "stops.gguf")
+    assert record["stops"] and record["detail"] is None and record["reply"] == "Rome<|im_end|>"
+    no_chat = {**truth, "chat_text": None}
+    assert tokenizer_check.chat_stop_record(no_chat, tmp_path / "x.gguf") is None

@@ -240,7 +240,15 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
             assert art[key] is not None, (art["label"], art["quant"], key)
     assert table[("pruned", "F16")]["perplexity"] > table[("original", "F16")]["perplexity"]
     assert table[("pruned", "Q4_K_M")]["size_bytes"] < table[("original", "Q4_K_M")]["size_bytes"]
-    assert "multiplies perplexity by" in (tmp_path / "s" / "report.md").read_text()
+    md = (tmp_path / "s" / "report.md").read_text()
+    assert "multiplies perplexity by" in md
+    # The unpruned model exported the same way ends its chat reply at the end of turn.
+    for quant in ("F16", "Q8_0", "Q4_K_M"):
+        stop = table[("original", quant)]["chat_stop"]
+        assert stop["stops"] and stop["end_of_turn"] == "<|im_end|>", (quant, stop)
+        assert stop["reply"].endswith("<|im_end|>") and stop["tokens"] <= 32
+        assert "chat_stop" not in table[("pruned", quant)]
+    assert "## Chat end-of-turn check" in md and "stops at '<|im_end|>'" in md
     for art in (a for a in table.values() if a["format"] == "gguf"):
         # The file (mmapped) plus KV cache and a [ctx, vocab] logits buffer. The KL
         # bookkeeping, 100 MB per float64 copy of the two windows, must not be counted.
@@ -330,3 +338,26 @@ def test_accelerator_figures_reach_the_report(validated, evaluation, monkeypatch
     assert worker_job(out / "onnx-fp32", evaluation)["devices"] == []
     cpu_only = {"eval": evaluation.describe(), "artifacts": [entry | record | {"accelerators": []}]}
     assert devices_note(cpu_only) == "Latency measured on the CPU only (--devices cpu)."
+
+
+def test_torch_evaluator_keeps_the_callers_thread_count(tiny_llama_full):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_export.validation.evaluators import TorchEvaluator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_full)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        evaluator = TorchEvaluator(tiny_llama_full, 2, model=model, tokenizer=object())
+        seen = []
+        hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        logprobs = evaluator.logprobs(np.arange(8))
+        hook.remove()
+        assert seen == [2]  # the evaluator's --threads while it runs
+        assert torch.get_num_threads() == 1  # and the caller's afterwards
+        assert logprobs.shape[0] == 8
+    finally:
+        torch.set_num_threads(before)

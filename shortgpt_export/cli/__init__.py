@@ -13,6 +13,7 @@ from ..errors import ShortGPTError
 SUBCOMMANDS = {
     "run": "shortgpt_export.cli.run",
     "score": "shortgpt_export.cli.score",
+    "plan": "shortgpt_export.cli.plan",
     "prune": "shortgpt_export.cli.prune",
     "validate": "shortgpt_export.cli.validate",
     "download-default": "shortgpt_export.cli.download",
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         parser: argparse.ArgumentParser = command.build_parser()
         parser.error = _parser_error(parser.prog)
         args = parser.parse_args(argv)
+        if hasattr(command, "check_combinations"):
+            command.check_combinations(parser, args)
         from . import common
 
         common.setup_logging(getattr(args, "verbose", False))

@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shortgpt-export",
         description="Score every layer (ShortGPT Block Influence), remove the least influential "
-        "ones and export the shallower model. Subcommands: score, prune, "
+        "ones and export the shallower model. Subcommands: score, plan, prune, validate, "
         "download-default (see `shortgpt-export SUBCOMMAND -h`).",
     )
     common.add_model_args(parser)
@@ -29,6 +29,26 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_eval_args(parser)
     parser.add_argument("--dry-run", action="store_true", help="score and write plan.json only")
     return parser
+
+
+# Flags that only mean something with --validate: refused without it, never ignored.
+VALIDATION_ONLY = ("eval", "ctx", "max_tokens", "kl_windows", "devices", "qa")
+
+
+def check_combinations(parser: argparse.ArgumentParser, args) -> None:
+    """Refuse flags that would be silently ignored in this combination."""
+    given = [d for d in VALIDATION_ONLY if getattr(args, d) != parser.get_default(d)]
+    if given and not args.validate:
+        flags = ", ".join("--" + d.replace("_", "-") for d in given)
+        parser.error(f"without --validate, {flags} would be ignored; add --validate or drop it")
+    if args.validate and args.dry_run:
+        parser.error("--validate has nothing to measure with --dry-run; drop one of them")
+    auto = "auto" in (args.remove, args.ratio)
+    if args.max_ppl_increase is not None and not (args.validate or auto):
+        parser.error(
+            "--max-ppl-increase needs --validate (a gate on the exported files) or "
+            "--remove auto / --ratio auto (a budget for the layer count)"
+        )
 
 
 def execute(args) -> int:

@@ -71,7 +71,9 @@ def eval_windows(tokenizer, opts: EvalOptions, max_context: int | None):
     return windows.numpy(), source
 
 
-def reference_logprobs(model, windows: np.ndarray, kl_windows: int, cache_dir: Path, key: str):
+def reference_logprobs(
+    model, windows: np.ndarray, kl_windows: int, cache_dir: Path, key: str, threads: int
+):
     """Float32 [kl_windows * ctx, vocab] log-probs of the reference, cached under ``key``.
 
     Computed exactly as the torch evaluator computes them, so the reference measured
@@ -80,9 +82,7 @@ def reference_logprobs(model, windows: np.ndarray, kl_windows: int, cache_dir: P
     path = cache_dir / f"reference-{key}.npy"
     if path.is_file():
         return path
-    evaluator = TorchEvaluator(
-        Path("reference"), os.cpu_count() or 1, model=model, tokenizer=object()
-    )
+    evaluator = TorchEvaluator(Path("reference"), threads, model=model, tokenizer=object())
     rows = [evaluator.logprobs(window).float().numpy() for window in windows[:kl_windows]]
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp.npy")
@@ -152,7 +152,9 @@ def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evalua
     windows, source = eval_windows(loaded.tokenizer, opts, max_context)
     fingerprint = model_fingerprint(loaded.source, getattr(loaded.model, "dtype", None))
     key = cache_key(fingerprint, windows, opts.kl_windows)
-    reference = reference_logprobs(loaded.model, windows, opts.kl_windows, cache_dir, key)
+    reference = reference_logprobs(
+        loaded.model, windows, opts.kl_windows, cache_dir, key, opts.threads
+    )
     ids = {t: loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in SAMPLE_TEXTS}
     np.save(workdir / "windows.npy", windows)
     return Evaluation(

@@ -6,6 +6,7 @@ measures latency the same way: prompt processing, then greedy generation with th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import threading
@@ -152,8 +153,6 @@ class TorchEvaluator(Evaluator):
         if model is None:
             require(device, "hf")
         super().__init__(path, threads, device)
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         self.model = model.eval()
@@ -164,10 +163,23 @@ class TorchEvaluator(Evaluator):
         config = getattr(self.model, "generation_config", None)
         self.eog_ids = hf_eog_ids(self.tokenizer, getattr(config, "eos_token_id", None))
 
+    @contextlib.contextmanager
+    def _threads(self):
+        """torch's thread count is process-wide: set ``threads`` for one call, then restore
+        the caller's (this evaluator also runs inside the pipeline's own process)."""
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
     def logprobs(self, window):
         import torch
 
-        with torch.inference_mode():
+        with self._threads(), torch.inference_mode():
             ids = torch.as_tensor(window).view(1, -1).to(self.device)
             logits = self.model(input_ids=ids, use_cache=False).logits[0].cpu()
         return torch.log_softmax(logits.double(), dim=-1)
@@ -184,7 +196,7 @@ class TorchEvaluator(Evaluator):
     def _run(self, ids: list[int]) -> int:
         import torch
 
-        with torch.inference_mode():
+        with self._threads(), torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([ids], device=self.device),
                 past_key_values=self._cache,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..default_model import cache_dir
 from ..progress import ProgressFactory, no_progress
+from ..tokenizer_check import chat_stop_record
 from . import (
     EvalOptions,
     QualityGateError,
@@ -103,7 +104,10 @@ def measure(
         for entry in entries:
             with progress(f"validating {Path(entry['path']).name}", None):
                 path = (root / entry["path"]) if root else Path(entry["path"])
-                records.append(entry | evaluate_artifact(path, evaluation))
+                record = entry | evaluate_artifact(path, evaluation)
+                if not entry["pruned"] and evaluation.truth is not None:
+                    record["chat_stop"] = chat_stop_record(evaluation.truth, path)
+                records.append(record)
         return {"eval": evaluation.describe(), "artifacts": records}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
