@@ -78,3 +78,13 @@ class UnsafeOutputError(ShortGPTError):
 
 class NonFiniteScoreError(ShortGPTError):
     """A layer score is NaN or infinite, so no ranking of the layers can be trusted."""
+
+
+class ValidationError(ShortGPTError):
+    """An artifact or the evaluation set-up cannot be validated."""
+
+
+class QualityGateError(ShortGPTError):
+    """A pruned artifact lost more perplexity than --max-ppl-increase allows."""
+
+    exit_code = 3

@@ -286,7 +286,7 @@ def _baseline_and_validate(
 ) -> dict:
     """Export the unpruned model at the same types into baseline/, then measure all."""
     from .report import write_report
-    from .validation.run import measure
+    from .validation.session import measure_artifacts
 
     identity = Plan(
         num_layers=plan.num_layers,
@@ -313,7 +313,7 @@ def _baseline_and_validate(
     entries = [_report_entry(a, "baseline/", pruned=False) for a in baseline] + [
         _report_entry(a, "", pruned=True) for a in artifacts if a.format != "hf"
     ]
-    report = measure(
+    report = measure_artifacts(
         loaded,
         entries,
         eval_opts,
@@ -462,7 +462,7 @@ def run(
                     )
     result = RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts, report=report)
     if validate is not None:
-        from .validation.run import check_quality_gate
+        from .validation.session import check_quality_gate
 
         check_quality_gate(report, max_ppl_increase)
     return result
@@ -618,7 +618,7 @@ def validate(
     """Measure artifacts against the reference model and write the report into ``out``."""
     from .report import write_report
     from .validation.evaluators import artifact_kind
-    from .validation.run import check_quality_gate, validate_artifacts
+    from .validation.session import check_quality_gate, validate_artifacts
 
     paths = [Path(p) for p in paths]
     for path in paths:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 from .scoring import METRIC_TEXT
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     ("perplexity", "perplexity", "{:,.2f}"), ("kl_divergence", "KL vs original", "{:.4f}"),
@@ -206,12 +209,25 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> list[str]:
-    """PNG plots: BI per layer, perplexity vs. size, generation speed. Returns file names."""
-    import matplotlib
-
+def _pyplot():
+    """matplotlib's pyplot on a file-only back-end, or None when the ``plots`` extra is not
+    installed (the figures are all in report.json and report.md anyway)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install 'shortgpt-export[plots]')")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> list[str]:
+    """PNG plots: BI per layer, perplexity vs. size, generation speed. Returns file names."""
+    plt = _pyplot()
+    if plt is None:
+        return []
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
 
@@ -310,11 +326,9 @@ def write_report(
 
 def budget_plot(budget: dict, path: Path) -> None:
     """Held-out perplexity against layers removed (``--remove auto``), with the limit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
+    if plt is None:
+        return
     curve = budget["curve"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([c["removed"] for c in curve], [c["perplexity"] for c in curve], marker="o")

@@ -608,7 +608,7 @@ def test_reference_cache_key_follows_the_weights(tmp_path, model, tiny_llama_dir
     import numpy as np
 
     from shortgpt_export.source import resolve_source
-    from shortgpt_export.validation import cache_key, model_fingerprint
+    from shortgpt_export.validation.reference import cache_key, model_fingerprint
 
     windows = np.arange(64).reshape(2, 32)
     source = resolve_source(str(model))

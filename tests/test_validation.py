@@ -259,7 +259,7 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
 def evaluation(validated, tmp_path):
     """The validated model's evaluation set-up, in this process (for worker-level tests)."""
     from shortgpt_export.source import load_model, resolve_source
-    from shortgpt_export.validation import EvalOptions, prepare
+    from shortgpt_export.validation.reference import EvalOptions, prepare
 
     source, _, _ = validated
     loaded = load_model(resolve_source(str(source)))
@@ -312,7 +312,8 @@ def test_accelerator_figures_reach_the_report(validated, evaluation, monkeypatch
     adds agreement and latency for it, and a provider that cannot start is reported, not
     fatal."""
     from shortgpt_export.report import devices_note, render_markdown
-    from shortgpt_export.validation import devices, worker_job
+    from shortgpt_export.validation import devices
+    from shortgpt_export.validation.artifact_eval import worker_job
     from shortgpt_export.validation.worker import evaluate
 
     _, out, _ = validated

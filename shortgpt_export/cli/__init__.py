@@ -11,7 +11,7 @@ import sys
 from ..errors import ShortGPTError
 
 SUBCOMMANDS = {
-    "run": "shortgpt_export.cli.run",
+    "run": "shortgpt_export.cli.export",
     "score": "shortgpt_export.cli.score",
     "plan": "shortgpt_export.cli.plan",
     "prune": "shortgpt_export.cli.prune",

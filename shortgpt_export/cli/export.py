@@ -1,4 +1,4 @@
-"""``shortgpt-export [MODEL]``: load, score, plan, prune and export in one go."""
+"""``shortgpt-export [MODEL]`` (the main command): load, score, plan, prune and export."""
 
 from __future__ import annotations
 

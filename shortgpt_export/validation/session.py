@@ -7,18 +7,12 @@ import shutil
 from pathlib import Path
 
 from ..default_model import cache_dir
+from ..errors import QualityGateError
 from ..progress import ProgressFactory, no_progress
 from ..tokenizer_check import chat_stop_record
-from . import (
-    EvalOptions,
-    QualityGateError,
-    describe_artifact,
-    evaluate_artifact,
-    new_workdir,
-    prepare,
-    torch_record,
-)
+from .artifact_eval import describe_artifact, evaluate_artifact, torch_record
 from .evaluators import artifact_kind
+from .reference import EvalOptions, new_workdir, prepare
 
 
 def artifact_facts(path: Path) -> tuple[int | None, str | None]:
@@ -54,7 +48,7 @@ def torch_row(model, tokenizer, evaluation, path: str, pruned: bool, layers: int
     }
 
 
-def measure(
+def measure_artifacts(
     loaded,
     entries: list[dict],
     opts: EvalOptions,
@@ -148,4 +142,4 @@ def validate_artifacts(
         entries.append(
             describe_artifact(path, label=path.name, pruned=pruned, layers=layers, quant=quant)
         )
-    return measure(loaded, entries, opts, progress=progress)
+    return measure_artifacts(loaded, entries, opts, progress=progress)
