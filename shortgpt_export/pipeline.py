@@ -259,19 +259,6 @@ def _patch_dtype(source: ModelSource):
     return getattr(torch, TORCH_DTYPES.get(some.dtype, "float32")) if some else torch.float32
 
 
-def _report_entry(art: Artifact, folder: str, *, pruned: bool) -> dict:
-    """An artifact as a row of the validation report, its path relative to the output."""
-    return {
-        "path": folder + art.path,
-        "label": "pruned" if pruned else "original",
-        "format": art.format,
-        "quant": art.quant,
-        "pruned": pruned,
-        "layers": art.layers,
-        "size_bytes": art.size_bytes,
-    }
-
-
 def _baseline_and_validate(
     formats: list[str],
     source: ModelSource,
@@ -286,6 +273,7 @@ def _baseline_and_validate(
 ) -> dict:
     """Export the unpruned model at the same types into baseline/, then measure all."""
     from .report import write_report
+    from .validation.artifact_eval import ReportRow
     from .validation.session import measure_artifacts
 
     identity = Plan(
@@ -310,8 +298,8 @@ def _baseline_and_validate(
         if quantized
         else []
     )
-    entries = [_report_entry(a, "baseline/", pruned=False) for a in baseline] + [
-        _report_entry(a, "", pruned=True) for a in artifacts if a.format != "hf"
+    entries = [ReportRow.of_artifact(a, "baseline/", pruned=False) for a in baseline] + [
+        ReportRow.of_artifact(a, "", pruned=True) for a in artifacts if a.format != "hf"
     ]
     report = measure_artifacts(
         loaded,

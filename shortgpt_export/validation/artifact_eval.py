@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,15 +103,31 @@ def torch_record(model, tokenizer, evaluation: Evaluation, label_path: str) -> d
     }
 
 
-def describe_artifact(
-    path: Path, *, label: str, pruned: bool, layers: int | None, quant: str | None
-) -> dict:
-    return {
-        "path": str(path),
-        "label": label,
-        "format": artifact_kind(path),
-        "quant": quant,
-        "pruned": pruned,
-        "layers": layers,
-        "size_bytes": path_size(path),
-    }
+@dataclass
+class ReportRow:
+    """What identifies one row of the validation report; its measurements are added to
+    ``to_dict()`` (artifact_eval.evaluate_artifact, torch_record)."""
+
+    path: str
+    label: str  # "original", "pruned", or a file name (the validate command)
+    format: str  # hf | gguf | onnx
+    quant: str | None
+    pruned: bool
+    layers: int | None
+    size_bytes: int | None
+
+    @classmethod
+    def of_path(cls, path: Path, *, label: str, pruned: bool, layers, quant) -> ReportRow:
+        """The row of an artifact on disk, its size measured."""
+        return cls(str(path), label, artifact_kind(path), quant, pruned, layers, path_size(path))
+
+    @classmethod
+    def of_artifact(cls, art, folder: str, *, pruned: bool) -> ReportRow:
+        """The row of an exported Artifact, its path relative to the output folder."""
+        label = "pruned" if pruned else "original"
+        return cls(
+            folder + art.path, label, art.format, art.quant, pruned, art.layers, art.size_bytes
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -10,7 +10,7 @@ from ..default_model import cache_dir
 from ..errors import QualityGateError
 from ..progress import ProgressFactory, no_progress
 from ..tokenizer_check import chat_stop_record
-from .artifact_eval import describe_artifact, evaluate_artifact, torch_record
+from .artifact_eval import ReportRow, evaluate_artifact, torch_record
 from .evaluators import artifact_kind
 from .reference import EvalOptions, new_workdir, prepare
 
@@ -36,21 +36,13 @@ def parameter_bytes(model) -> int:
 def torch_row(model, tokenizer, evaluation, path: str, pruned: bool, layers: int) -> dict:
     """The report row of an in-memory torch model: the original or its pruned view."""
     label = "pruned" if pruned else "original"
-    return {
-        "path": path,
-        "label": label,
-        "format": "hf",
-        "quant": "torch fp32",
-        "pruned": pruned,
-        "layers": layers,
-        "size_bytes": parameter_bytes(model),
-        **torch_record(model, tokenizer, evaluation, label),
-    }
+    row = ReportRow(path, label, "hf", "torch fp32", pruned, layers, parameter_bytes(model))
+    return row.to_dict() | torch_record(model, tokenizer, evaluation, label)
 
 
 def measure_artifacts(
     loaded,
-    entries: list[dict],
+    entries: list[ReportRow],
     opts: EvalOptions,
     *,
     keep: list[int] | None = None,
@@ -96,10 +88,10 @@ def measure_artifacts(
                     )
                 )
         for entry in entries:
-            with progress(f"validating {Path(entry['path']).name}", None):
-                path = (root / entry["path"]) if root else Path(entry["path"])
-                record = entry | evaluate_artifact(path, evaluation)
-                if not entry["pruned"] and evaluation.truth is not None:
+            with progress(f"validating {Path(entry.path).name}", None):
+                path = (root / entry.path) if root else Path(entry.path)
+                record = entry.to_dict() | evaluate_artifact(path, evaluation)
+                if not entry.pruned and evaluation.truth is not None:
                     record["chat_stop"] = chat_stop_record(evaluation.truth, path)
                 records.append(record)
         return {"eval": evaluation.describe(), "artifacts": records}
@@ -140,6 +132,6 @@ def validate_artifacts(
         layers, quant = artifact_facts(path)
         pruned = layers is not None and layers < loaded.source.num_layers
         entries.append(
-            describe_artifact(path, label=path.name, pruned=pruned, layers=layers, quant=quant)
+            ReportRow.of_path(path, label=path.name, pruned=pruned, layers=layers, quant=quant)
         )
     return measure_artifacts(loaded, entries, opts, progress=progress)
