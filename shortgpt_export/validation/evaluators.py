@@ -19,12 +19,6 @@ from ..errors import ModelNotFoundError
 from .devices import ORT_PROVIDERS, require
 from .qa import FALLBACK_PROMPT
 
-SAMPLE_TEXTS = (
-    "The quick brown fox jumps over the lazy dog. It's 2024; isn't it?",
-    "def f(x):\n    return {'a': [1, 2, 3]}  # digits 0123456789 and ½\n",
-    "Ελληνικά, русский текст, 日本語のテキスト, emoji 🙂🚀.",
-)
-
 
 class PeakRss:
     """Samples this process's RSS in a thread; ``peak`` is the highest value seen."""

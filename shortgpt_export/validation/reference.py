@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ShortGPTError, ValidationError
-from ..tokenizer_check import source_fingerprint
-from .evaluators import SAMPLE_TEXTS, TorchEvaluator
+from ..tokenizer_check import PLAIN_TEXTS, source_fingerprint
+from .evaluators import TorchEvaluator
 
 
 @dataclass
@@ -135,7 +135,7 @@ def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evalua
     reference = reference_logprobs(
         loaded.model, windows, opts.kl_windows, cache_dir, key, opts.threads
     )
-    ids = {t: loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in SAMPLE_TEXTS}
+    ids = {t: loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in PLAIN_TEXTS}
     np.save(workdir / "windows.npy", windows)
     return Evaluation(
         windows=windows,

@@ -38,9 +38,9 @@ def evaluate(job: dict) -> dict:
 
 def tokenizer_mismatch(evaluator, job: dict) -> str | None:
     """Why the artifact's tokenizer differs from the reference's, or None if it does not."""
-    from .evaluators import SAMPLE_TEXTS
+    from ..tokenizer_check import PLAIN_TEXTS
 
-    for text in SAMPLE_TEXTS:
+    for text in PLAIN_TEXTS:
         ids = evaluator.token_ids(text)
         if ids is not None and ids != job["reference_ids"][text]:
             return (
