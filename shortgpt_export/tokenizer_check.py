@@ -305,9 +305,8 @@ def onnx_chat_reply(folder: Path, max_tokens: int = GENERATE_TOKENS) -> list[str
     stopping at the folder's end-of-generation ids."""
     import numpy as np
 
-    from converters.onnx.runtime import OnnxDecoder
-
     from .errors import ShortGPTError
+    from .onnx_runtime import OnnxDecoder
 
     fingerprint = hf_folder_fingerprint(folder)
     if fingerprint["chat_text"] is None:

@@ -9,11 +9,12 @@ from conftest import calibration_text
 from helpers import FAST, export_with_cli, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converters.gguf.prune_gguf import field_value, gguf_info, open_gguf, prune_gguf
+from converters.gguf.prune_gguf import prune_gguf
 from converters.gguf.quantize import parse_quant
-from converters.gguf.verify import llama_logprobs, llama_model
 from shortgpt_export.errors import CorruptModelError, ExportError, ShortGPTError
 from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
+from shortgpt_export.gguf_file import field_value, gguf_info, open_gguf
+from shortgpt_export.llama_runtime import llama_logprobs, llama_model
 from shortgpt_export.planning import make_plan
 from shortgpt_export.tokenizer_check import check_artifact, gguf_fingerprint, hf_folder_fingerprint
 

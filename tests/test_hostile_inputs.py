@@ -276,7 +276,7 @@ def test_hostile_gguf_header(capsys, tmp_path, case):
 
 
 def test_prune_gguf_checks_the_header_too(tmp_path):
-    from converters.gguf.prune_gguf import open_gguf
+    from shortgpt_export.gguf_file import open_gguf
 
     path = tmp_path / "crafted.gguf"
     path.write_bytes(HOSTILE_GGUF["huge array"][0])
@@ -786,7 +786,7 @@ def test_modelfile_from_a_hostile_gguf_parses_to_the_intended_directives(tmp_pat
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
-        from converters.gguf.prune_gguf import open_gguf
+        from shortgpt_export.gguf_file import open_gguf
 
         stops += stop_tokens_from_gguf(open_gguf(path))
     assert stops == HOSTILE_STOPS

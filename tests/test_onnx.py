@@ -8,8 +8,8 @@ from conftest import calibration_text
 from helpers import FAST, export_with_cli, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converters.onnx.runtime import OnnxDecoder
 from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
+from shortgpt_export.onnx_runtime import OnnxDecoder
 
 pytest.importorskip("optimum.onnxruntime")
 

@@ -221,9 +221,9 @@ def _healed_torch_logprobs(model_dir, out, windows):
 def test_healed_exports_agree_with_the_healed_torch_model(healed_exports):
     from transformers import AutoModelForCausalLM
 
-    from converters.gguf.verify import llama_logprobs, llama_model
-    from converters.onnx.runtime import OnnxDecoder
     from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
+    from shortgpt_export.llama_runtime import llama_logprobs, llama_model
+    from shortgpt_export.onnx_runtime import OnnxDecoder
 
     model_dir, out, plain = healed_exports
     plan = json.loads((out / "plan.json").read_text())
@@ -250,7 +250,7 @@ def test_healed_exports_agree_with_the_healed_torch_model(healed_exports):
 
 
 def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf, tmp_path):
-    from converters.gguf.prune_gguf import open_gguf
+    from shortgpt_export.gguf_file import open_gguf
 
     out = export_with_cli(
         default_gguf, tmp_path, "--layers", "12,13,14,20", "--to", "gguf", "--heal", "linear"

@@ -16,9 +16,10 @@ from converters import ExportContext
 from converters.gguf.hf_to_gguf import convert_pruned
 from converters.gguf.metadata import size_label
 from converters.gguf.modelfile import stop_tokens_from_gguf
-from converters.gguf.prune_gguf import open_gguf, prune_gguf
+from converters.gguf.prune_gguf import prune_gguf
 from shortgpt_export.calibration import tokenize_windows
 from shortgpt_export.errors import ExportError
+from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.gguf_tokenizer import read_gguf_kv, read_tokenizer_meta
 from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import write_pruned_model
@@ -157,7 +158,7 @@ def test_onnx_written_from_that_folder_tokenizes_and_stops_like_the_source(
 def test_upstream_converter_matches_the_builtin_writer(default_hf, builtin_f16, truth, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py (fetched at install) on the folder we write."""
     from converters.gguf.llama_cpp_converter import convert_script, run_converter
-    from converters.gguf.verify import llama_logprobs, llama_model
+    from shortgpt_export.llama_runtime import llama_logprobs, llama_model
 
     convert_script(fetch=False)  # in the cache since `make install`; no network here
     upstream = tmp_path / "upstream-F16.gguf"

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from shortgpt_export.artifacts import Artifact
 from shortgpt_export.errors import ExportError
+from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
 from .modelfile import render_modelfile, stop_tokens_from_gguf
-from .prune_gguf import open_gguf, prune_gguf
+from .prune_gguf import prune_gguf
 from .quantize import QUANT_TYPES, QuantType, parse_quant_list, quantize_gguf
 
 log = logging.getLogger(__name__)

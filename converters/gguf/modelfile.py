@@ -44,7 +44,7 @@ def render_modelfile(gguf_name: str, stop_tokens: list[str], others: list[str] =
 def stop_tokens_from_gguf(reader) -> list[str]:
     """The end-of-generation set named in the GGUF tokenizer metadata: EOS, end of turn
     and end of message (the source's, which every export path carries into the GGUF)."""
-    from .prune_gguf import field_value
+    from shortgpt_export.gguf_file import field_value
 
     tokens = reader.get_field("tokenizer.ggml.tokens")
     stops: list[str] = []

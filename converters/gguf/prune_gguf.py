@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from shortgpt_export.errors import CorruptModelError, PlanError
+from shortgpt_export.gguf_file import GGUFInfo, field_value, gguf_info, open_gguf
 from shortgpt_export.planning import Plan
 from shortgpt_export.progress import ProgressFactory, no_progress
 
@@ -22,49 +22,6 @@ log = logging.getLogger(__name__)
 
 BLOCK = re.compile(r"^blk\.(\d+)\.")
 SKIPPED_KEYS = ("GGUF.", "general.architecture")  # the reader's pseudo-fields; the writer adds arch
-
-
-def open_gguf(path: Path):
-    """A ``gguf.GGUFReader`` for ``path``; any parse failure becomes CorruptModelError."""
-    from gguf import GGUFReader
-
-    from shortgpt_export.gguf_header import check_gguf_header
-
-    check_gguf_header(path)
-    try:
-        return GGUFReader(path)
-    except Exception as exc:
-        raise CorruptModelError(
-            f"cannot read GGUF file {path}: {type(exc).__name__}: {exc}"[:300],
-            hint="the file is truncated or not GGUF; re-download or re-export it",
-        ) from exc
-
-
-def field_value(reader, key: str):
-    field = reader.get_field(key)
-    return None if field is None else field.contents()
-
-
-@dataclass(frozen=True)
-class GGUFInfo:
-    arch: str
-    block_count: int
-    file_type: str | None  # e.g. "Q4_1", from general.file_type
-
-
-def gguf_info(reader) -> GGUFInfo:
-    from gguf import LlamaFileType
-
-    arch = field_value(reader, "general.architecture")
-    blocks = field_value(reader, f"{arch}.block_count")
-    if arch is None or blocks is None:
-        raise CorruptModelError("GGUF file has no general.architecture or block_count")
-    file_type = field_value(reader, "general.file_type")
-    try:
-        label = LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-    except ValueError:
-        label = None
-    return GGUFInfo(arch=arch, block_count=int(blocks), file_type=label)
 
 
 def sliced_metadata(reader, arch: str, keep: list[int]):

@@ -99,9 +99,8 @@ class ONNXConverter:
             pruned_reference,
             verification_windows,
         )
+        from shortgpt_export.onnx_runtime import OnnxDecoder
         from shortgpt_export.tokenizer_check import check_artifact, source_fingerprint
-
-        from .runtime import OnnxDecoder
 
         if ctx.loaded is None:
             raise ExportError("ONNX verification needs the torch model", hint="pass --no-verify")

@@ -213,7 +213,7 @@ class LlamaCppEvaluator(Evaluator):
     def __init__(self, path: Path, threads: int, n_ctx: int = 2048, device: str = "cpu"):
         import llama_cpp
 
-        from converters.gguf.verify import open_llama
+        from ..llama_runtime import open_llama
 
         require(device, "gguf")
         super().__init__(path, threads, device)
@@ -225,7 +225,7 @@ class LlamaCppEvaluator(Evaluator):
         )
 
     def logprobs(self, window):
-        from converters.gguf.verify import llama_logprobs
+        from ..llama_runtime import llama_logprobs
 
         return llama_logprobs(self.llm, [np.asarray(window)])
 
@@ -273,7 +273,7 @@ class OrtEvaluator(Evaluator):
         import onnxruntime
         from transformers import AutoTokenizer
 
-        from converters.onnx.runtime import OnnxDecoder
+        from ..onnx_runtime import OnnxDecoder
 
         require(device, "onnx")
         super().__init__(path, threads, device)

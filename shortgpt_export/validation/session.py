@@ -19,7 +19,7 @@ def artifact_facts(path: Path) -> tuple[int | None, str | None]:
     """(layers, quant label) read from a GGUF header or a folder's config."""
     kind = artifact_kind(path)
     if kind == "gguf":
-        from converters.gguf.prune_gguf import gguf_info, open_gguf
+        from ..gguf_file import gguf_info, open_gguf
 
         info = gguf_info(open_gguf(path))
         return info.block_count, info.file_type
