@@ -86,6 +86,28 @@ def _skip_strings(cur: _Cursor, n: int, what: str) -> None:
     cur.pos = pos
 
 
+def _read_strings(cur: _Cursor, n: int, what: str) -> list[str]:
+    """``n`` length-prefixed strings, decoded (the tight loop of ``_skip_strings``)."""
+    data, pos, end = cur.data, cur.pos, len(cur.data)
+    length_at = struct.Struct(cur.endian + "Q").unpack_from
+    out = []
+    for i in range(n):
+        if pos + 8 > end:
+            cur.pos = pos
+            cur.need(8, f"length of {what}[{i}]")
+        (length,) = length_at(data, pos)
+        pos += 8
+        if pos + length > end:
+            raise _Bad(
+                f"length of {what}[{i}] is {length}, which needs at least {length} bytes "
+                f"but only {end - pos} remain"
+            )
+        out.append(data[pos : pos + length].decode("utf-8", errors="replace"))
+        pos += length
+    cur.pos = pos
+    return out
+
+
 def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
     """Skip one value of ``vtype``; returns it for scalars (used for general.alignment)."""
     if vtype in SCALARS:
@@ -115,7 +137,33 @@ def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
     return None
 
 
-def _check(data, size: int) -> None:
+def _read_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
+    """Read one value of ``vtype`` with the same bounds checks as ``_skip_value``."""
+    if vtype in SCALARS:
+        return cur.unpack(*SCALARS[vtype], what)
+    if vtype == STRING:
+        return cur.string(what).decode("utf-8", errors="replace")
+    if vtype != ARRAY:
+        raise _Bad(f"{what} has unknown value type {vtype}")
+    if depth >= MAX_ARRAY_NESTING:
+        raise _Bad(f"{what} nests arrays deeper than {MAX_ARRAY_NESTING} levels")
+    item_type = cur.unpack("I", 4, f"item type of {what}")
+    if item_type in SCALARS:
+        code, size = SCALARS[item_type]
+        n = cur.count(f"item count of {what}", size)
+        values = list(struct.unpack_from(f"{cur.endian}{n}{code}", cur.data, cur.pos))
+        cur.pos += n * size
+        return values
+    if item_type == STRING:
+        return _read_strings(cur, cur.count(f"item count of {what}", 8), what)
+    if item_type == ARRAY:
+        n = cur.count(f"item count of {what}", 12)
+        return [_read_value(cur, ARRAY, f"{what}[{i}]", depth + 1) for i in range(n)]
+    raise _Bad(f"{what} has unknown item type {item_type}")
+
+
+def _check(data, size: int, values: dict | None = None) -> None:
+    """Check the whole header; with ``values``, also collect every key's value into it."""
     if size < 4 or bytes(data[:4]) != MAGIC:
         raise _Bad("the file does not start with the GGUF magic")
     version = struct.unpack_from("<I", data, 4)[0] if size >= 8 else None
@@ -142,7 +190,10 @@ def _check(data, size: int) -> None:
             raise _Bad(f"key {name!r} appears twice")
         keys.add(key)
         vtype = cur.unpack("I", 4, f"value type of {name!r}")
-        value = _skip_value(cur, vtype, f"value of {name!r}")
+        if values is None:
+            value = _skip_value(cur, vtype, f"value of {name!r}")
+        else:
+            value = values[name] = _read_value(cur, vtype, f"value of {name!r}")
         if name == "general.alignment":
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
                 raise _Bad(f"general.alignment {value!r} is not a power of two")
@@ -188,14 +239,29 @@ def _check_tensor_data(infos, data_bytes: int, alignment: int) -> None:
 
 def check_gguf_header(path: Path) -> None:
     """Raise :class:`CorruptModelError` unless the GGUF header of ``path`` fits in the file."""
-    path = Path(path)
+    _parse(Path(path), None)
+
+
+def read_gguf_kv(path: Path) -> dict:
+    """Every metadata key/value of a GGUF file (no tensor data), the header checked in the
+    same pass.
+
+    gguf.GGUFReader maps every string of a 49k-token vocabulary to its own numpy view,
+    which takes seconds; this reads the key/value section in one pass.
+    """
+    values: dict = {}
+    _parse(Path(path), values)
+    return values
+
+
+def _parse(path: Path, values: dict | None) -> None:
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
             if size == 0:
                 raise _Bad("the file is empty")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                _check(data, size)
+                _check(data, size, values)
     except _Bad as exc:
         raise CorruptModelError(
             f"cannot read GGUF file {path}: {exc}",

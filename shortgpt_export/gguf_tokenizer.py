@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from .gguf_header import read_gguf_kv
 
 log = logging.getLogger(__name__)
 
@@ -70,82 +71,6 @@ class GGUFTokenizerMeta:
     @property
     def adds_eos(self) -> bool:
         return bool(self.add_eos) if self.add_eos is not None else self.model == "t5"
-
-
-# GGUF metadata value types -> struct format (gguf.GGUFValueType numbering)
-_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
-_STRING, _ARRAY = 8, 9
-
-
-class _KVReader:
-    """Sequential little-endian reads from a buffer, bounds-checked by ``struct``."""
-
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
-
-    def take(self, fmt: str):
-        value = struct.unpack_from("<" + fmt, self.buf, self.pos)
-        self.pos += struct.calcsize("<" + fmt)
-        return value[0] if len(value) == 1 else list(value)
-
-    def string(self) -> str:
-        size = self.take("Q")
-        if self.pos + size > len(self.buf):
-            raise ValueError(f"a string of {size} bytes runs past the end of the file")
-        text = bytes(self.buf[self.pos : self.pos + size]).decode("utf-8", errors="replace")
-        self.pos += size
-        return text
-
-    def value(self, kind: int):
-        if kind == _STRING:
-            return self.string()
-        if kind != _ARRAY:
-            return self.take(_SCALARS[kind])
-        sub, count = self.take("I"), self.take("Q")
-        if sub in (_STRING, _ARRAY):
-            return [self.value(sub) for _ in range(count)]
-        if count == 0:
-            return []
-        values = self.take(f"{count}{_SCALARS[sub]}")
-        return values if isinstance(values, list) else [values]
-
-
-def read_gguf_kv(path: Path) -> dict:
-    """Every metadata key/value of a GGUF file, read directly (no tensors).
-
-    gguf.GGUFReader maps every string of a 49k-token vocabulary to its own numpy view,
-    which takes seconds; this reads the same key/value section in one pass.
-    """
-    import mmap
-
-    from .errors import CorruptModelError
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        reader = _KVReader(buf)
-        try:
-            if reader.take("4s") != b"GGUF":
-                raise ValueError("no GGUF magic")
-            reader.take("I")  # version
-            reader.take("Q")  # tensor count
-            count = reader.take("Q")
-            return {reader.string(): reader.value(reader.take("I")) for _ in range(count)}
-        except (ValueError, KeyError, struct.error, OverflowError, MemoryError) as exc:
-            raise CorruptModelError(
-                f"cannot read the metadata of GGUF file {path}: {exc}"[:300],
-                hint="the file is truncated or not GGUF; re-download or re-export it",
-            ) from exc
 
 
 @functools.lru_cache(maxsize=8)

@@ -20,7 +20,8 @@ from converters.gguf.prune_gguf import prune_gguf
 from shortgpt_export.calibration import tokenize_windows
 from shortgpt_export.errors import ExportError
 from shortgpt_export.gguf_file import open_gguf
-from shortgpt_export.gguf_tokenizer import read_gguf_kv, read_tokenizer_meta
+from shortgpt_export.gguf_header import read_gguf_kv
+from shortgpt_export.gguf_tokenizer import read_tokenizer_meta
 from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import write_pruned_model
 from shortgpt_export.source import load_model, resolve_source
@@ -92,7 +93,7 @@ def test_metadata_reader_refuses_a_truncated_file(default_gguf, tmp_path):
     truncated = tmp_path / "t.gguf"
     with open(default_gguf, "rb") as src:
         truncated.write_bytes(src.read(300_000))  # cut inside the vocabulary
-    with pytest.raises(CorruptModelError, match="cannot read the metadata of GGUF file"):
+    with pytest.raises(CorruptModelError, match="cannot read GGUF file"):
         read_gguf_kv(truncated)
 
 
