@@ -50,10 +50,12 @@ def torch_logprobs(model, windows):
     """[n_windows * len, vocab] next-token log-probabilities of a torch causal LM."""
     import torch
 
+    device = next(model.parameters()).device
     rows = []
     with torch.inference_mode():
         for window in windows:
-            logits = model(input_ids=window.view(1, -1), use_cache=False).logits[0]
+            ids = torch.as_tensor(window).view(1, -1).to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[0].cpu()
             rows.append(torch.log_softmax(logits.double(), dim=-1))
     return torch.cat(rows)
 

@@ -91,3 +91,19 @@ def export_with_cli(model_dir, root, *options):
     )
     assert code == 0, f"export of {model_dir} with {options} failed"
     return out
+
+
+def torch_perplexity(model, windows) -> float:
+    """exp(mean next-token negative log-likelihood) over every predicted token."""
+    import math
+
+    import torch
+
+    from shortgpt_export.fidelity import torch_logprobs
+
+    total, count = 0.0, 0
+    for window in torch.as_tensor(windows):  # one window at a time: [len, vocab] float64
+        logprobs = torch_logprobs(model, [window])
+        total -= float(logprobs[:-1].gather(-1, window[1:, None]).sum())
+        count += len(window) - 1
+    return math.exp(total / count)

@@ -4,9 +4,10 @@ import math
 
 import pytest
 from conftest import WIKITEXT
+from helpers import torch_perplexity
 
 from shortgpt_export.calibration import tokenize_windows
-from shortgpt_export.evaluation import eval_windows, torch_perplexity
+from shortgpt_export.evaluation import eval_windows
 from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import pruned_view
 from shortgpt_export.scoring import score_model

@@ -171,12 +171,10 @@ class TorchEvaluator(Evaluator):
             torch.set_num_threads(before)
 
     def logprobs(self, window):
-        import torch
+        from ..fidelity import torch_logprobs
 
-        with self._threads(), torch.inference_mode():
-            ids = torch.as_tensor(window).view(1, -1).to(self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits[0].cpu()
-        return torch.log_softmax(logits.double(), dim=-1)
+        with self._threads():
+            return torch_logprobs(self.model, [window])
 
     def token_ids(self, text):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
