@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 NEAR_TIE_NATS = 0.01  # top-2 log-prob gap below which rounding alone may swap the winner
+# Mean KL bound for quantized exports of every format: a broken file (wrong layer order,
+# wrong rope layout, a broken graph) is off by several nats, quantization noise far less.
+QUANTIZED_MAX_KL = 1.0
 
 
 @dataclass

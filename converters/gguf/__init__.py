@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shortgpt_export.artifacts import Artifact
 from shortgpt_export.errors import ExportError
+from shortgpt_export.fidelity import QUANTIZED_MAX_KL
 from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.model_card import render_model_card
 
@@ -35,6 +36,12 @@ def gguf_file_name(source, plan, quant: str) -> str:
 
 class GGUFConverter:
     name = "gguf"
+    # Verification against the torch model: exact types (F32/F16 from safetensors) must
+    # agree on top-1 away from near-ties and in KL; quantized files only get the KL bound,
+    # since quantization noise on near-tied tokens can flip top-1 freely.
+    exact_min_top1 = 0.99
+    exact_max_kl = 0.01
+    quantized_max_kl = QUANTIZED_MAX_KL
 
     def check_options(self, options: dict, source=None) -> None:
         parse_quant_list(options.get("quants"))
@@ -170,10 +177,13 @@ class GGUFConverter:
         for art in artifacts:
             quant = QUANT_TYPES.get(art.quant)
             exact = bool(quant and quant.exact) and ctx.source.kind != "gguf"
+            bounds = (
+                {"min_top1": self.exact_min_top1, "max_kl": self.exact_max_kl}
+                if exact
+                else {"min_top1": 0.0, "max_kl": self.quantized_max_kl}
+            )
             with ctx.progress(f"verifying {art.path} in llama.cpp", None):
-                fidelity = verify_gguf(
-                    ctx.out_dir / art.path, reference, truth, windows, exact=exact
-                )
+                fidelity = verify_gguf(ctx.out_dir / art.path, reference, truth, windows, **bounds)
             art.extra["verify"] = fidelity.as_dict()
 
     def _write_modelfile(self, ctx: ExportContext, paths: list[Path]) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shortgpt_export.artifacts import Artifact, path_size
 from shortgpt_export.errors import ExportError, ShortGPTError
+from shortgpt_export.fidelity import QUANTIZED_MAX_KL
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
@@ -23,14 +24,16 @@ from .precisions import (
 
 log = logging.getLogger(__name__)
 
-# fp32 ONNX vs torch: max |log-prob difference| allowed (measured ~1e-5 on tiny models)
-FP32_MAX_LOGPROB_DIFF = 1e-3
-QUANTIZED_MAX_KL = 1.0  # catches a broken graph, not quantization noise
 GREEDY_CHECK_TOKENS = 16
 
 
 class ONNXConverter:
     name = "onnx"
+    # Verification against the torch model: fp32 max |log-prob difference| (measured
+    # ~1e-5 on tiny models) plus greedy tokens equal with and without the KV cache;
+    # fp16/int8/int4 only get the shared KL bound.
+    fp32_max_logprob_diff = 1e-3
+    quantized_max_kl = QUANTIZED_MAX_KL
 
     def check_options(self, options: dict, source=None) -> None:
         precisions = parse_precisions(options.get("onnx_precisions"))
@@ -120,17 +123,18 @@ class ONNXConverter:
                 cached = decoder.greedy(prompt, GREEDY_CHECK_TOKENS, use_cache=True)
                 full = decoder.greedy(prompt, GREEDY_CHECK_TOKENS, use_cache=False)
                 art.extra["verify"]["greedy_cache_equal"] = cached == full
-                if fidelity.max_abs_logprob_diff > FP32_MAX_LOGPROB_DIFF or cached != full:
+                if fidelity.max_abs_logprob_diff > self.fp32_max_logprob_diff or cached != full:
                     raise ExportError(
                         f"{art.path} disagrees with the torch model: max |log-prob diff| "
-                        f"{fidelity.max_abs_logprob_diff:.2e} (need <= {FP32_MAX_LOGPROB_DIFF}), "
+                        f"{fidelity.max_abs_logprob_diff:.2e} "
+                        f"(need <= {self.fp32_max_logprob_diff}), "
                         f"greedy tokens with and without KV cache equal: {cached == full}",
                         hint="report this as a bug; pass --no-verify to keep the files anyway",
                     )
-            elif fidelity.kl_divergence > QUANTIZED_MAX_KL:
+            elif fidelity.kl_divergence > self.quantized_max_kl:
                 raise ExportError(
                     f"{art.path} disagrees with the torch model: mean KL "
-                    f"{fidelity.kl_divergence:.3f} (need <= {QUANTIZED_MAX_KL}), top-1 "
+                    f"{fidelity.kl_divergence:.3f} (need <= {self.quantized_max_kl}), top-1 "
                     f"agreement {fidelity.top1_agreement:.3f}",
                     hint="report this as a bug; pass --no-verify to keep the files anyway",
                 )
