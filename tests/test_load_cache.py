@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,18 +14,22 @@ import torch
 
 from shortgpt_export import load_cache
 from shortgpt_export.source import load_model, resolve_source
-from tests.helpers import export_with_cli, run_cli
+from tests.helpers import run_cli
 
 TEXT = "Hello world! <|im_start|>user\nShortGPT removes layers.<|im_end|>"
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("cache-gguf")
-    out = export_with_cli(
-        tiny_llama_dir, root, "--to", "gguf", "--quant", "F16", "--no-verify", "--layers", "1"
-    )
-    return next(out.glob("*.gguf"))
+    from converters import ExportContext
+    from converters.gguf.hf_to_gguf import convert_pruned
+    from shortgpt_export.planning import make_plan
+
+    source = resolve_source(str(tiny_llama_dir))
+    target = tmp_path_factory.mktemp("cache-gguf") / "tiny.gguf"
+    plan = make_plan(source.num_layers, layers=[1])
+    convert_pruned(ExportContext(source=source, plan=plan, out_dir=target.parent), target)
+    return target
 
 
 @pytest.fixture
@@ -93,14 +98,21 @@ def test_cached_load_equals_the_gguf_load_and_damage_is_rebuilt(tiny_gguf, cache
     expected = _outputs(uncached)
     _assert_same(_outputs(cached), expected)
 
-    for how in ("truncated", "bad header", "flipped byte", "key mismatch", "missing file"):
+    pristine = cache.parent / "pristine"
+    shutil.copytree(entry, pristine)
+    for how in ("bad header", "flipped byte", "key mismatch", "missing file", "truncated"):
         _corrupt(entry, how)
         with pytest.raises(load_cache.CacheEntryError):
             load_cache.check_entry(entry, tiny_gguf, "float32")
         caplog.clear()
-        rebuilt = _load(tiny_gguf)
-        assert "not usable" in caplog.text, how
-        assert "from the load cache" not in caplog.text, how  # never used
+        if how != "truncated":  # detected on lookup, deleted, never returned
+            assert load_cache.find_entry(tiny_gguf, "float32") is None, how
+            assert "not usable" in caplog.text and not entry.exists(), how
+            shutil.copytree(pristine, entry)  # whole again, for the next case
+            continue
+        rebuilt = _load(tiny_gguf)  # the whole path: detected, rebuilt from the GGUF
+        assert "not usable" in caplog.text
+        assert "from the load cache" not in caplog.text  # never used
         load_cache.check_entry(entry, tiny_gguf, "float32")  # whole again
         _assert_same(_outputs(rebuilt), expected)
 
