@@ -151,7 +151,8 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
     writer.add_file_type(
         getattr(gguf.LlamaFileType, f"MOSTLY_{out_type}", gguf.LlamaFileType.ALL_F32)
     )
-    add_tokenizer(writer, folder, config["vocab_size"])
+    with _gc_paused():  # tokenizer.json's ~100k small objects; see _gc_paused
+        add_tokenizer(writer, folder, config["vocab_size"])
     extra = []
     if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
         extra.append(("rope_freqs.weight", llama3_rope_factors(config)))
@@ -175,7 +176,8 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
 
     try:
         writer.write_header_to_file()
-        writer.write_kv_data_to_file()
+        with _gc_paused():
+            writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total = sum(ref.nbytes for _, ref in refs)
         with ctx.progress(f"writing {target.name}", total) as advance:
@@ -221,6 +223,26 @@ def _fast_writer_class():
             return head + struct.pack(f"{order}IQ", ltype, len(val)) + body
 
     return FastGGUFWriter
+
+
+@contextmanager
+def _gc_paused():
+    """No cyclic garbage collection for a bounded phase that allocates many small objects.
+
+    Parsing tokenizer.json and packing its 100k strings would otherwise trigger full
+    collections that walk the whole heap (torch and transformers are loaded). On the busy
+    2-core machine the default model's export took a median 2.0 s with collection on
+    against 1.4 s with it off (3 runs each; noisy).
+    """
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextmanager
