@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test bench bench-recipes lint format clean
+.PHONY: install demo test bench bench-recipes bench-io lint format clean
 
 install: $(STAMP)
 
@@ -32,6 +32,9 @@ bench: install
 
 bench-recipes: install
 	$(BIN)/python benchmarks/run.py recipes
+
+bench-io: install
+	$(BIN)/python benchmarks/run.py io
 
 lint: install
 	$(BIN)/ruff check .

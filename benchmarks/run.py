@@ -2,6 +2,7 @@
 
     python benchmarks/run.py                 # every section
     python benchmarks/run.py gguf            # one section; the others keep their last figures
+    python benchmarks/run.py io              # load cache, --help cost, export MB/s (make bench-io)
     python benchmarks/run.py recipes         # selection x healing (make bench-recipes)
     python benchmarks/run.py --assemble      # only rebuild RESULTS.md from results/*.md
 
@@ -21,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_gguf  # noqa: E402
+import bench_io  # noqa: E402
 import bench_onnx  # noqa: E402
 import bench_recipes  # noqa: E402
 import bench_scoring  # noqa: E402
@@ -29,6 +31,7 @@ import bench_validation  # noqa: E402
 SECTIONS = {
     "scoring": bench_scoring.report,
     "gguf": bench_gguf.report,
+    "io": bench_io.report,
     "onnx": bench_onnx.report,
     "validation": bench_validation.report,
     "recipes": bench_recipes.report,

@@ -214,3 +214,39 @@ def load_tensor(ref: TensorRef):
         if ref.nbytes
         else torch.empty(ref.shape, dtype=dtype)
     )
+
+
+def read_tensor_into(ref: TensorRef, buffer: bytearray, files: dict | None = None):
+    """Read one tensor into the start of ``buffer`` (reused across calls); a torch view of it.
+
+    The view is valid until the buffer is next written: convert or copy it before then.
+    ``files`` (path -> open binary file) keeps each source file open across calls; the
+    caller closes them.
+    """
+    import torch
+
+    if ref.dtype not in TORCH_DTYPES:
+        raise CorruptModelError(f"tensor {ref.name} has dtype {ref.dtype}, which cannot be read")
+    dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+    if not ref.nbytes:
+        return torch.empty(ref.shape, dtype=dtype)
+    view = memoryview(buffer)[: ref.nbytes]
+    owned = files is None
+    files = {} if owned else files
+    if ref.path not in files:
+        files[ref.path] = open(ref.path, "rb", buffering=0)  # noqa: SIM115
+    fh = files[ref.path]
+    try:
+        fh.seek(ref.start)
+        done = 0
+        while done < ref.nbytes:
+            got = fh.readinto(view[done:])
+            if not got:
+                raise CorruptModelError(
+                    f"{ref.path} ends inside tensor {ref.name}", hint="re-download the model"
+                )
+            done += got
+    finally:
+        if owned:
+            fh.close()
+    return torch.frombuffer(view, dtype=dtype).reshape(ref.shape)

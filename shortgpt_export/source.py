@@ -183,7 +183,13 @@ def resolve_source(
         kind = "gguf"
     else:
         kind = _check_folder(path, allow_pickle)
-    config = _load_config(path, kind, trust_remote_code)
+    config = None
+    if kind == "gguf":
+        from .load_cache import cached_source_config
+
+        config = cached_source_config(path)  # reading a GGUF's metadata takes seconds
+    if config is None:
+        config = _load_config(path, kind, trust_remote_code)
     spec = _check_causal(config, ref)
     return ModelSource(ref=ref, kind=kind, path=path, config=config, spec=spec)
 
@@ -243,40 +249,11 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load weights and tokenizer of a resolved source onto ``device``, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch_dtype = pick_dtype(device, dtype)
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if source.kind == "gguf":
-        location, kwargs["gguf_file"] = source.path.parent, source.path.name
+        model, tokenizer = _load_gguf(source, torch_dtype)
     else:
-        location = source.path
-        kwargs["use_safetensors"] = source.kind == "hf"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        if source.kind == "gguf":
-            from .gguf_tokenizer import tokenizer_from_gguf
-
-            # transformers' GGUF tokenizer conversion gets byte-level BPE and EOS wrong;
-            # this builds (or corrects) it from the GGUF's own fields
-            tokenizer = tokenizer_from_gguf(source.path)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except ShortGPTError:
-        raise
-    except Exception as exc:
-        raise CorruptModelError(
-            f"cannot load {source.ref}: {type(exc).__name__}: {exc}".splitlines()[0][:300],
-            hint="check that the weight files are complete",
-        ) from exc
-    if source.kind == "gguf":
-        from .gguf_tokenizer import align_model_config
-
-        align_model_config(model, source.path)
-        # transformers points the slow-tokenizer file at the .gguf itself; saving would
-        # copy the whole GGUF into the folder as "tokenizer.model"
-        if hasattr(tokenizer, "vocab_file"):
-            tokenizer.vocab_file = None
+        model, tokenizer = _load_folder(source, torch_dtype, trust_remote_code)
     model.to(device)
     model.eval()
     log.info(
@@ -288,3 +265,67 @@ def load_model(
         torch_dtype,
     )
     return LoadedModel(source=source, model=model, tokenizer=tokenizer)
+
+
+def _load_error(source: ModelSource, exc: Exception) -> CorruptModelError:
+    return CorruptModelError(
+        f"cannot load {source.ref}: {type(exc).__name__}: {exc}".splitlines()[0][:300],
+        hint="check that the weight files are complete",
+    )
+
+
+def _load_folder(source: ModelSource, torch_dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=source.kind == "hf",
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ShortGPTError:
+        raise
+    except Exception as exc:
+        raise _load_error(source, exc) from exc
+    return model, tokenizer
+
+
+def _load_gguf(source: ModelSource, torch_dtype):
+    """A GGUF source from its converted copy in the load cache, else converted (and cached)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import load_cache
+    from .gguf_tokenizer import align_model_config, tokenizer_from_gguf
+
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    entry = load_cache.find_entry(source.path, dtype_name)
+    if entry is not None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                entry, dtype=torch_dtype, use_safetensors=True
+            )
+            tokenizer = AutoTokenizer.from_pretrained(entry)
+            log.info("loaded %s from the load cache (%s)", source.path.name, entry)
+            return model, tokenizer
+        except Exception as exc:  # checked, yet unreadable: rebuild it from the GGUF
+            load_cache.discard(entry, f"{type(exc).__name__}: {exc}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path.parent, gguf_file=source.path.name, dtype=torch_dtype
+        )
+        # transformers' GGUF tokenizer conversion gets byte-level BPE and EOS wrong;
+        # this builds (or corrects) it from the GGUF's own fields
+        tokenizer = tokenizer_from_gguf(source.path)
+    except ShortGPTError:
+        raise
+    except Exception as exc:
+        raise _load_error(source, exc) from exc
+    align_model_config(model, source.path)
+    # transformers points the slow-tokenizer file at the .gguf itself; saving would
+    # copy the whole GGUF into the folder as "tokenizer.model"
+    if hasattr(tokenizer, "vocab_file"):
+        tokenizer.vocab_file = None
+    load_cache.store_entry(source.path, dtype_name, model, tokenizer, source.config)
+    return model, tokenizer

@@ -62,12 +62,31 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(size)])
     writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(size)])
-    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
+    merges = merge_strings(model.get("merges"))
+    # gguf's own merge parsing walks every character in Python (most of the export time
+    # of a small model); the merges parsed above are the same strings
+    special = gguf.SpecialVocab(folder, load_merges=merges is None, n_vocab=size)
+    if merges is not None:
+        special.merges, special.load_merges = merges, True
     special.add_to_gguf(writer, quiet=True)
     eos = special.special_token_ids.get("eos")
     for key, index in end_of_generation_extras(folder, eos, size).items():
         getattr(writer, f"add_{key}_token_id")(index)
     log.info("tokenizer: %d tokens, pre-tokenizer %s, %d merges", size, pre, len(special.merges))
+
+
+def merge_strings(merges) -> list[str] | None:
+    """tokenizer.json merges as GGUF's ``"a b"`` strings (spaces in a part become U+0120,
+    as gguf.SpecialVocab writes them); None when absent or in another format."""
+    if not isinstance(merges, list) or not merges:
+        return None
+    if isinstance(merges[0], str):
+        return merges if all(isinstance(m, str) for m in merges) else None
+    space = chr(0x120)
+    try:
+        return [f"{a.replace(' ', space)} {b.replace(' ', space)}" for a, b in merges]
+    except (TypeError, ValueError, AttributeError):  # not [a, b] string pairs
+        return None
 
 
 def end_of_generation_extras(folder: Path, eos: int | None, size: int) -> dict[str, int]:

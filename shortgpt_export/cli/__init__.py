@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "prune": "shortgpt_export.cli.prune",
     "validate": "shortgpt_export.cli.validate",
     "download-default": "shortgpt_export.cli.download",
+    "cache": "shortgpt_export.cli.cache",
 }
 # Errors from reading bad input that are not ours: each becomes one line and exit 2.
 INPUT_ERRORS = (OSError, ValueError, OverflowError, RecursionError, MemoryError)
