@@ -1,0 +1,307 @@
+"""Score a model larger than memory one decoder layer at a time (``--offload layers``).
+
+The model is built on the meta device (no weights). The token embeddings are loaded and
+every calibration window is embedded once; a recording pass (layerwise.Stack) captures the
+keyword arguments (masks, rotary embeddings) the model passes to each block. Then one
+block at a time gets its weights from the memory-mapped checkpoint (safetensors, or GGUF
+dequantized by gguf_layers.py), runs every batch, adds to the same running sums as the
+in-memory pass (scoring._LayerAccumulator), and goes back to the meta device. The block
+outputs replace the inputs in one activation buffer (windows x tokens x hidden, in the
+scoring dtype), which is a memory-mapped temporary file when it does not fit in memory.
+
+Batches are the in-memory pass's batches and each block sees the same inputs, so the
+scores are the in-memory scores, bit for bit on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from .calibration import CalibrationSet
+from .errors import ShortGPTError
+from .progress import ProgressFactory, no_progress
+from .scoring import METRICS, _LayerAccumulator
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("auto", "none", "layers")
+# the in-memory model needs its weights plus working memory; offload above this share
+FIT_FRACTION = 0.8
+# activations are kept in memory when they take at most this share of the free memory
+ACTIVATIONS_FRACTION = 0.5
+
+
+class SafetensorsWeights:
+    """Tensors of a safetensors folder by checkpoint name, read one at a time."""
+
+    def __init__(self, folder: Path):
+        from .pruning import source_tensors
+
+        self.refs = source_tensors(Path(folder))
+
+    def tensor(self, name: str, shape):
+        from .safetensors_io import load_tensor
+
+        ref = self.refs.get(name)
+        if ref is None:
+            raise ShortGPTError(
+                f"the checkpoint has no tensor {name!r}",
+                hint="check that the model folder is complete",
+            )
+        return load_tensor(ref)
+
+    def parameter_count(self) -> int:
+        return sum(math.prod(ref.shape) for ref in self.refs.values())
+
+    def close(self) -> None:
+        self.refs = {}
+
+
+def open_weights(source):
+    """The per-tensor reader for a resolved source (safetensors folder or GGUF file)."""
+    if source.kind == "hf":
+        return SafetensorsWeights(source.path)
+    if source.kind == "gguf":
+        from .gguf_layers import GGUFWeights
+
+        return GGUFWeights(source.path, source.spec, source.config)
+    raise ShortGPTError(
+        f"--offload layers reads safetensors or GGUF weights, not {source.kind} checkpoints",
+        hint="convert the model to safetensors, or use --offload none",
+    )
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for tensors on ``device`` (CPU: available RAM)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device.startswith("mps"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def model_bytes(source, dtype) -> int:
+    """Bytes the whole model takes in memory as ``dtype``."""
+    import torch
+
+    weights = open_weights(source)
+    try:
+        count = weights.parameter_count()
+    finally:
+        weights.close()
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def choose_offload(mode: str, source, device: str, dtype) -> bool:
+    """Whether to score layer by layer: ``layers`` yes, ``none`` no, ``auto`` when the
+    model does not fit in ``device``'s free memory (logged)."""
+    if mode not in OFFLOAD_MODES:
+        raise ShortGPTError(f"unknown --offload {mode!r}", hint=f"use {', '.join(OFFLOAD_MODES)}")
+    if mode != "auto":
+        return mode == "layers"
+    if source.kind not in ("hf", "gguf"):
+        return False
+    need, free = model_bytes(source, dtype), free_memory(device)
+    if need > FIT_FRACTION * free:
+        log.warning(
+            "the model needs %.1f GB as %s but %s has %.1f GB free: scoring layer by layer "
+            "(--offload layers)",
+            need / 1e9,
+            str(dtype).replace("torch.", ""),
+            device,
+            free / 1e9,
+        )
+        return True
+    return False
+
+
+def skeleton(config, dtype):
+    """The causal LM of ``config`` on the meta device: modules and shapes, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def materialize(module, prefix: str, weights, device, dtype) -> None:
+    """Give a meta ``module`` its weights ``prefix + name`` from the checkpoint on ``device``."""
+    state = {}
+    for name, meta in module.state_dict().items():
+        tensor = weights.tensor(prefix + name, tuple(meta.shape))
+        if tuple(tensor.shape) != tuple(meta.shape):
+            raise ShortGPTError(
+                f"tensor {prefix + name} has shape {tuple(tensor.shape)}, the config says "
+                f"{tuple(meta.shape)}",
+                hint="check that config.json matches the weights",
+            )
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        state[name] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def release(module) -> None:
+    """Move a module's weights back to the meta device (frees them)."""
+    module.to("meta")
+
+
+def _module_path(root, module) -> str:
+    return next(name for name, m in root.named_modules() if m is module)
+
+
+def _rebuild_meta_buffers(base, layers, config, device) -> None:
+    """Modules with computed buffers (rotary embeddings) rebuilt for real on ``device``."""
+    for name, child in list(base.named_children()):
+        if child is layers:
+            continue
+        if any(b.is_meta for b in child.buffers()) and not any(True for _ in child.parameters()):
+            setattr(base, name, type(child)(config=config, device=device))
+
+
+class Activations:
+    """``[windows, tokens, hidden]`` hidden states in memory or in a memory-mapped file."""
+
+    def __init__(self, shape, dtype, *, spill: bool | None = None, folder: Path | None = None):
+        import torch
+
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if spill is None:
+            spill = nbytes > ACTIVATIONS_FRACTION * free_memory("cpu")
+        self.path: Path | None = None
+        if spill:
+            handle, name = tempfile.mkstemp(prefix="shortgpt-activations-", dir=folder)
+            os.close(handle)
+            self.path = Path(name)
+            os.truncate(self.path, max(nbytes, 1))
+            log.info("activations (%.1f GB) spill to %s", nbytes / 1e9, self.path)
+            flat = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype)
+            self.data = flat.view(shape)
+        else:
+            self.data = torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        self.data = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def stream_scores(
+    source,
+    calib: CalibrationSet,
+    *,
+    device: str = "cpu",
+    dtype=None,
+    metric: str = "bi",
+    batch_size: int = 4,
+    blocks: bool = False,
+    spill: bool | None = None,
+    spill_dir: Path | None = None,
+    progress: ProgressFactory = no_progress,
+):
+    """:func:`scoring.score_layers`, one decoder layer in memory at a time.
+
+    ``spill`` forces (True) or forbids (False) the memory-mapped activation file; None
+    decides from the free memory. With ``blocks``, every layer's unit-normalized inputs
+    are kept too (in a spilled file under the same rule) for the block distances.
+    """
+    import torch
+
+    from .layerwise import Stack
+
+    if metric not in METRICS:
+        raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+    dtype = dtype or torch.float32
+    spec = source.spec
+    dev = torch.device(device)
+    model = skeleton(source.config, dtype)
+    base = getattr(model, model.base_model_prefix, model)
+    layers = spec.decoder_layers(model)
+    n_layers = len(layers)
+    embed = model.get_input_embeddings()
+    windows, seq = calib.input_ids.shape
+    hidden = int(model.config.hidden_size)
+    with ExitStack() as stack:
+        weights = open_weights(source)
+        stack.callback(weights.close)
+        states = Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
+        stack.callback(states.close)
+        units = None
+        if blocks:
+            units = Activations((n_layers, windows, seq, hidden), torch.float32, spill=spill,
+                                folder=spill_dir)  # fmt: skip
+            stack.callback(units.close)
+
+        # embeddings and the keyword arguments of every block, per batch
+        materialize(embed, _module_path(model, embed) + ".", weights, dev, dtype)
+        _rebuild_meta_buffers(base, layers, model.config, dev)
+        recorder = Stack(model, spec, device=dev)
+        batches = []
+        with torch.inference_mode(), progress("embedding calibration windows", None):
+            for index, batch in enumerate(recorder.record_batches(calib, batch_size)):
+                start = index * batch_size
+                states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
+                batch.embeds = None
+                batches.append(batch)
+        release(embed)
+
+        acc = _LayerAccumulator(n_layers, metric, blocks=blocks)
+        prefix = spec.layers_path
+        with torch.inference_mode(), progress("scoring layers", n_layers) as advance:
+            for index, layer in enumerate(layers):
+                materialize(layer, f"{prefix}.{index}.", weights, dev, dtype)
+                for b, batch in enumerate(batches):
+                    rows = slice(b * batch_size, b * batch_size + batch.input_ids.shape[0])
+                    x = states.data[rows].to(dev)
+                    out = recorder.run(index, x, batch)
+                    acc.mask = batch.mask
+                    if blocks:
+                        acc._units = {s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)}
+                    acc.pre_hook(index)(layer, (x,), {})
+                    acc.post_hook(index)(layer, (), {}, out)
+                    if blocks:
+                        # stored unmasked; rows of padding are never read back
+                        full = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+                        full[batch.mask] = acc._units[index]
+                        units.data[index, rows] = full.cpu()
+                    states.data[rows] = out.cpu()
+                release(layer)
+                advance(1)
+        acc._units = {}
+    return (acc.scores(), acc.block_distances()) if blocks else acc.scores()
+
+
+def load_tokenizer(source, trust_remote_code: bool = False):
+    """The tokenizer of a source, without its weights."""
+    from .errors import CorruptModelError
+
+    try:
+        if source.kind == "gguf":
+            from .gguf_tokenizer import tokenizer_from_gguf
+
+            tokenizer = tokenizer_from_gguf(source.path)
+            if hasattr(tokenizer, "vocab_file"):
+                tokenizer.vocab_file = None
+            return tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ShortGPTError:
+        raise
+    except Exception as exc:
+        raise CorruptModelError(
+            f"cannot load the tokenizer of {source.ref}: {type(exc).__name__}: {exc}"[:300],
+            hint="check that the tokenizer files are complete",
+        ) from exc
