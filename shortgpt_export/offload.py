@@ -19,7 +19,9 @@ import logging
 import math
 import os
 import tempfile
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from .calibration import CalibrationSet
@@ -268,7 +270,9 @@ def stream_scores(
                     out = recorder.run(index, x, batch)
                     acc.mask = batch.mask
                     if blocks:
-                        acc._units = {s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)}
+                        acc._units = {
+                            s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)
+                        }
                     acc.pre_hook(index)(layer, (x,), {})
                     acc.post_hook(index)(layer, (), {}, out)
                     if blocks:
@@ -305,3 +309,58 @@ def load_tokenizer(source, trust_remote_code: bool = False):
             f"cannot load the tokenizer of {source.ref}: {type(exc).__name__}: {exc}"[:300],
             hint="check that the tokenizer files are complete",
         ) from exc
+
+
+@dataclass
+class StreamedModel:
+    """A source scored layer by layer: its tokenizer, no weights in memory (``model`` None)."""
+
+    source: object  # ModelSource
+    tokenizer: object
+    device: str
+    dtype: object
+    model: None = None
+
+
+def score_streamed(
+    streamed: StreamedModel,
+    calib: CalibrationSet,
+    *,
+    metric: str = "bi",
+    batch_size: int = 4,
+    seed: int = 0,
+    blocks: bool = False,
+    progress: ProgressFactory = no_progress,
+):
+    """:func:`scoring.score_model` for a :class:`StreamedModel`."""
+    import torch
+
+    from .scoring import LayerScores
+
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    values = stream_scores(
+        streamed.source,
+        calib,
+        device=streamed.device,
+        dtype=streamed.dtype,
+        metric=metric,
+        batch_size=batch_size,
+        blocks=blocks,
+        progress=progress,
+    )
+    distances = None
+    if blocks:
+        values, distances = values
+    seconds = time.perf_counter() - began
+    log.info("scored %d layers one at a time in %.1f s", len(values), seconds)
+    return LayerScores(
+        metric=metric,
+        num_layers=len(values),
+        scores=values,
+        model=streamed.source.describe(),
+        calibration=calib.describe(),
+        device=streamed.device,
+        seconds=round(seconds, 3),
+        block_distances=distances,
+    )
