@@ -86,6 +86,18 @@ class GGUFWeights:
             array = deinterleave_rope_rows(array, heads)
         return torch.from_numpy(np.array(array, dtype=np.float32, order="C", copy=True))
 
+    def rows(self, name: str, ids, shape):
+        """Rows ``ids`` of a 2-D tensor, dequantized alone (embeddings are never permuted)."""
+        import gguf
+        import numpy as np
+        import torch
+
+        info = self.tensors[self.gguf_name(name)]
+        if len(shape) != 2 or info.data.ndim != 2 or info.data.shape[0] != shape[0]:
+            return None
+        array = gguf.quants.dequantize(info.data[ids.numpy()], info.tensor_type)
+        return torch.from_numpy(np.array(array, dtype=np.float32, copy=True).reshape(-1, shape[1]))
+
     def parameter_count(self) -> int:
         return sum(int(t.n_elements) for t in self.reader.tensors)
 

@@ -55,8 +55,10 @@ class Stack:
         """Embeddings and per-block keyword arguments of every batch of ``calib``."""
         return list(self.record_batches(calib, batch_size))
 
-    def record_batches(self, calib: CalibrationSet, batch_size: int) -> Iterator[Batch]:
-        """:meth:`record`, one batch at a time (the caller may move each batch's embeds)."""
+    def record_batches(self, calib: CalibrationSet, batch_size: int, embed=None) -> Iterator[Batch]:
+        """:meth:`record`, one batch at a time (the caller may move each batch's embeds).
+
+        ``embed`` (token ids -> embeddings) replaces the model's own embedding module."""
         import torch
 
         container_path, _, attr = self.spec.layers_path.rpartition(".")
@@ -87,8 +89,9 @@ class Stack:
                     ids = calib.input_ids[start : start + batch_size].to(self.device)
                     mask = calib.attention_mask[start : start + batch_size].to(self.device)
                     seen.clear()
+                    inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids)}
                     with suppress(_Stop):
-                        base(input_ids=ids, attention_mask=mask, use_cache=False)
+                        base(**inputs, attention_mask=mask, use_cache=False)
                     yield Batch(ids, mask.bool(), seen[0][0], [seen[i][1] for i in range(n)])
         finally:
             setattr(container, attr, original)

@@ -57,6 +57,25 @@ class SafetensorsWeights:
             )
         return load_tensor(ref)
 
+    def rows(self, name: str, ids, shape):
+        """Rows ``ids`` (sorted, unique) of a 2-D tensor, read alone from the file."""
+        import torch
+
+        from .safetensors_io import TORCH_DTYPES
+
+        ref = self.refs.get(name)
+        if ref is None or len(ref.shape) != 2 or ref.dtype not in TORCH_DTYPES:
+            return None
+        row_bytes = ref.nbytes // ref.shape[0]
+        buffer = bytearray(row_bytes * len(ids))
+        view = memoryview(buffer)
+        with open(ref.path, "rb") as fh:
+            for i, row in enumerate(ids.tolist()):
+                fh.seek(ref.start + row * row_bytes)
+                fh.readinto(view[i * row_bytes : (i + 1) * row_bytes])
+        dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+        return torch.frombuffer(buffer, dtype=dtype).view(len(ids), ref.shape[1])
+
     def parameter_count(self) -> int:
         return sum(math.prod(ref.shape) for ref in self.refs.values())
 
@@ -157,6 +176,27 @@ def release(module) -> None:
     module.to("meta")
 
 
+def row_embedder(embed, name: str, weights, device, dtype):
+    """Token ids -> embeddings reading only the rows the ids use, for a plain
+    ``nn.Embedding`` (the vocabulary can be larger than a decoder layer); None otherwise."""
+    import torch
+
+    if type(embed) is not torch.nn.Embedding or embed.max_norm is not None:
+        return None
+    shape = tuple(embed.weight.shape)
+    if weights.rows(name, torch.tensor([0]), shape) is None:
+        return None
+
+    def lookup(ids):
+        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        if int(unique[0]) < 0 or int(unique[-1]) >= shape[0]:
+            raise ShortGPTError(f"token id outside the vocabulary of {shape[0]}")
+        rows = weights.rows(name, unique.cpu(), shape).to(device=device, dtype=dtype)
+        return torch.nn.functional.embedding(inverse, rows)
+
+    return lookup
+
+
 def _module_path(root, module) -> str:
     return next(name for name, m in root.named_modules() if m is module)
 
@@ -247,17 +287,21 @@ def stream_scores(
             stack.callback(units.close)
 
         # embeddings and the keyword arguments of every block, per batch
-        materialize(embed, _module_path(model, embed) + ".", weights, dev, dtype)
+        embed_prefix = _module_path(model, embed) + "."
+        lookup = row_embedder(embed, embed_prefix + "weight", weights, dev, dtype)
+        if lookup is None:
+            materialize(embed, embed_prefix, weights, dev, dtype)
         _rebuild_meta_buffers(base, layers, model.config, dev)
         recorder = Stack(model, spec, device=dev)
         batches = []
         with torch.inference_mode(), progress("embedding calibration windows", None):
-            for index, batch in enumerate(recorder.record_batches(calib, batch_size)):
+            for index, batch in enumerate(recorder.record_batches(calib, batch_size, lookup)):
                 start = index * batch_size
                 states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
                 batch.embeds = None
                 batches.append(batch)
-        release(embed)
+        if lookup is None:
+            release(embed)
 
         acc = _LayerAccumulator(n_layers, metric, blocks=blocks)
         prefix = spec.layers_path

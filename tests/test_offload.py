@@ -77,7 +77,8 @@ def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
     monkeypatch.setattr(offload, "release", release)
     offload.stream_scores(source, calib, batch_size=2)
     assert most[0] == 1 and not live
-    assert seen == ["model.embed_tokens."] + [f"model.layers.{i}." for i in range(6)]
+    # the embedding rows the windows use are read alone; the matrix is never loaded
+    assert seen == [f"model.layers.{i}." for i in range(6)]
 
 
 def _tiny_gguf(model_dir, target, out_type):
