@@ -47,7 +47,13 @@ class SafetensorsWeights:
         self.refs = source_tensors(Path(folder))
 
     def tensor(self, name: str, shape):
-        from .safetensors_io import load_tensor
+        """The tensor over a private memory map of its bytes (unmapped when it is freed):
+        no heap copy, so freed layers leave no fragmented heap behind."""
+        import mmap
+
+        import torch
+
+        from .safetensors_io import TORCH_DTYPES, load_tensor
 
         ref = self.refs.get(name)
         if ref is None:
@@ -55,7 +61,15 @@ class SafetensorsWeights:
                 f"the checkpoint has no tensor {name!r}",
                 hint="check that the model folder is complete",
             )
-        return load_tensor(ref)
+        if ref.dtype not in TORCH_DTYPES or ref.nbytes < mmap.PAGESIZE:
+            return load_tensor(ref)
+        start = ref.start - ref.start % mmap.ALLOCATIONGRANULARITY
+        with open(ref.path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), ref.end - start, access=mmap.ACCESS_COPY, offset=start)
+        dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+        count = ref.nbytes // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=ref.start - start)
+        return flat.view(ref.shape)
 
     def rows(self, name: str, ids, shape):
         """Rows ``ids`` (sorted, unique) of a 2-D tensor, read alone from the file."""
@@ -176,6 +190,28 @@ def release(module) -> None:
     module.to("meta")
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Serve allocations of 4 MiB and more straight from the OS (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed, after which large
+    blocks come from the heap; a layer's activations freed and allocated again then leave
+    the heap fragmented, and the peak grew with every layer (benchmarks/RESULTS.md). A
+    fixed threshold keeps the peak at one layer's working set. The setting is process-wide
+    and stays; returns whether it was applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return False
+
+
 def row_embedder(embed, name: str, weights, device, dtype):
     """Token ids -> embeddings reading only the rows the ids use, for a plain
     ``nn.Embedding`` (the vocabulary can be larger than a decoder layer); None otherwise."""
@@ -266,6 +302,7 @@ def stream_scores(
     if batch_size < 1:
         raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
     dtype = dtype or torch.float32
+    fix_mmap_threshold()
     spec = source.spec
     dev = torch.device(device)
     model = skeleton(source.config, dtype)
