@@ -5,8 +5,9 @@ tensor by tensor as safetensors shards to a temporary folder (never whole in mem
 Each measurement runs in a fresh subprocess on the same random token windows:
   memory    load_model + score_layers (the whole model in memory)
   streamed  offload.stream_scores (one decoder layer in memory at a time)
-Peak RSS growth = getrusage's peak RSS minus the RSS just before loading (after imports
-and the calibration windows). The modes alternate; times and growths are medians.
+Peak RSS growth = the process's peak RSS (VmHWM) minus the RSS just before loading (after
+imports, a warm-up forward pass of a tiny model, and the calibration windows). The modes
+alternate; times and growths are medians.
 """
 
 from __future__ import annotations
@@ -97,6 +98,19 @@ def calibration():
     return CalibrationSet(ids, torch.ones_like(ids), "random", SEQ_LEN)
 
 
+def peak_rss() -> int:
+    """This process's peak RSS in bytes: VmHWM on Linux. getrusage's ru_maxrss survives
+    exec on Linux, so a child started by a large parent would report the parent's RSS."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def _warm_up() -> None:
     """Lazy imports and first-call allocations of a forward pass, out of the growth."""
     import torch
@@ -130,7 +144,7 @@ def measure(mode: str, folder: Path) -> dict:
         loaded_s = 0.0
         scores = stream_scores(source, calib, dtype=torch.float32, batch_size=BATCH, spill=False)
     seconds = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss()
     return {
         "mode": mode,
         "seconds": seconds,
@@ -150,7 +164,7 @@ def _run(mode: str, folder: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def report(reps: int = 2) -> str:
+def report(reps: int = 3) -> str:
     root = Path(tempfile.mkdtemp(prefix="shortgpt-bench-offload-"))
     try:
         total, layer_bytes = build(root)
