@@ -208,6 +208,10 @@ def report(reps: int = 3) -> str:
         f"{activation_bytes / mb:.0f} MB = {budget / mb:.0f} MB; streamed growth is "
         f"{streamed['growth'] / budget:.2f}x that (target <= 1.5x) and "
         f"{streamed['growth'] / mem['growth']:.3f}x the in-memory growth",
+        f"- the rest of the streamed growth ({(streamed['growth'] - budget) / mb:.0f} MB) is "
+        f"one batch's forward-pass intermediates ({BATCH} x {SEQ_LEN} tokens through an MLP "
+        f"of {CONFIG['intermediate_size']} and the attention), which the in-memory pass "
+        "allocates as well, and bookkeeping (masks, rotary tables, the recorded batches)",
         f"- streamed time is {streamed['seconds'] / mem['seconds']:.2f}x the in-memory "
         "time, loading included (target <= 1.3x)",
         f"- largest relative score difference: {diff:.1e} (same dtype, same batches)",
