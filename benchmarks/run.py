@@ -4,6 +4,7 @@
     python benchmarks/run.py gguf            # one section; the others keep their last figures
     python benchmarks/run.py io              # load cache, --help cost, export MB/s (make bench-io)
     python benchmarks/run.py recipes         # selection x healing (make bench-recipes)
+    python benchmarks/run.py offload         # layer-by-layer scoring of a 4 GB random model
     python benchmarks/run.py --assemble      # only rebuild RESULTS.md from results/*.md
 
 Each section is written to benchmarks/results/<name>.md as soon as it finishes.
@@ -23,6 +24,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_gguf  # noqa: E402
 import bench_io  # noqa: E402
+import bench_offload  # noqa: E402
 import bench_onnx  # noqa: E402
 import bench_recipes  # noqa: E402
 import bench_scoring  # noqa: E402
@@ -35,6 +37,7 @@ SECTIONS = {
     "onnx": bench_onnx.report,
     "validation": bench_validation.report,
     "recipes": bench_recipes.report,
+    "offload": bench_offload.report,
 }
 RESULTS = HERE / "RESULTS.md"
 PARTS = HERE / "results"

@@ -9,6 +9,7 @@ hidden state, and the final norm and LM head give the next-token loss.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -41,22 +42,28 @@ def _block_output(output):
 class Stack:
     """A model's decoder blocks, callable one by one on recorded batches."""
 
-    def __init__(self, model, spec: ArchitectureSpec):
+    def __init__(self, model, spec: ArchitectureSpec, device=None):
         self.model = model
         self.spec = spec
         self.layers = spec.decoder_layers(model)
         self.norm = submodule(model, spec.final_norm_path)
         self.head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
+        # a model built on the meta device (offload.py) runs its embeddings on ``device``
+        self.device = device if device is not None else next(model.parameters()).device
 
     def record(self, calib: CalibrationSet, batch_size: int) -> list[Batch]:
         """Embeddings and per-block keyword arguments of every batch of ``calib``."""
+        return list(self.record_batches(calib, batch_size))
+
+    def record_batches(self, calib: CalibrationSet, batch_size: int, embed=None) -> Iterator[Batch]:
+        """:meth:`record`, one batch at a time (the caller may move each batch's embeds).
+
+        ``embed`` (token ids -> embeddings) replaces the model's own embedding module."""
         import torch
 
         container_path, _, attr = self.spec.layers_path.rpartition(".")
         container = submodule(self.model, container_path)
         base = getattr(self.model, self.model.base_model_prefix, self.model)
-        batches: list[Batch] = []
         seen: dict[int, tuple] = {}
 
         class Recorder(torch.nn.Module):
@@ -82,14 +89,12 @@ class Stack:
                     ids = calib.input_ids[start : start + batch_size].to(self.device)
                     mask = calib.attention_mask[start : start + batch_size].to(self.device)
                     seen.clear()
+                    inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids)}
                     with suppress(_Stop):
-                        base(input_ids=ids, attention_mask=mask, use_cache=False)
-                    batches.append(
-                        Batch(ids, mask.bool(), seen[0][0], [seen[i][1] for i in range(n)])
-                    )
+                        base(**inputs, attention_mask=mask, use_cache=False)
+                    yield Batch(ids, mask.bool(), seen[0][0], [seen[i][1] for i in range(n)])
         finally:
             setattr(container, attr, original)
-        return batches
 
     def run(self, index: int, hidden, batch: Batch):
         """Apply block ``index`` (of the full model) to ``hidden``."""

@@ -54,6 +54,7 @@ class ScoreOptions:
     batch_size: int = 4
     seed: int = 0
     metric: str = "bi"
+    offload: str = "auto"  # auto | none | layers (offload.py: score one layer at a time)
 
 
 @dataclass
@@ -191,12 +192,50 @@ def _needs_model(formats: list[str], source: ModelSource, options: dict) -> bool
     return any(get_converter(name).needs_model(source.kind, options) for name in formats)
 
 
-def _load(source: ModelSource, opts: ModelOptions, progress: ProgressFactory) -> LoadedModel:
+def _load(
+    source: ModelSource, opts: ModelOptions, progress: ProgressFactory, offload: str = "none"
+):
+    """The model in memory, or (offload) a StreamedModel scored one layer at a time."""
     device = pick_device(opts.device)
+    if offload != "none":
+        from .offload import StreamedModel, choose_offload, load_tokenizer
+        from .source import pick_dtype
+
+        dtype = pick_dtype(device, opts.dtype)
+        if choose_offload(offload, source, device, dtype):
+            with progress(f"loading the tokenizer of {source.ref} (layer by layer)", None):
+                tokenizer = load_tokenizer(source, opts.trust_remote_code)
+            return StreamedModel(source, tokenizer, device, dtype)
     with progress(f"loading {source.ref} on {device}", None):
         return load_model(
             source, device=device, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code
         )
+
+
+def _after_streamed_scoring(
+    streamed, source, model_opts, plan_opts, formats, export_options, validate, progress
+):
+    """After layer-by-layer scoring: the whole model when a later step needs it (greedy
+    selection, healing, the budget, validation, verification, export from memory)."""
+    options = export_options or {}
+    needs = [
+        why
+        for why, yes in (
+            ("--select greedy", plan_opts.select == "greedy"),
+            (f"--heal {plan_opts.heal}", plan_opts.heal != "none"),
+            ("--remove auto", plan_opts.auto),
+            ("validation", validate is not None),
+            ("export from memory", _needs_model(formats, source, options)),
+            ("verification", options.get("verify", True) and set(formats) - {"hf"}),
+        )
+        if yes
+    ]
+    if not needs:
+        return streamed
+    log.warning(
+        "scored layer by layer, but %s needs the whole model: loading it now", ", ".join(needs)
+    )
+    return _load(source, model_opts, progress)
 
 
 def _check_plan_request(num_layers: int, plan_opts: PlanOptions) -> None:
@@ -232,7 +271,10 @@ def _score(
             seed=opts.seed,
         )
     fit, held_out = split_calibration(calib, holdout)
-    scores = score_model(
+    scorer = score_model
+    if loaded.model is None:  # offload.StreamedModel
+        from .offload import score_streamed as scorer
+    scores = scorer(
         loaded,
         fit,
         metric=opts.metric,
@@ -382,7 +424,7 @@ def run(
     _check_with_source(formats, source, export_options or {})
     recipe = plan_opts.recipe(max_ppl_increase, score_opts.batch_size)
     recipe.check(source.spec)
-    loaded = _load(source, model_opts, progress)
+    loaded = _load(source, model_opts, progress, score_opts.offload)
     scores, calib, held_out = _score(
         loaded,
         score_opts,
@@ -390,6 +432,10 @@ def run(
         blocks=plan_opts.select == "block",
         holdout=plan_opts.auto,
     )
+    if loaded.model is None:
+        loaded = _after_streamed_scoring(
+            loaded, source, model_opts, plan_opts, formats, export_options, validate, progress
+        )
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     choice = choose(
         loaded,
@@ -490,7 +536,7 @@ def score(
     _check_score_options(score_opts)
     check_calibration_source(score_opts.calib, score_opts.calib_tokens)
     _check_layer_count(source)
-    loaded = _load(source, model_opts, progress)
+    loaded = _load(source, model_opts, progress, score_opts.offload)
     scores = _score(loaded, score_opts, progress, blocks=True)[0]
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     text = json.dumps(scores.__dict__, indent=2, allow_nan=False) + "\n"

@@ -108,6 +108,13 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
         default="bi",
         help="bi: 1 - mean cosine (ShortGPT); angular: arccos(cos)/pi (Gromov et al.)",
     )
+    group.add_argument(
+        "--offload",
+        choices=("auto", "none", "layers"),
+        default="auto",
+        help="layers: score one decoder layer in memory at a time, for models larger than "
+        "memory; auto (default): only when the model does not fit the device's free memory",
+    )
 
 
 def _count_or_auto(kind):
@@ -352,6 +359,7 @@ def score_options(args) -> ScoreOptions:
         batch_size=args.batch_size,
         seed=args.seed,
         metric=args.metric,
+        offload=args.offload,
     )
 
 

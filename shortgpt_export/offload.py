@@ -1,0 +1,447 @@
+"""Score a model larger than memory one decoder layer at a time (``--offload layers``).
+
+The model is built on the meta device (no weights). The token embeddings are loaded and
+every calibration window is embedded once; a recording pass (layerwise.Stack) captures the
+keyword arguments (masks, rotary embeddings) the model passes to each block. Then one
+block at a time gets its weights from the memory-mapped checkpoint (safetensors, or GGUF
+dequantized by gguf_layers.py), runs every batch, adds to the same running sums as the
+in-memory pass (scoring._LayerAccumulator), and goes back to the meta device. The block
+outputs replace the inputs in one activation buffer (windows x tokens x hidden, in the
+scoring dtype), which is a memory-mapped temporary file when it does not fit in memory.
+
+Batches are the in-memory pass's batches and each block sees the same inputs, so the
+scores are the in-memory scores, bit for bit on the same device and dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from .calibration import CalibrationSet
+from .errors import ShortGPTError
+from .progress import ProgressFactory, no_progress
+from .scoring import METRICS, _LayerAccumulator
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_MODES = ("auto", "none", "layers")
+# the in-memory model needs its weights plus working memory; offload above this share
+FIT_FRACTION = 0.8
+# activations are kept in memory when they take at most this share of the free memory
+ACTIVATIONS_FRACTION = 0.5
+
+
+class SafetensorsWeights:
+    """Tensors of a safetensors folder by checkpoint name, read one at a time."""
+
+    def __init__(self, folder: Path):
+        from .pruning import source_tensors
+
+        self.refs = source_tensors(Path(folder))
+
+    def tensor(self, name: str, shape):
+        """The tensor over a private memory map of its bytes (unmapped when it is freed):
+        no heap copy, so freed layers leave no fragmented heap behind."""
+        import mmap
+
+        import torch
+
+        from .safetensors_io import TORCH_DTYPES, load_tensor
+
+        ref = self.refs.get(name)
+        if ref is None:
+            raise ShortGPTError(
+                f"the checkpoint has no tensor {name!r}",
+                hint="check that the model folder is complete",
+            )
+        if ref.dtype not in TORCH_DTYPES or ref.nbytes < mmap.PAGESIZE:
+            return load_tensor(ref)
+        start = ref.start - ref.start % mmap.ALLOCATIONGRANULARITY
+        with open(ref.path, "rb") as fh:
+            mapped = mmap.mmap(fh.fileno(), ref.end - start, access=mmap.ACCESS_COPY, offset=start)
+        dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+        count = ref.nbytes // torch.empty((), dtype=dtype).element_size()
+        flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=ref.start - start)
+        return flat.view(ref.shape)
+
+    def rows(self, name: str, ids, shape):
+        """Rows ``ids`` (sorted, unique) of a 2-D tensor, read alone from the file."""
+        import torch
+
+        from .safetensors_io import TORCH_DTYPES
+
+        ref = self.refs.get(name)
+        if ref is None or len(ref.shape) != 2 or ref.dtype not in TORCH_DTYPES:
+            return None
+        row_bytes = ref.nbytes // ref.shape[0]
+        buffer = bytearray(row_bytes * len(ids))
+        view = memoryview(buffer)
+        with open(ref.path, "rb") as fh:
+            for i, row in enumerate(ids.tolist()):
+                fh.seek(ref.start + row * row_bytes)
+                fh.readinto(view[i * row_bytes : (i + 1) * row_bytes])
+        dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+        return torch.frombuffer(buffer, dtype=dtype).view(len(ids), ref.shape[1])
+
+    def parameter_count(self) -> int:
+        return sum(math.prod(ref.shape) for ref in self.refs.values())
+
+    def close(self) -> None:
+        self.refs = {}
+
+
+def open_weights(source):
+    """The per-tensor reader for a resolved source (safetensors folder or GGUF file)."""
+    if source.kind == "hf":
+        return SafetensorsWeights(source.path)
+    if source.kind == "gguf":
+        from .gguf_layers import GGUFWeights
+
+        return GGUFWeights(source.path, source.spec, source.config)
+    raise ShortGPTError(
+        f"--offload layers reads safetensors or GGUF weights, not {source.kind} checkpoints",
+        hint="convert the model to safetensors, or use --offload none",
+    )
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for tensors on ``device`` (CPU: available RAM)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    if device.startswith("mps"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def model_bytes(source, dtype) -> int:
+    """Bytes the whole model takes in memory as ``dtype``."""
+    import torch
+
+    weights = open_weights(source)
+    try:
+        count = weights.parameter_count()
+    finally:
+        weights.close()
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+def choose_offload(mode: str, source, device: str, dtype) -> bool:
+    """Whether to score layer by layer: ``layers`` yes, ``none`` no, ``auto`` when the
+    model does not fit in ``device``'s free memory (logged)."""
+    if mode not in OFFLOAD_MODES:
+        raise ShortGPTError(f"unknown --offload {mode!r}", hint=f"use {', '.join(OFFLOAD_MODES)}")
+    if mode != "auto":
+        return mode == "layers"
+    if source.kind not in ("hf", "gguf"):
+        return False
+    need, free = model_bytes(source, dtype), free_memory(device)
+    if need > FIT_FRACTION * free:
+        log.warning(
+            "the model needs %.1f GB as %s but %s has %.1f GB free: scoring layer by layer "
+            "(--offload layers)",
+            need / 1e9,
+            str(dtype).replace("torch.", ""),
+            device,
+            free / 1e9,
+        )
+        return True
+    return False
+
+
+def skeleton(config, dtype):
+    """The causal LM of ``config`` on the meta device: modules and shapes, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def materialize(module, prefix: str, weights, device, dtype) -> None:
+    """Give a meta ``module`` its weights ``prefix + name`` from the checkpoint on ``device``."""
+    state = {}
+    for name, meta in module.state_dict().items():
+        tensor = weights.tensor(prefix + name, tuple(meta.shape))
+        if tuple(tensor.shape) != tuple(meta.shape):
+            raise ShortGPTError(
+                f"tensor {prefix + name} has shape {tuple(tensor.shape)}, the config says "
+                f"{tuple(meta.shape)}",
+                hint="check that config.json matches the weights",
+            )
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        state[name] = tensor.to(device=device, dtype=target)
+    module.load_state_dict(state, assign=True, strict=True)
+
+
+def release(module) -> None:
+    """Move a module's weights back to the meta device (frees them)."""
+    module.to("meta")
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD = 4 * 1024 * 1024
+
+
+def fix_mmap_threshold() -> bool:
+    """Serve allocations of 4 MiB and more straight from the OS (glibc only).
+
+    glibc raises its mmap threshold each time a large block is freed, after which large
+    blocks come from the heap; a layer's activations freed and allocated again then leave
+    the heap fragmented, and the peak grew with every layer (benchmarks/RESULTS.md). A
+    fixed threshold keeps the peak at one layer's working set. The setting is process-wide
+    and stays; returns whether it was applied."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):  # not glibc (macOS, musl)
+        return False
+
+
+def row_embedder(embed, name: str, weights, device, dtype):
+    """Token ids -> embeddings reading only the rows the ids use, for a plain
+    ``nn.Embedding`` (the vocabulary can be larger than a decoder layer); None otherwise."""
+    import torch
+
+    if type(embed) is not torch.nn.Embedding or embed.max_norm is not None:
+        return None
+    shape = tuple(embed.weight.shape)
+    if weights.rows(name, torch.tensor([0]), shape) is None:
+        return None
+
+    def lookup(ids):
+        unique, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+        if int(unique[0]) < 0 or int(unique[-1]) >= shape[0]:
+            raise ShortGPTError(f"token id outside the vocabulary of {shape[0]}")
+        rows = weights.rows(name, unique.cpu(), shape).to(device=device, dtype=dtype)
+        return torch.nn.functional.embedding(inverse, rows)
+
+    return lookup
+
+
+def _module_path(root, module) -> str:
+    return next(name for name, m in root.named_modules() if m is module)
+
+
+def _rebuild_meta_buffers(base, layers, config, device) -> None:
+    """Modules with computed buffers (rotary embeddings) rebuilt for real on ``device``."""
+    for name, child in list(base.named_children()):
+        if child is layers:
+            continue
+        if any(b.is_meta for b in child.buffers()) and not any(True for _ in child.parameters()):
+            setattr(base, name, type(child)(config=config, device=device))
+
+
+class Activations:
+    """``[windows, tokens, hidden]`` hidden states in memory or in a memory-mapped file."""
+
+    def __init__(self, shape, dtype, *, spill: bool | None = None, folder: Path | None = None):
+        import torch
+
+        numel = math.prod(shape)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if spill is None:
+            spill = nbytes > ACTIVATIONS_FRACTION * free_memory("cpu")
+        self.path: Path | None = None
+        if spill:
+            handle, name = tempfile.mkstemp(prefix="shortgpt-activations-", dir=folder)
+            os.close(handle)
+            self.path = Path(name)
+            os.truncate(self.path, max(nbytes, 1))
+            log.info("activations (%.1f GB) spill to %s", nbytes / 1e9, self.path)
+            flat = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype)
+            self.data = flat.view(shape)
+        else:
+            self.data = torch.empty(shape, dtype=dtype)
+
+    def close(self) -> None:
+        self.data = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def stream_scores(
+    source,
+    calib: CalibrationSet,
+    *,
+    device: str = "cpu",
+    dtype=None,
+    metric: str = "bi",
+    batch_size: int = 4,
+    blocks: bool = False,
+    spill: bool | None = None,
+    spill_dir: Path | None = None,
+    progress: ProgressFactory = no_progress,
+):
+    """:func:`scoring.score_layers`, one decoder layer in memory at a time.
+
+    ``spill`` forces (True) or forbids (False) the memory-mapped activation file; None
+    decides from the free memory. With ``blocks``, every layer's unit-normalized inputs
+    are kept too (in a spilled file under the same rule) for the block distances.
+    """
+    import torch
+
+    from .layerwise import Stack
+
+    if metric not in METRICS:
+        raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
+    if batch_size < 1:
+        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+    dtype = dtype or torch.float32
+    fix_mmap_threshold()
+    spec = source.spec
+    dev = torch.device(device)
+    model = skeleton(source.config, dtype)
+    base = getattr(model, model.base_model_prefix, model)
+    layers = spec.decoder_layers(model)
+    n_layers = len(layers)
+    embed = model.get_input_embeddings()
+    windows, seq = calib.input_ids.shape
+    hidden = int(model.config.hidden_size)
+    with ExitStack() as stack:
+        weights = open_weights(source)
+        stack.callback(weights.close)
+        states = Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
+        stack.callback(states.close)
+        units = None
+        if blocks:
+            units = Activations((n_layers, windows, seq, hidden), torch.float32, spill=spill,
+                                folder=spill_dir)  # fmt: skip
+            stack.callback(units.close)
+
+        # embeddings and the keyword arguments of every block, per batch
+        embed_prefix = _module_path(model, embed) + "."
+        lookup = row_embedder(embed, embed_prefix + "weight", weights, dev, dtype)
+        if lookup is None:
+            materialize(embed, embed_prefix, weights, dev, dtype)
+        _rebuild_meta_buffers(base, layers, model.config, dev)
+        recorder = Stack(model, spec, device=dev)
+        batches = []
+        with torch.inference_mode(), progress("embedding calibration windows", None):
+            for index, batch in enumerate(recorder.record_batches(calib, batch_size, lookup)):
+                start = index * batch_size
+                states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
+                batch.embeds = None
+                batches.append(batch)
+        if lookup is None:
+            release(embed)
+
+        acc = _LayerAccumulator(n_layers, metric, blocks=blocks)
+        prefix = spec.layers_path
+        with torch.inference_mode(), progress("scoring layers", n_layers) as advance:
+            for index, layer in enumerate(layers):
+                materialize(layer, f"{prefix}.{index}.", weights, dev, dtype)
+                for b, batch in enumerate(batches):
+                    rows = slice(b * batch_size, b * batch_size + batch.input_ids.shape[0])
+                    x = states.data[rows].to(dev)
+                    out = recorder.run(index, x, batch)
+                    acc.mask = batch.mask
+                    if blocks:
+                        acc._units = {
+                            s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)
+                        }
+                    acc.pre_hook(index)(layer, (x,), {})
+                    acc.post_hook(index)(layer, (), {}, out)
+                    if blocks:
+                        # stored unmasked; rows of padding are never read back
+                        full = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+                        full[batch.mask] = acc._units[index]
+                        units.data[index, rows] = full.cpu()
+                    states.data[rows] = out.cpu()
+                release(layer)
+                advance(1)
+        acc._units = {}
+    return (acc.scores(), acc.block_distances()) if blocks else acc.scores()
+
+
+def load_tokenizer(source, trust_remote_code: bool = False):
+    """The tokenizer of a source, without its weights."""
+    from .errors import CorruptModelError
+
+    try:
+        if source.kind == "gguf":
+            from .gguf_tokenizer import tokenizer_from_gguf
+
+            tokenizer = tokenizer_from_gguf(source.path)
+            if hasattr(tokenizer, "vocab_file"):
+                tokenizer.vocab_file = None
+            return tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except ShortGPTError:
+        raise
+    except Exception as exc:
+        raise CorruptModelError(
+            f"cannot load the tokenizer of {source.ref}: {type(exc).__name__}: {exc}"[:300],
+            hint="check that the tokenizer files are complete",
+        ) from exc
+
+
+@dataclass
+class StreamedModel:
+    """A source scored layer by layer: its tokenizer, no weights in memory (``model`` None)."""
+
+    source: object  # ModelSource
+    tokenizer: object
+    device: str
+    dtype: object
+    model: None = None
+
+
+def score_streamed(
+    streamed: StreamedModel,
+    calib: CalibrationSet,
+    *,
+    metric: str = "bi",
+    batch_size: int = 4,
+    seed: int = 0,
+    blocks: bool = False,
+    progress: ProgressFactory = no_progress,
+):
+    """:func:`scoring.score_model` for a :class:`StreamedModel`."""
+    import torch
+
+    from .scoring import LayerScores
+
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    values = stream_scores(
+        streamed.source,
+        calib,
+        device=streamed.device,
+        dtype=streamed.dtype,
+        metric=metric,
+        batch_size=batch_size,
+        blocks=blocks,
+        progress=progress,
+    )
+    distances = None
+    if blocks:
+        values, distances = values
+    seconds = time.perf_counter() - began
+    log.info("scored %d layers one at a time in %.1f s", len(values), seconds)
+    return LayerScores(
+        metric=metric,
+        num_layers=len(values),
+        scores=values,
+        model=streamed.source.describe(),
+        calibration=calib.describe(),
+        device=streamed.device,
+        seconds=round(seconds, 3),
+        block_distances=distances,
+    )

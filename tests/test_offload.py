@@ -1,0 +1,193 @@
+"""--offload layers: scoring one decoder layer at a time equals scoring the whole model."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from helpers import FAST, random_calibration, run_cli
+
+from shortgpt_export import gguf_layers, offload
+from shortgpt_export.errors import ShortGPTError
+from shortgpt_export.planning import Plan
+from shortgpt_export.scoring import score_layers
+from shortgpt_export.source import load_model, resolve_source
+
+REL = 1e-6
+
+
+def assert_close(streamed, in_memory):
+    assert len(streamed) == len(in_memory)
+    for s, m in zip(streamed, in_memory, strict=True):
+        assert abs(s - m) <= REL * abs(m), (streamed, in_memory)
+
+
+def both(source, calib, dtype="float32", batch_size=3, **kwargs):
+    loaded = load_model(source, dtype=dtype)
+    memory = score_layers(loaded.model, source.spec, calib, batch_size=batch_size, blocks=True)
+    streamed = offload.stream_scores(
+        source, calib, dtype=loaded.model.dtype, batch_size=batch_size, blocks=True, **kwargs
+    )
+    return memory, streamed
+
+
+def test_streamed_scores_equal_in_memory_for_every_family(tiny_model_dir):
+    source = resolve_source(str(tiny_model_dir))
+    # 7 windows in batches of 3: a short last batch, and padding on odd rows
+    calib = random_calibration(source.config.vocab_size, 7, 24, pad_last=5)
+    (scores, blocks), (s_scores, s_blocks) = both(source, calib)
+    assert len(set(scores)) == len(scores)  # distinct layers: equality is not trivial
+    assert_close(s_scores, scores)
+    for row, s_row in zip(blocks, s_blocks, strict=True):
+        assert_close(s_row, row)
+
+
+def test_spilled_activations_and_bfloat16_give_the_same_scores(tiny_llama_dir, tmp_path):
+    source = resolve_source(str(tiny_llama_dir))
+    calib = random_calibration(source.config.vocab_size, 5, 16, pad_last=3)
+    (scores, _), (streamed, _) = both(
+        source, calib, dtype="bfloat16", spill=True, spill_dir=tmp_path
+    )
+    assert_close(streamed, scores)
+    assert list(tmp_path.iterdir()) == []  # the memory-mapped files are removed
+    loaded = load_model(source, dtype="float32")
+    f32 = score_layers(loaded.model, source.spec, calib, batch_size=3)
+    assert max(abs(a - b) / a for a, b in zip(streamed, f32, strict=True)) > REL  # dtype matters
+
+
+def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
+    source = resolve_source(str(tiny_llama_dir))
+    calib = random_calibration(source.config.vocab_size, 4, 16)
+    live, most, seen = {}, [0], []
+    real_materialize, real_release = offload.materialize, offload.release
+
+    def materialize(module, prefix, *args):
+        real_materialize(module, prefix, *args)
+        live[id(module)] = prefix
+        seen.append(prefix)
+        most[0] = max(most[0], sum(p.startswith("model.layers.") for p in live.values()))
+
+    def release(module):
+        real_release(module)
+        assert all(p.is_meta for p in module.parameters())
+        del live[id(module)]
+
+    monkeypatch.setattr(offload, "materialize", materialize)
+    monkeypatch.setattr(offload, "release", release)
+    offload.stream_scores(source, calib, batch_size=2)
+    assert most[0] == 1 and not live
+    # the embedding rows the windows use are read alone; the matrix is never loaded
+    assert seen == [f"model.layers.{i}." for i in range(6)]
+
+
+def _tiny_gguf(model_dir, target, out_type):
+    from converters import ExportContext
+    from converters.gguf.hf_to_gguf import convert_pruned
+
+    source = resolve_source(str(model_dir))
+    plan = Plan(num_layers=6, remove=[], keep=list(range(6)), metric="bi", reason="test")
+    ctx = ExportContext(source=source, plan=plan, out_dir=target.parent)
+    convert_pruned(ctx, target, out_type=out_type)
+    return resolve_source(str(target))
+
+
+@pytest.mark.parametrize(("family", "out_type"), [("llama", "Q8_0"), ("qwen2", "F32")])
+def test_gguf_streamed_agrees_with_the_gguf_loaded_whole(
+    family, out_type, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    folder = build_tiny_model(family, tiny_tokenizer_dir, tmp_path / "hf", full_attention=True)
+    source = _tiny_gguf(folder, tmp_path / f"tiny-{out_type}.gguf", out_type)
+    assert source.kind == "gguf"
+    calib = random_calibration(source.config.vocab_size, 5, 16, pad_last=4)
+    (scores, _), (streamed, _) = both(source, calib)
+    assert_close(streamed, scores)
+    if source.spec.gguf_permute_qk:  # without undoing llama.cpp's q/k row order it differs
+        monkeypatch.setattr(gguf_layers, "deinterleave_rope_rows", lambda w, heads: w)
+        wrong = offload.stream_scores(source, calib, batch_size=3)
+        assert max(abs(a - b) / a for a, b in zip(wrong, scores, strict=True)) > 1e-3
+
+
+def test_deinterleave_undoes_the_gguf_export_permutation():
+    from converters.gguf.hf_to_gguf import interleave_rope_rows
+
+    weight = torch.arange(8 * 16 * 3).reshape(8 * 16, 3).numpy()
+    back = gguf_layers.deinterleave_rope_rows(interleave_rope_rows(weight, 8), 8)
+    assert (back == weight).all()
+    assert not (interleave_rope_rows(weight, 8) == weight).all()
+
+
+def _scores_json(capsys, model, calib_file, out, *extra):
+    code, _, err = run_cli(
+        capsys, "score", model, "--calib", calib_file, "--out", out, *FAST, *extra
+    )
+    assert code == 0, err
+    return json.loads((out / "scores.json").read_text())
+
+
+def test_cli_offload_layers_writes_the_in_memory_scores(
+    tiny_llama_dir, calib_file, tmp_path, capsys, monkeypatch
+):
+    memory = _scores_json(capsys, tiny_llama_dir, calib_file, tmp_path / "m", "--offload", "none")
+    import shortgpt_export.pipeline as pipeline
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", no_whole_model)
+    streamed = _scores_json(
+        capsys, tiny_llama_dir, calib_file, tmp_path / "s", "--offload", "layers"
+    )
+    assert_close(streamed["scores"], memory["scores"])
+    assert_close(streamed["block_distances"][1], memory["block_distances"][1])
+    assert streamed["calibration"] == memory["calibration"]
+
+
+def test_auto_offload_when_the_model_does_not_fit(tiny_llama_dir, caplog, monkeypatch):
+    source = resolve_source(str(tiny_llama_dir))
+    need = offload.model_bytes(source, torch.float32)
+    monkeypatch.setattr(offload, "free_memory", lambda device: need * 10)
+    assert not offload.choose_offload("auto", source, "cpu", torch.float32)
+    monkeypatch.setattr(offload, "free_memory", lambda device: need)
+    with caplog.at_level(logging.WARNING, logger="shortgpt_export.offload"):
+        assert offload.choose_offload("auto", source, "cpu", torch.float32)
+    assert "scoring layer by layer" in caplog.text
+    assert offload.choose_offload("layers", source, "cpu", torch.float32)
+    assert not offload.choose_offload("none", source, "cpu", torch.float32)
+    with pytest.raises(ShortGPTError, match="--offload 'disk'"):
+        offload.choose_offload("disk", source, "cpu", torch.float32)
+
+
+def test_run_with_offload_exports_without_the_whole_model(
+    tiny_llama_dir, calib_file, tmp_path, capsys, monkeypatch
+):
+    import shortgpt_export.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, *FAST,
+        "--offload", "layers", "--heal", "none", "--remove", "2", "--to", "hf",
+    )  # fmt: skip
+    assert code == 0, err
+    plan = json.loads((out / "plan.json").read_text())
+    scores = json.loads((out / "scores.json").read_text())["scores"]
+    worst = sorted(range(6), key=lambda i: (scores[i], i))[:2]
+    assert sorted(plan["remove"]) == sorted(worst)
+    assert json.loads((out / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
+
+
+def test_healing_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *FAST,
+        "--offload", "layers", "--heal", "linear", "--remove", "1", "--to", "hf",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "--heal linear needs the whole model" in " ".join(err.split())
+
+
+def test_pickle_checkpoints_cannot_be_streamed():
+    fake = type("Source", (), {"kind": "pickle", "ref": "x"})()
+    with pytest.raises(ShortGPTError, match="safetensors or GGUF"):
+        offload.open_weights(fake)
+    assert offload.choose_offload("auto", fake, "cpu", torch.float32) is False
