@@ -41,12 +41,9 @@ class GGUFWeights:
     def __init__(self, path: Path, spec: ArchitectureSpec, config):
         import gguf
 
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except (ValueError, OSError, IndexError) as exc:
-            raise CorruptModelError(
-                f"cannot read the GGUF tensors of {path}: {exc}", hint="pass a complete .gguf"
-            ) from exc
+        from .gguf_file import open_gguf
+
+        self.reader = open_gguf(path)  # header bounds-checked first
         field = self.reader.fields.get("general.architecture")
         arch = field.contents() if field is not None else spec.gguf_arch
         self.path = path
