@@ -32,12 +32,37 @@ def gguf_file_name(source, plan, quant: str) -> str:
     return f"{base_name(source)}-pruned{len(plan.keep)}L-{quant}.gguf"
 
 
+def converter_for(spec, requested: str | None) -> str:
+    """Which HF -> GGUF converter writes ``spec``'s family: ``"builtin"`` or ``"llama.cpp"``.
+
+    ``requested`` is ``--converter``: ``auto`` (or None) takes the family's own path (the
+    built-in streaming writer where it covers the family, else llama.cpp's script).
+    """
+    if spec.gguf_converter is None:
+        raise ExportError(
+            f"GGUF export of {spec.display_name} ({spec.model_type}) is not possible: "
+            f"{spec.gguf_note or 'llama.cpp cannot run this family'}",
+            hint="export --to hf instead",
+        )
+    if requested in (None, "auto"):
+        return spec.gguf_converter
+    if requested == "builtin" and spec.gguf_converter != "builtin":
+        raise ExportError(
+            f"the built-in GGUF writer does not cover {spec.display_name} ({spec.model_type})",
+            hint="use --converter auto or --converter llama.cpp (llama.cpp's own script)",
+        )
+    return requested
+
+
 class GGUFConverter:
     name = "gguf"
 
     def check_options(self, options: dict, source=None) -> None:
         parse_quant_list(options.get("quants"))
-        if options.get("converter") == "llama.cpp":
+        requested = options.get("converter")
+        if source is not None and source.kind != "gguf":
+            requested = converter_for(source.spec, requested)
+        if requested == "llama.cpp":
             from .llama_cpp_converter import convert_script
 
             convert_script()
@@ -138,7 +163,7 @@ class GGUFConverter:
             return target, info.file_type or "source"
         base_type = "F32" if any(q.name == "F32" for q in quants) else "F16"
         target = staging / f"pruned-{base_type}.gguf"
-        if ctx.options.get("converter") == "llama.cpp":
+        if converter_for(ctx.source.spec, ctx.options.get("converter")) == "llama.cpp":
             from .llama_cpp_converter import convert_with_llama_cpp
 
             convert_with_llama_cpp(ctx, target, out_type=base_type)

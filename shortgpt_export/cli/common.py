@@ -236,9 +236,11 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--converter",
-        choices=("builtin", "llama.cpp"),
-        default="builtin",
-        help="HF->GGUF converter; llama.cpp uses $LLAMA_CPP_DIR/convert_hf_to_gguf.py",
+        choices=("auto", "builtin", "llama.cpp"),
+        default="auto",
+        help="HF->GGUF converter; auto: the built-in streaming writer for the families it "
+        "covers (Llama, Mistral, Qwen2, Qwen3), else llama.cpp's convert_hf_to_gguf.py "
+        "(from $LLAMA_CPP_DIR or the cache)",
     )
 
 

@@ -1,0 +1,232 @@
+"""Issue 13's families: score, plan, prune to HF (config sliced, logits exact), healing
+defaults, and which GGUF / ONNX path each takes. One tiny random model per family, built
+once per session (conftest.family_dirs); contexts are longer than the sliding windows."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import CORE_FAMILIES, TINY_CONFIGS
+from helpers import logits_of, random_calibration
+
+from shortgpt_export.architectures import spec_for, submodule
+from shortgpt_export.errors import ExportError, ShortGPTError
+from shortgpt_export.healing import check_healable, resolve_heal
+from shortgpt_export.planning import make_plan
+from shortgpt_export.pruning import prune_config_dict, pruned_view, write_pruned_model
+from shortgpt_export.scoring import score_layers
+from shortgpt_export.source import resolve_source
+
+FAMILIES = sorted(set(TINY_CONFIGS) - set(CORE_FAMILIES))
+REMOVE = [1, 3]
+SEQ = 40  # longer than the tiny models' 16-token sliding windows
+HEALABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def token_ids(vocab: int, length: int = SEQ, seed: int = 1):
+    return torch.randint(3, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hand_pruned(model, spec, remove):
+    """The pruned model built by hand: blocks dropped, their index attributes and the
+    config's per-layer list rewritten (the reference write_pruned_model must equal)."""
+    layers = spec.decoder_layers(model)
+    keep = [i for i in range(len(layers)) if i not in remove]
+    kept = torch.nn.ModuleList([layers[i] for i in keep])
+    container, _, attr = spec.layers_path.rpartition(".")
+    setattr(submodule(model, container), attr, kept)
+    for new, block in enumerate(kept):
+        for module in block.modules():
+            for name in ("layer_idx", "layer_id"):
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, new)
+    model.config.num_hidden_layers = len(keep)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def block_signature(block) -> list:
+    """What a block is: its module tree and the attention kind each module was built for."""
+    return [
+        (name, type(module).__name__, getattr(module, "sliding_window", None),
+         getattr(module, "attention_type", None), getattr(module, "is_sliding", None))
+        for name, module in block.named_modules()
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pruned_folders(family_dirs, tmp_path_factory):
+    """``family -> (source folder, pruned folder)`` with layers 1 and 3 removed."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            folder = family_dirs(family)
+            source = resolve_source(str(folder))
+            out = tmp_path_factory.mktemp(f"pruned-{family}") / "hf"
+            write_pruned_model(source, make_plan(source.num_layers, layers=REMOVE), out)
+            done[family] = folder, out
+        return done[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bi_and_angular_rank_a_planted_identity_block_first(family, family_dirs):
+    """Zeroing every matrix of block 2 makes it the identity (attention, MLP, experts and
+    SSM mixers all output zero into the residual): both metrics rank it first, Mamba's too."""
+    spec = spec_for(family)
+    model = load(family_dirs(family))
+    with torch.no_grad():
+        for param in spec.decoder_layers(model)[2].parameters():
+            if param.dim() >= 2:
+                param.zero_()
+    calib = random_calibration(model.config.vocab_size, rows=3, seq_len=SEQ)
+    for metric in ("bi", "angular"):
+        scores = score_layers(model, spec, calib, metric=metric, batch_size=2)
+        assert len(scores) == model.config.num_hidden_layers
+        others = [s for i, s in enumerate(scores) if i != 2]
+        assert scores[2] < 1e-3 and min(others) > 20 * scores[2], (metric, scores)
+        plan = make_plan(len(scores), scores, remove=1, metric=metric)
+        assert plan.remove == [2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_folder_equals_the_hand_pruned_model(family, pruned_folders):
+    folder, out = pruned_folders(family)
+    spec = spec_for(family)
+    original = json.loads((folder / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    n = original["num_hidden_layers"]
+    keep = [i for i in range(n) if i not in REMOVE]
+    assert config["num_hidden_layers"] == len(keep)
+    for key, value in original.items():  # every per-layer list is sliced
+        if isinstance(value, list) and len(value) == n and key != "layer_types":
+            pytest.fail(f"{key} has one entry per layer but is not in per_layer_config_keys")
+    if "layer_types" in original:
+        assert config["layer_types"] == [original["layer_types"][i] for i in keep]
+    reference = hand_pruned(load(folder), spec, REMOVE)
+    reloaded = load(out)  # no missing or unexpected tensors
+    # every kept block is rebuilt as what it was: dense or MoE, sliding or global
+    for new, block in enumerate(spec.decoder_layers(reloaded)):
+        assert block_signature(block) == block_signature(spec.decoder_layers(reference)[new])
+    x = token_ids(config["vocab_size"])
+    torch.testing.assert_close(logits_of(reloaded, x), logits_of(reference, x), rtol=0, atol=1e-5)
+    assert not torch.allclose(logits_of(load(folder), x), logits_of(reloaded, x), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_view_matches_the_folder_generates_and_restores(family, pruned_folders):
+    """The in-memory view (GGUF sources, verification) equals the saved folder, also when
+    generating with the KV / SSM / RWKV state cache, and leaves the model as it was."""
+    folder, out = pruned_folders(family)
+    spec = spec_for(family)
+    model, reloaded = load(folder), load(out)
+    x = token_ids(model.config.vocab_size)
+    before = logits_of(model, x)
+    keep = [i for i in range(model.config.num_hidden_layers) if i not in REMOVE]
+    with pruned_view(model, spec, keep) as view:
+        torch.testing.assert_close(logits_of(view, x), logits_of(reloaded, x), rtol=0, atol=1e-5)
+        gen = view.generate(x[:1, :20], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        expected = reloaded.generate(x[:1, :20], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(gen, expected)
+    torch.testing.assert_close(logits_of(model, x), before, rtol=0, atol=0)
+
+
+def test_rwkv_block_zero_input_norm_moves_to_the_new_first_block(family_dirs, tmp_path):
+    """RWKV's pre_ln lives in blocks.0; removing block 0 must keep it (as blocks.0)."""
+    folder = family_dirs("rwkv")
+    source = resolve_source(str(folder))
+    plan = make_plan(source.num_layers, layers=[0, 2])
+    out = write_pruned_model(source, plan, tmp_path / "hf")
+    model, reloaded = load(folder), load(out)  # load() fails on a missing pre_ln
+    torch.testing.assert_close(
+        reloaded.rwkv.blocks[0].pre_ln.weight, model.rwkv.blocks[0].pre_ln.weight
+    )
+    x = token_ids(model.config.vocab_size)
+    with pruned_view(model, source.spec, plan.keep) as view:
+        torch.testing.assert_close(logits_of(view, x), logits_of(reloaded, x), rtol=0, atol=1e-5)
+    assert not hasattr(model.rwkv.blocks[1], "pre_ln")
+
+
+def test_config_keys_that_name_layers_by_index_are_rewritten():
+    spec = spec_for("qwen2_moe")
+    config = {
+        "num_hidden_layers": 8,
+        "num_experts": 4,
+        "decoder_sparse_step": 2,  # sparse: 1, 3, 5, 7
+        "mlp_only_layers": [5],  # dense after all
+        "max_window_layers": 4,  # full attention below layer 4
+    }
+    keep = [0, 1, 2, 5, 6, 7]
+    new = prune_config_dict(config, spec, keep)
+    assert new["num_hidden_layers"] == 6
+    assert new["decoder_sparse_step"] == 1
+    assert new["mlp_only_layers"] == [0, 2, 3, 4]  # old 0, 2, 5, 6
+    assert new["max_window_layers"] == 3  # old 0, 1, 2
+    assert prune_config_dict({"num_hidden_layers": 4}, spec, [0, 1]) == {"num_hidden_layers": 2}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_default_heal_is_linear_where_possible_and_explicit_linear_refused(family, caplog):
+    spec = spec_for(family)
+    assert spec.healable == (family in HEALABLE)
+    with caplog.at_level(logging.WARNING):
+        chosen = resolve_heal(spec, "auto")
+    if family in HEALABLE:
+        assert chosen == "linear" and not caplog.records
+        check_healable(spec, "linear")
+    else:
+        assert chosen == "none"
+        assert spec.display_name in caplog.text and "not healing" in caplog.text
+        with pytest.raises(ShortGPTError, match="--heal linear cannot patch"):
+            resolve_heal(spec, "linear")
+    assert resolve_heal(spec, "none") == "none"
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_each_family_names_its_gguf_path(family):
+    from converters.gguf import converter_for
+
+    spec = spec_for(family)
+    if family == "rwkv":
+        for requested in ("auto", "builtin", "llama.cpp"):
+            with pytest.raises(ExportError, match="RWKV-6/7"):
+                converter_for(spec, requested)
+        return
+    expected = "builtin" if family in CORE_FAMILIES else "llama.cpp"
+    assert converter_for(spec, "auto") == expected
+    assert converter_for(spec, "llama.cpp") == "llama.cpp"
+    if expected == "llama.cpp":
+        with pytest.raises(ExportError, match="built-in GGUF writer does not cover"):
+            converter_for(spec, "builtin")
+
+
+ONNX_REFUSED = {"gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "mamba", "mamba2", "rwkv"}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_onnx_is_refused_with_the_family_named_where_optimum_has_no_export(family):
+    pytest.importorskip("optimum.exporters.onnx")
+    from converters.onnx.build import check_family
+
+    spec = spec_for(family)
+    if family in ONNX_REFUSED:
+        with pytest.raises(ExportError, match=f"ONNX export of .*{family}"):
+            check_family(spec)
+    else:
+        check_family(spec)
