@@ -41,9 +41,12 @@ class ArchitectureSpec:
     gguf_converter: str | None = "llama.cpp"
     gguf_note: str = ""
     # llama.cpp derives this family's sliding/global attention pattern from the layer index
-    # with this period (None: no pattern, or the GGUF carries it per layer). Removals must
-    # keep every kept layer's attention type at its new index for the GGUF to be right.
+    # with this period (layer i is global when i % period == period - 1), unless the GGUF
+    # carries ``{arch}.attention.sliding_window_pattern`` and llama.cpp reads it for the
+    # arch (``gguf_swa_per_layer``, measured). Without that, a removal must keep every kept
+    # layer's attention type at its new index (converters/gguf/attention_pattern.py).
     gguf_swa_period: int | None = None
+    gguf_swa_per_layer: bool = False
     # Tensors that sit in a layer's namespace but belong to the stack's first block
     # whichever it is (RWKV's pre_ln in blocks.0): they stay at index 0 when 0 is removed.
     first_block_modules: tuple[str, ...] = ()
@@ -147,6 +150,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "Gemma 3 (text)",
             gguf_arch="gemma3",
             gguf_swa_period=6,
+            gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
             **POST_MLP_NORM,
             examples=("google/gemma-3-1b-it",),
         ),

@@ -29,10 +29,17 @@ TINY_CONFIGS: dict[str, dict] = {
     },
     # issue 13's families. Sliding-window ones get a 16-token window (tests run longer
     # windows); MoE ones 4 experts, top-2; Gemma 3's pattern period is 6, so 7 layers.
-    "gemma2": {"sliding_window": 16, "head_dim": 16, "tie_word_embeddings": True},
+    # query_pre_attn_scalar = head_dim as in the real checkpoints (llama.cpp assumes it)
+    "gemma2": {
+        "sliding_window": 16,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "tie_word_embeddings": True,
+    },
     "gemma3_text": {
         "sliding_window": 16,
         "head_dim": 16,
+        "query_pre_attn_scalar": 16,
         "num_hidden_layers": 7,
         "tie_word_embeddings": True,
         "rope_scaling": None,

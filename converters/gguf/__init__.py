@@ -11,6 +11,7 @@ from shortgpt_export.errors import ExportError
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
+from .attention_pattern import add_pattern, check_plan, pattern_key
 from .modelfile import render_modelfile, stop_tokens_from_gguf
 from .prune_gguf import open_gguf, prune_gguf
 from .quantize import QUANT_TYPES, QuantType, parse_quant_list, quantize_gguf
@@ -52,6 +53,15 @@ def converter_for(spec, requested: str | None) -> str:
             hint="use --converter auto or --converter llama.cpp (llama.cpp's own script)",
         )
     return requested
+
+
+def _config_dict(source) -> dict:
+    """The source's config as a plain dict (config.json for folders)."""
+    import json
+
+    if source.kind != "gguf":
+        return json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    return source.config.to_dict()
 
 
 class GGUFConverter:
@@ -147,6 +157,7 @@ class GGUFConverter:
                 "GGUF export reads safetensors; this model has only pickle checkpoints",
                 hint="run with --to hf first, then export the hf/ folder it writes",
             )
+        pattern = check_plan(ctx.source.spec, _config_dict(ctx.source), ctx.plan)
         if ctx.source.kind == "gguf":
             target = staging / "pruned-source.gguf"
             weights = ctx.plan.patch_weights(ctx.source.spec) or {}
@@ -156,7 +167,12 @@ class GGUFConverter:
             }
             with ctx.progress("pruning GGUF", None):
                 info = prune_gguf(
-                    ctx.source.path, ctx.plan, target, patches=patches, progress=ctx.progress
+                    ctx.source.path,
+                    ctx.plan,
+                    target,
+                    patches=patches,
+                    progress=ctx.progress,
+                    arrays={pattern_key(ctx.source.spec.gguf_arch): pattern} if pattern else None,
                 )
             if patches:
                 log.info("healed down projections written as F32 into %s", target.name)
@@ -171,6 +187,9 @@ class GGUFConverter:
             from .hf_to_gguf import convert_pruned
 
             convert_pruned(ctx, target, out_type=base_type)
+        if pattern:
+            add_pattern(target, ctx.source.spec.gguf_arch, pattern)
+            log.info("wrote the per-layer attention pattern %s into %s", pattern, target.name)
         return target, base_type
 
     def _artifact(self, ctx, path: Path, quant: QuantType, requant: str | None) -> Artifact:
