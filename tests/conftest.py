@@ -233,3 +233,17 @@ def default_gguf() -> Path:
     from shortgpt_export.default_model import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir(default_gguf, tmp_path_factory) -> Path:
+    """The default model's tokenizer as a folder: a byte-level BPE whose pre-tokenizer
+    llama.cpp's convert_hf_to_gguf.py recognizes (the tiny trained one it does not)."""
+    from shortgpt_export.gguf_tokenizer import tokenizer_from_gguf
+
+    tokenizer = tokenizer_from_gguf(default_gguf)
+    if hasattr(tokenizer, "vocab_file"):
+        tokenizer.vocab_file = None
+    out = tmp_path_factory.mktemp("smollm-tokenizer")
+    tokenizer.save_pretrained(out)
+    return out
