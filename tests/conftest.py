@@ -52,7 +52,8 @@ TINY_CONFIGS: dict[str, dict] = {
         "attention_multiplier": 0.25,
     },
     "olmo2": {},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 16},
+    # no sliding window, as the Mixtral checkpoints (llama.cpp runs Mixtral without one)
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
     "qwen2_moe": {
         "num_experts": 4,
         "num_experts_per_tok": 2,
@@ -67,6 +68,7 @@ TINY_CONFIGS: dict[str, dict] = {
         "moe_intermediate_size": 32,
         "head_dim": 16,
         "mlp_only_layers": [1],
+        "norm_topk_prob": True,  # as Qwen3-MoE checkpoints (llama.cpp assumes it)
     },
     "mamba": {"hidden_size": 64, "state_size": 8, "num_hidden_layers": 6, "expand": 2},
     "mamba2": {
