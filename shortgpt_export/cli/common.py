@@ -155,7 +155,8 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         choices=HEAL_METHODS,
         default=DEFAULT_HEAL,
         help="linear: merge a least-squares patch per removed run into the previous "
-        f"layer's MLP down projection; none: plain removal (default {DEFAULT_HEAL})",
+        "layer's MLP down projection; none: plain removal; auto: linear where the family "
+        f"allows it, else none with a warning (default {DEFAULT_HEAL})",
     )
     group.add_argument(
         "--select-tokens",
