@@ -142,6 +142,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "Gemma 2",
             gguf_arch="gemma2",
             gguf_swa_period=2,
+            gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
             **POST_MLP_NORM,
             examples=("google/gemma-2-2b-it",),
         ),

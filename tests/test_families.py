@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -256,12 +257,16 @@ def test_gguf_attention_pattern_is_written_or_the_plan_refused():
     scores = [0.5, 0.4, 0.9, 0.1, 0.8, 0.7, 0.6, 0.3]
     breaking = make_plan(8, scores, remove=2)  # layers 3 and 7: shifts 4..6 by one
     assert breaking.remove == [3, 7]
-    # Gemma 2: llama.cpp derives the kinds from the index, so the plan is refused and a
+    # a family whose GGUF cannot carry the pattern: the plan is refused and the cheapest
     # pattern-keeping one of the same size named
+    index_only = replace(spec_for("gemma2"), gguf_swa_per_layer=False)
     with pytest.raises(ExportError, match=r"Gemma 2 layers onto indices") as error:
-        check_plan(spec_for("gemma2"), config, breaking)
+        check_plan(index_only, config, breaking)
     assert "--layers 6,7" in error.value.hint  # 0.6 + 0.3: the cheapest pair that keeps it
-    assert check_plan(spec_for("gemma2"), config, make_plan(8, layers=[6, 7])) is None
+    assert check_plan(index_only, config, make_plan(8, layers=[6, 7])) is None
+    # Gemma 2 itself: llama.cpp reads the per-layer array, so the pruned pattern is written
+    kept = check_plan(spec_for("gemma2"), config, breaking)
+    assert kept == [True, False, True, True, False, True]  # layers 0, 1, 2, 4, 5, 6
     # Gemma 3: llama.cpp reads a per-layer array, so the pruned pattern is written
     g3 = {"num_hidden_layers": 7, "layer_types": ["sliding_attention"] * 5 + ["full_attention"] * 2}
     assert check_plan(spec_for("gemma3_text"), g3, make_plan(7, layers=[1])) == [

@@ -7,10 +7,11 @@ layer global, Gemma 3: every sixth) unless the GGUF carries a per-layer
 ``{arch}.attention.sliding_window_pattern`` array it reads for that arch. Removing a layer
 shifts the later ones, and the GGUF would silently compute something else. So:
 
-* where llama.cpp reads the array (Gemma 3, tested with llama-cpp-python 0.3.36), the
-  pruned pattern is written into the GGUF;
-* elsewhere, a plan that moves any kept layer onto an index of the other kind is
-  refused, naming the lowest-scored plan of the same size that keeps the pattern.
+* where llama.cpp reads the array (Gemma 2 and 3, tested with llama-cpp-python 0.3.36),
+  the pruned pattern is written into the GGUF;
+* for a family with an index-derived pattern where it does not, a plan that moves any
+  kept layer onto an index of the other kind is refused, naming the lowest-scored plan
+  of the same size that keeps the pattern.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def check_plan(spec, config: dict, plan) -> list[bool] | None:
     )
     raise ExportError(
         f"removing layers {plan.remove} moves {spec.display_name} layers onto indices of the "
-        f"other attention kind: llama.cpp derives the kind from the index (every "
-        f"{period}th layer global), so the GGUF would compute something else",
+        f"other attention kind: llama.cpp derives the kind from the index (one global "
+        f"layer in every {period}), so the GGUF would compute something else",
         hint=hint,
     )
 
