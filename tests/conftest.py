@@ -239,14 +239,19 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm_tokenizer_dir(default_gguf, tmp_path_factory) -> Path:
-    """The default model's tokenizer as a folder: a byte-level BPE whose pre-tokenizer
-    llama.cpp's convert_hf_to_gguf.py recognizes (the tiny trained one it does not)."""
-    from shortgpt_export.gguf_tokenizer import tokenizer_from_gguf
+def spm_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Gemma-style SentencePiece tokenizer (BPE, byte fallback, vocab 600) trained on the
+    built-in calibration text: what llama.cpp's converter needs for Gemma (and Phi-3)."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
 
-    tokenizer = tokenizer_from_gguf(default_gguf)
-    if hasattr(tokenizer, "vocab_file"):
-        tokenizer.vocab_file = None
-    out = tmp_path_factory.mktemp("smollm-tokenizer")
-    tokenizer.save_pretrained(out)
+    work = tmp_path_factory.mktemp("spm")
+    (work / "text.txt").write_text(calibration_text())
+    spm.SentencePieceTrainer.train(
+        input=str(work / "text.txt"), model_prefix=str(work / "tokenizer"), vocab_size=600,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+    )  # fmt: skip
+    out = work / "tokenizer-folder"
+    GemmaTokenizer(vocab_file=str(work / "tokenizer.model")).save_pretrained(out)
     return out
