@@ -357,3 +357,24 @@ def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
         fidelity = compare_logprobs(reference, llama_logprobs(llm, windows))
     assert fidelity.kl_divergence <= 0.01, fidelity
     assert fidelity.decisive_top1_agreement >= 0.99, fidelity
+
+
+@pytest.mark.parametrize(
+    ("family", "to", "message"),
+    [
+        ("rwkv", "gguf", "GGUF export of RWKV-4 (rwkv) is not possible: transformers reads "
+         "RWKV-4 checkpoints, and llama.cpp runs only RWKV-6/7"),
+        ("mamba", "onnx", "ONNX export of Mamba (mamba) is not possible"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_an_impossible_format_before_any_work(
+    family, to, message, family_dirs, capsys, tmp_path, calib_file
+):
+    from helpers import FAST, run_cli
+
+    code, _, err = run_cli(
+        capsys, family_dirs(family), "--calib", calib_file, "--to", to, "--out", tmp_path / "o",
+        *FAST,
+    )  # fmt: skip
+    assert code == 2 and message in " ".join(err.split())
+    assert "scoring" not in err and not (tmp_path / "o").exists()
