@@ -378,3 +378,19 @@ def test_cli_refuses_an_impossible_format_before_any_work(
     )  # fmt: skip
     assert code == 2 and message in " ".join(err.split())
     assert "scoring" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_gguf_whose_log_probs_are_nan_fails_verification(monkeypatch, tmp_path):
+    """llama.cpp computes NaN with some files (tiny Mamba, F16 or Q8_0): NaN compares
+    False with every bound, so the check must be written to fail on it."""
+    from contextlib import nullcontext
+
+    import converters.gguf.verify as verify
+
+    reference = torch.log_softmax(torch.randn(8, 16, dtype=torch.float64), dim=-1)
+    monkeypatch.setattr(verify, "llama_model", lambda path, n_ctx: nullcontext(None))
+    monkeypatch.setattr(verify, "llama_logprobs", lambda llm, w: torch.full((8, 16), torch.nan))
+    windows = torch.zeros(2, 4, dtype=torch.long)
+    for exact in (True, False):
+        with pytest.raises(ExportError, match="disagrees with the torch model"):
+            verify.verify_gguf(tmp_path / "x.gguf", reference, None, windows, exact=exact)
