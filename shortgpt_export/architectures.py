@@ -36,6 +36,23 @@ class ArchitectureSpec:
     gguf_down_proj: str = "ffn_down"  # that projection's GGUF tensor name in blk.N.
     mlp_feeds_residual: bool = True  # False when a norm sits between MLP and residual
     final_norm_path: str = "model.norm"  # the norm before the LM head
+    # GGUF from safetensors: "builtin" (converters/gguf/hf_to_gguf.py, streaming), "llama.cpp"
+    # (llama.cpp's convert_hf_to_gguf.py in a subprocess), or None: refused, for ``gguf_note``.
+    gguf_converter: str | None = "llama.cpp"
+    gguf_note: str = ""
+    # The GGUF every quant type is made from. F16 unless measured wrong: llama.cpp gives
+    # NaN on an F16 Mamba file where the F32 one matches torch (tiny random models).
+    gguf_base_type: str = "F16"
+    # llama.cpp derives this family's sliding/global attention pattern from the layer index
+    # with this period (layer i is global when i % period == period - 1), unless the GGUF
+    # carries ``{arch}.attention.sliding_window_pattern`` and llama.cpp reads it for the
+    # arch (``gguf_swa_per_layer``, measured). Without that, a removal must keep every kept
+    # layer's attention type at its new index (converters/gguf/attention_pattern.py).
+    gguf_swa_period: int | None = None
+    gguf_swa_per_layer: bool = False
+    # Tensors that sit in a layer's namespace but belong to the stack's first block
+    # whichever it is (RWKV's pre_ln in blocks.0): they stay at index 0 when 0 is removed.
+    first_block_modules: tuple[str, ...] = ()
     examples: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -43,9 +60,17 @@ class ArchitectureSpec:
         return re.compile(self.tensor_layer_pattern)
 
     def layer_of(self, tensor_name: str) -> int | None:
-        """Layer index a checkpoint tensor belongs to, or None for embeddings, norms, head."""
+        """Layer index a checkpoint tensor belongs to, or None for embeddings, norms, head
+        (and for the first block's own modules, which stay where they are)."""
         match = self.tensor_regex.match(tensor_name)
-        return int(match.group(1)) if match else None
+        if match is None:
+            return None
+        rest = tensor_name[match.end() :]
+        if match.group(1) == "0" and rest.startswith(
+            tuple(f"{m}." for m in self.first_block_modules)
+        ):
+            return None
+        return int(match.group(1))
 
     def renumber(self, tensor_name: str, new_index: int) -> str:
         """The tensor name with its layer index replaced by ``new_index``."""
@@ -78,6 +103,10 @@ def submodule(root, path: str):
     return root
 
 
+SSM = {"mlp_path": None, "down_proj_path": None}
+MOE = {"down_proj_path": None}  # experts, no single down projection to patch
+POST_MLP_NORM = {"mlp_feeds_residual": False}  # a norm (or scale) between MLP and residual
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
     spec.model_type: spec
     for spec in (
@@ -86,6 +115,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "Llama",
             gguf_arch="llama",
             gguf_permute_qk=True,
+            gguf_converter="builtin",
             examples=("meta-llama/Llama-3.2-1B", "HuggingFaceTB/SmolLM2-135M-Instruct"),
         ),
         ArchitectureSpec(
@@ -93,12 +123,114 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "Mistral",
             gguf_arch="llama",
             gguf_permute_qk=True,
+            gguf_converter="builtin",
             examples=("mistralai/Mistral-7B-v0.3",),
         ),
         ArchitectureSpec(
-            "qwen2", "Qwen2 / Qwen2.5", gguf_arch="qwen2", examples=("Qwen/Qwen2.5-0.5B",)
+            "qwen2",
+            "Qwen2 / Qwen2.5",
+            gguf_arch="qwen2",
+            gguf_converter="builtin",
+            examples=("Qwen/Qwen2.5-0.5B",),
         ),
-        ArchitectureSpec("qwen3", "Qwen3", gguf_arch="qwen3", examples=("Qwen/Qwen3-0.6B",)),
+        ArchitectureSpec(
+            "qwen3",
+            "Qwen3",
+            gguf_arch="qwen3",
+            gguf_converter="builtin",
+            examples=("Qwen/Qwen3-0.6B",),
+        ),
+        ArchitectureSpec(
+            "gemma2",
+            "Gemma 2",
+            gguf_arch="gemma2",
+            gguf_swa_period=2,
+            gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
+            **POST_MLP_NORM,
+            examples=("google/gemma-2-2b-it",),
+        ),
+        ArchitectureSpec(
+            "gemma3_text",
+            "Gemma 3 (text)",
+            gguf_arch="gemma3",
+            gguf_swa_period=6,
+            gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
+            **POST_MLP_NORM,
+            examples=("google/gemma-3-1b-it",),
+        ),
+        ArchitectureSpec(
+            "phi3",
+            "Phi-3 / 3.5 / 4-mini",
+            gguf_arch="phi3",
+            examples=("microsoft/Phi-4-mini-instruct",),
+        ),
+        ArchitectureSpec(
+            "granite",
+            "Granite",
+            gguf_arch="granite",
+            **POST_MLP_NORM,  # the MLP output is scaled by residual_multiplier
+            examples=("ibm-granite/granite-3.3-2b-instruct",),
+        ),
+        ArchitectureSpec(
+            "olmo2",
+            "OLMo 2",
+            gguf_arch="olmo2",
+            **POST_MLP_NORM,
+            examples=("allenai/OLMo-2-0425-1B",),
+        ),
+        ArchitectureSpec(
+            "mixtral",
+            "Mixtral",
+            gguf_arch="llama",
+            mlp_path="block_sparse_moe",
+            **MOE,
+            examples=("mistralai/Mixtral-8x7B-v0.1",),
+        ),
+        ArchitectureSpec(
+            "qwen2_moe",
+            "Qwen2-MoE",
+            gguf_arch="qwen2moe",
+            **MOE,
+            examples=("Qwen/Qwen1.5-MoE-A2.7B",),
+        ),
+        ArchitectureSpec(
+            "qwen3_moe", "Qwen3-MoE", gguf_arch="qwen3moe", **MOE, examples=("Qwen/Qwen3-30B-A3B",)
+        ),
+        ArchitectureSpec(
+            "mamba",
+            "Mamba",
+            gguf_arch="mamba",
+            gguf_base_type="F32",
+            layers_path="backbone.layers",
+            tensor_layer_pattern=r"^backbone\.layers\.(\d+)\.",
+            final_norm_path="backbone.norm_f",
+            **SSM,
+            examples=("state-spaces/mamba-130m-hf",),
+        ),
+        ArchitectureSpec(
+            "mamba2",
+            "Mamba-2",
+            gguf_arch="mamba2",
+            gguf_base_type="F32",  # F16 missed the check (top-1 0.972), F32 matched
+            layers_path="backbone.layers",
+            tensor_layer_pattern=r"^backbone\.layers\.(\d+)\.",
+            final_norm_path="backbone.norm_f",
+            **SSM,
+            examples=("AntonV/mamba2-130m-hf",),
+        ),
+        ArchitectureSpec(
+            "rwkv",
+            "RWKV-4",
+            gguf_arch="rwkv",
+            layers_path="rwkv.blocks",
+            tensor_layer_pattern=r"^rwkv\.blocks\.(\d+)\.",
+            final_norm_path="rwkv.ln_out",
+            first_block_modules=("pre_ln",),
+            gguf_converter=None,
+            gguf_note="transformers reads RWKV-4 checkpoints, and llama.cpp runs only RWKV-6/7",
+            **SSM,
+            examples=("RWKV/rwkv-4-169m-pile",),
+        ),
     )
 }
 

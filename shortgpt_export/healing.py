@@ -28,8 +28,10 @@ from .progress import ProgressFactory, no_progress
 
 log = logging.getLogger(__name__)
 
-HEAL_METHODS = ("none", "linear")
-DEFAULT_HEAL = "linear"  # RESULTS.md: lowers perplexity at N = 4, 7, 8 with BI selection
+HEAL_METHODS = ("auto", "none", "linear")
+# auto: linear where the family allows it (RESULTS.md: it lowers perplexity at N = 4, 7, 8
+# with BI selection), else none, with a log line (resolve_heal)
+DEFAULT_HEAL = "auto"
 DEFAULT_RIDGE = 1e-3  # times the mean diagonal of m^T m
 WEIGHTINGS = ("none", "token")
 DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
@@ -40,15 +42,39 @@ class HealingError(ShortGPTError):
     """This model family cannot be healed by merging a patch into its MLP."""
 
 
-def check_healable(spec: ArchitectureSpec, method: str) -> None:
+def check_healable(spec: ArchitectureSpec | None, method: str) -> None:
     if method not in HEAL_METHODS:
         raise ShortGPTError(f"unknown --heal {method!r}", hint=f"use {' or '.join(HEAL_METHODS)}")
-    if method == "linear" and not spec.healable:
+    if method == "linear" and spec is not None and not spec.healable:
         raise HealingError(
-            f"--heal linear cannot patch {spec.display_name}: its MLP output is not added "
-            "straight to the residual stream",
-            hint="use --heal none",
+            f"--heal linear cannot patch {spec.display_name}: it has {_unhealable_why(spec)}",
+            hint="use --heal none (or --heal auto, which removes without healing here)",
         )
+
+
+def resolve_heal(spec: ArchitectureSpec, method: str) -> str:
+    """``auto`` -> ``linear`` where ``spec`` can be healed linearly, else ``none`` (logged);
+    an explicit ``linear`` on a family that cannot be healed raises (check_healable)."""
+    if method != "auto":
+        check_healable(spec, method)
+        return method
+    if spec.healable:
+        return "linear"
+    log.warning(
+        "not healing: %s has %s, so a linear patch cannot be merged into it "
+        "(plain removal; --heal none silences this)",
+        spec.display_name,
+        _unhealable_why(spec),
+    )
+    return "none"
+
+
+def _unhealable_why(spec: ArchitectureSpec) -> str:
+    if not spec.mlp_path:
+        return "no MLP (a state-space / recurrent block)"
+    if not spec.down_proj_path:
+        return "no single MLP down projection (mixture of experts)"
+    return "a norm or scale between its MLP output and the residual stream"
 
 
 def removed_runs(remove: list[int]) -> list[tuple[int, int]]:

@@ -34,7 +34,9 @@ COMPANION_FILES = (
 
 
 def prune_config_dict(config: dict, spec: ArchitectureSpec, keep: list[int]) -> dict:
-    """A copy of a config dict for the kept layers: layer count set, per-layer lists sliced."""
+    """A copy of a config dict for the kept layers: layer count set, per-layer lists sliced,
+    and the keys that name layers by index (``max_window_layers``, MoE ``mlp_only_layers``
+    with ``decoder_sparse_step``) rewritten so every kept layer keeps its kind."""
     old = int(config[spec.num_layers_key])
     new = dict(config)
     new[spec.num_layers_key] = len(keep)
@@ -42,7 +44,38 @@ def prune_config_dict(config: dict, spec: ArchitectureSpec, keep: list[int]) -> 
         value = config.get(key)
         if isinstance(value, list) and len(value) == old:
             new[key] = [value[i] for i in keep]
+    threshold = config.get("max_window_layers")  # layers below it use full attention
+    if isinstance(threshold, int) and not isinstance(threshold, bool):
+        new["max_window_layers"] = sum(1 for i in keep if i < threshold)
+    new.update(_sparse_layer_keys(config, keep))
     return new
+
+
+def _sparse_layer_keys(config: dict, keep: list[int]) -> dict:
+    """Qwen-MoE: layer i is dense when listed in ``mlp_only_layers`` or when
+    ``(i + 1) % decoder_sparse_step != 0``. Both depend on the index, so the pruned config
+    lists its dense layers explicitly (step 1)."""
+    step = config.get("decoder_sparse_step")
+    dense_list = config.get("mlp_only_layers")
+    if step is None and dense_list is None:
+        return {}
+    step = int(step or 1)
+    dense_set = set(dense_list or [])
+    experts = int(config.get("num_experts") or 0)
+
+    def dense(i: int) -> bool:
+        return i in dense_set or experts == 0 or (i + 1) % step != 0
+
+    return {
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [new for new, old in enumerate(keep) if dense(old)],
+    }
+
+
+# config attributes prune_config_dict may change, beyond the layer count and per-layer lists
+INDEXED_CONFIG_KEYS = ("max_window_layers", "decoder_sparse_step", "mlp_only_layers")
+# block attributes that hold the block's own index (KV cache slot, SSM / RWKV state slot)
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")
 
 
 HEAL_ATTR = "_shortgpt_heal"
@@ -110,26 +143,32 @@ def _pruned_view(model, spec: ArchitectureSpec, keep: list[int]) -> Iterator[obj
         container = getattr(container, part)
     original_layers = getattr(container, attr)
     config = model.config
-    saved_config = {spec.num_layers_key: getattr(config, spec.num_layers_key)}
-    saved_config.update(
-        {k: getattr(config, k) for k in spec.per_layer_config_keys if hasattr(config, k)}
-    )
-    saved_idx: list[tuple[object, int]] = []
+    keys = (spec.num_layers_key, *spec.per_layer_config_keys, *INDEXED_CONFIG_KEYS)
+    saved_config = {k: getattr(config, k) for k in keys if hasattr(config, k)}
+    saved_idx: list[tuple[object, str, int]] = []
+    moved: list[tuple[object, str]] = []
     try:
         setattr(container, attr, torch.nn.ModuleList([original_layers[i] for i in keep]))
         for new_index, old_index in enumerate(keep):
             for module in original_layers[old_index].modules():
-                if isinstance(getattr(module, "layer_idx", None), int):
-                    saved_idx.append((module, module.layer_idx))
-                    module.layer_idx = new_index
+                for name in LAYER_INDEX_ATTRS:
+                    if isinstance(getattr(module, name, None), int):
+                        saved_idx.append((module, name, getattr(module, name)))
+                        setattr(module, name, new_index)
+        if keep and keep[0] != 0:  # the new first block takes over block 0's own modules
+            for name in spec.first_block_modules:
+                setattr(original_layers[keep[0]], name, getattr(original_layers[0], name))
+                moved.append((original_layers[keep[0]], name))
         pruned = prune_config_dict(saved_config, spec, keep)
         for key, value in pruned.items():
             setattr(config, key, value)
         yield model
     finally:
         setattr(container, attr, original_layers)
-        for module, index in saved_idx:
-            module.layer_idx = index
+        for module, name, index in saved_idx:
+            setattr(module, name, index)
+        for module, name in moved:
+            delattr(module, name)
         for key, value in saved_config.items():
             setattr(config, key, value)
 
@@ -311,7 +350,8 @@ def write_pruned_model(
             source.path, spec, plan, out_dir, max_shard_bytes=max_shard_bytes, progress=progress
         )
         (out_dir / "config.json").write_text(
-            json.dumps(prune_config_dict(config, spec, plan.keep), indent=2, allow_nan=False) + "\n"
+            # as transformers writes it: Mamba-2's time_step_limit holds Infinity
+            json.dumps(prune_config_dict(config, spec, plan.keep), indent=2) + "\n"
         )
         copy_companions(source.path, out_dir)
     else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from .calibration import CalibrationSet
 from .errors import PlanError
-from .healing import DEFAULT_RIDGE, HealResult, check_healable, heal_linear
+from .healing import DEFAULT_RIDGE, HealResult, check_healable, heal_linear, resolve_heal
 from .planning import Plan, make_plan
 from .progress import ProgressFactory, no_progress
 from .selection import block_plan, check_strategy, greedy_plan, greedy_steps
@@ -40,7 +40,9 @@ class Recipe:
     def check(self, spec=None) -> None:
         check_strategy(self.select)
         if spec is not None:
-            check_healable(spec, self.heal)
+            self.heal = resolve_heal(spec, self.heal)  # auto -> linear or none, for this family
+        else:
+            check_healable(None, self.heal)
         if self.auto and (self.max_ppl_increase is None or self.max_ppl_increase < 1.0):
             raise PlanError(
                 "--remove auto needs --max-ppl-increase X with X >= 1",

@@ -8,6 +8,8 @@ import pytest
 import torch
 from helpers import FAST, run_cli
 
+from shortgpt_export.architectures import supported_families
+
 
 def test_run_writes_scores_plan_and_pruned_folder(capsys, tiny_llama_dir, tmp_path, calib_file):
     out = tmp_path / "out"
@@ -117,7 +119,8 @@ def make_folder(kind, tmp_path, tiny_llama_dir):
         ("bert", "is a 'bert' model, not a decoder-only causal language model"),
         (
             "gpt2",
-            "unsupported model family 'gpt2' — supported families: llama, mistral, qwen2, qwen3",
+            "unsupported model family 'gpt2' — supported families: "
+            + ", ".join(supported_families()),
         ),
         ("pickle", "holds only pickle checkpoints (pytorch_model.bin)"),
         ("corrupt", "is not a valid safetensors file: header length"),

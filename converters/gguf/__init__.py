@@ -13,6 +13,7 @@ from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
+from .attention_pattern import add_pattern, check_plan, pattern_key
 from .modelfile import render_modelfile, stop_tokens_from_gguf
 from .prune_gguf import prune_gguf
 from .quantize import QUANT_TYPES, QuantType, parse_quant_list, quantize_gguf
@@ -34,6 +35,37 @@ def gguf_file_name(source, plan, quant: str) -> str:
     return f"{base_name(source)}-pruned{len(plan.keep)}L-{quant}.gguf"
 
 
+def converter_for(spec, requested: str | None) -> str:
+    """Which HF -> GGUF converter writes ``spec``'s family: ``"builtin"`` or ``"llama.cpp"``.
+
+    ``requested`` is ``--converter``: ``auto`` (or None) takes the family's own path (the
+    built-in streaming writer where it covers the family, else llama.cpp's script).
+    """
+    if spec.gguf_converter is None:
+        raise ExportError(
+            f"GGUF export of {spec.display_name} ({spec.model_type}) is not possible: "
+            f"{spec.gguf_note or 'llama.cpp cannot run this family'}",
+            hint="export --to hf instead",
+        )
+    if requested in (None, "auto"):
+        return spec.gguf_converter
+    if requested == "builtin" and spec.gguf_converter != "builtin":
+        raise ExportError(
+            f"the built-in GGUF writer does not cover {spec.display_name} ({spec.model_type})",
+            hint="use --converter auto or --converter llama.cpp (llama.cpp's own script)",
+        )
+    return requested
+
+
+def _config_dict(source) -> dict:
+    """The source's config as a plain dict (config.json for folders)."""
+    import json
+
+    if source.kind != "gguf":
+        return json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    return source.config.to_dict()
+
+
 class GGUFConverter:
     name = "gguf"
     # Verification against the torch model: exact types (F32/F16 from safetensors) must
@@ -45,7 +77,10 @@ class GGUFConverter:
 
     def check_options(self, options: dict, source=None) -> None:
         parse_quant_list(options.get("quants"))
-        if options.get("converter") == "llama.cpp":
+        requested = options.get("converter")
+        if source is not None and source.kind != "gguf":
+            requested = converter_for(source.spec, requested)
+        if requested == "llama.cpp":
             from .llama_cpp_converter import convert_script
 
             convert_script()
@@ -123,13 +158,15 @@ class GGUFConverter:
     ) -> tuple[Path, str]:
         """The pruned GGUF every quant type starts from, and its type name.
 
-        From safetensors that is F16, or F32 when F32 is among the outputs.
+        From safetensors that is the family's base type (F16, F32 for Mamba), or F32 when
+        F32 is among the outputs.
         """
         if ctx.source.kind == "pickle":
             raise ExportError(
                 "GGUF export reads safetensors; this model has only pickle checkpoints",
                 hint="run with --to hf first, then export the hf/ folder it writes",
             )
+        pattern = check_plan(ctx.source.spec, _config_dict(ctx.source), ctx.plan)
         if ctx.source.kind == "gguf":
             target = staging / "pruned-source.gguf"
             weights = ctx.plan.patch_weights(ctx.source.spec) or {}
@@ -139,14 +176,20 @@ class GGUFConverter:
             }
             with ctx.progress("pruning GGUF", None):
                 info = prune_gguf(
-                    ctx.source.path, ctx.plan, target, patches=patches, progress=ctx.progress
+                    ctx.source.path,
+                    ctx.plan,
+                    target,
+                    patches=patches,
+                    progress=ctx.progress,
+                    arrays={pattern_key(ctx.source.spec.gguf_arch): pattern} if pattern else None,
                 )
             if patches:
                 log.info("healed down projections written as F32 into %s", target.name)
             return target, info.file_type or "source"
-        base_type = "F32" if any(q.name == "F32" for q in quants) else "F16"
+        wants_f32 = any(q.name == "F32" for q in quants)
+        base_type = "F32" if wants_f32 else ctx.source.spec.gguf_base_type
         target = staging / f"pruned-{base_type}.gguf"
-        if ctx.options.get("converter") == "llama.cpp":
+        if converter_for(ctx.source.spec, ctx.options.get("converter")) == "llama.cpp":
             from .llama_cpp_converter import convert_with_llama_cpp
 
             convert_with_llama_cpp(ctx, target, out_type=base_type)
@@ -154,6 +197,9 @@ class GGUFConverter:
             from .hf_to_gguf import convert_pruned
 
             convert_pruned(ctx, target, out_type=base_type)
+        if pattern:
+            add_pattern(target, ctx.source.spec.gguf_arch, pattern)
+            log.info("wrote the per-layer attention pattern %s into %s", pattern, target.name)
         return target, base_type
 
     def _artifact(self, ctx, path: Path, quant: QuantType, requant: str | None) -> Artifact:

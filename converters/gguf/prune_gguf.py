@@ -65,11 +65,14 @@ def prune_gguf(
     *,
     patches: dict | None = None,
     progress: ProgressFactory = no_progress,
+    arrays: dict[str, list] | None = None,
 ) -> GGUFInfo:
     """Write ``dst``: ``src`` without the layers ``plan`` removes; returns the source's info.
 
     ``patches`` (healing) maps source tensor names to float arrays in numpy layout; those
     tensors are written as F32 in their place, every other tensor is copied byte for byte.
+    ``arrays`` adds per-layer metadata arrays (already for the kept layers) that the
+    source lacks, such as a derived attention pattern (attention_pattern.py).
     """
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
@@ -110,6 +113,9 @@ def prune_gguf(
         if key == "general.size_label":  # the pruned model's size, not the source's
             value = size_label(sum(_elements(t) for _, t in kept))
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
+    for key, value in (arrays or {}).items():
+        if reader.get_field(key) is None:  # a source array was sliced above
+            writer.add_array(key, value)
     for name, tensor in kept:
         if isinstance(tensor, np.ndarray):
             writer.add_tensor_info(

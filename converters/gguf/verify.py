@@ -26,7 +26,8 @@ def verify_gguf(
     with llama_model(path, n_ctx=int(windows.shape[1])) as llm:
         fidelity = compare_logprobs(reference, llama_logprobs(llm, windows))
     log.info("%s: KL %.5f, top-1 %.3f", path.name, fidelity.kl_divergence, fidelity.top1_agreement)
-    if fidelity.decisive_top1_agreement < min_top1 or fidelity.kl_divergence > max_kl:
+    # written so that NaN (a file llama.cpp computes NaN with) fails too
+    if not (fidelity.decisive_top1_agreement >= min_top1 and fidelity.kl_divergence <= max_kl):
         raise ExportError(
             f"{path.name} disagrees with the torch model: top-1 agreement "
             f"{fidelity.decisive_top1_agreement:.3f} away from near-ties (need >= {min_top1}), "

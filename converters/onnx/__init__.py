@@ -12,7 +12,7 @@ from shortgpt_export.fidelity import QUANTIZED_MAX_KL
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
-from .build import derive, export_fp32
+from .build import check_family, derive, export_fp32
 from .precisions import (
     DEFAULT_INT4_BLOCK,
     INT8_MODES,
@@ -42,6 +42,8 @@ class ONNXConverter:
                 f"unknown --int8-mode {options['int8_mode']!r}",
                 hint=f"use {' or '.join(INT8_MODES)}",
             )
+        if source is not None:
+            check_family(source.spec)
         if PRECISIONS["int4"] in precisions:
             sizes = None
             if source is not None:

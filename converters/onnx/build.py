@@ -17,6 +17,34 @@ MODEL_FILE = "model.onnx"
 INT8_WEIGHT_ONLY_BLOCK = 32
 
 
+def optimum_supports(model_type: str) -> bool:
+    """Whether optimum can export ``model_type`` as a decoder with a KV cache."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the families)
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(
+            model_type.replace("_", "-"), "onnx", library_name="transformers"
+        )
+    except (KeyError, ValueError):
+        return False
+    return "text-generation-with-past" in tasks
+
+
+def check_family(spec) -> None:
+    """Refuse ``--to onnx`` for a family optimum cannot export, naming it."""
+    try:
+        supported = optimum_supports(spec.model_type)
+    except ImportError:
+        return  # export_fp32 says what to install
+    if not supported:
+        raise ExportError(
+            f"ONNX export of {spec.display_name} ({spec.model_type}) is not possible: "
+            "optimum has no ONNX decoder export for this family",
+            hint="export --to hf" + (" or --to gguf" if spec.gguf_converter else "") + " instead",
+        )
+
+
 def export_fp32(hf_dir: Path, out: Path) -> None:
     """optimum's decoder-with-KV-cache export of a Hugging Face folder."""
     try:

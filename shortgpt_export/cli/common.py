@@ -162,7 +162,8 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         choices=HEAL_METHODS,
         default=DEFAULT_HEAL,
         help="linear: merge a least-squares patch per removed run into the previous "
-        f"layer's MLP down projection; none: plain removal (default {DEFAULT_HEAL})",
+        "layer's MLP down projection; none: plain removal; auto: linear where the family "
+        f"allows it, else none with a warning (default {DEFAULT_HEAL})",
     )
     group.add_argument(
         "--select-tokens",
@@ -243,9 +244,11 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--converter",
-        choices=("builtin", "llama.cpp"),
-        default="builtin",
-        help="HF->GGUF converter; llama.cpp uses $LLAMA_CPP_DIR/convert_hf_to_gguf.py",
+        choices=("auto", "builtin", "llama.cpp"),
+        default="auto",
+        help="HF->GGUF converter; auto: the built-in streaming writer for the families it "
+        "covers (Llama, Mistral, Qwen2, Qwen3), else llama.cpp's convert_hf_to_gguf.py "
+        "(from $LLAMA_CPP_DIR or the cache)",
     )
 
 

@@ -1,0 +1,144 @@
+"""Sliding-window / global attention patterns that llama.cpp derives from the layer index.
+
+Gemma 2 and 3 mix sliding-window and global attention layers. Hugging Face lists the
+kind of every layer (``layer_types``), so a pruned config is right once that list is
+sliced. llama.cpp instead derives the kind from the layer index (Gemma 2: every second
+layer global, Gemma 3: every sixth) unless the GGUF carries a per-layer
+``{arch}.attention.sliding_window_pattern`` array it reads for that arch. Removing a layer
+shifts the later ones, and the GGUF would silently compute something else. So:
+
+* where llama.cpp reads the array (Gemma 2 and 3, tested with llama-cpp-python 0.3.36),
+  the pruned pattern is written into the GGUF;
+* for a family with an index-derived pattern where it does not, a plan that moves any
+  kept layer onto an index of the other kind is refused, naming the lowest-scored plan
+  of the same size that keeps the pattern.
+"""
+
+from __future__ import annotations
+
+from shortgpt_export.errors import ExportError
+
+SLIDING = "sliding_attention"
+
+
+def index_pattern(period: int, num_layers: int) -> list[bool]:
+    """llama.cpp's derived pattern: True for a sliding-window layer."""
+    return [i % period < period - 1 for i in range(num_layers)]
+
+
+def pattern_key(arch: str) -> str:
+    return f"{arch}.attention.sliding_window_pattern"
+
+
+def source_pattern(config: dict, period: int) -> list[bool]:
+    """The original model's per-layer kinds: ``layer_types`` if listed, else by index."""
+    n = int(config["num_hidden_layers"])
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == n:
+        return [t == SLIDING for t in types]
+    return index_pattern(period, n)
+
+
+def keeps_pattern(pattern: list[bool], keep: list[int], period: int) -> bool:
+    """Whether every kept layer lands on an index llama.cpp gives the same kind."""
+    return [pattern[i] for i in keep] == index_pattern(period, len(keep))
+
+
+def preserving_removal(
+    pattern: list[bool], period: int, remove: int, scores: list[float] | None
+) -> list[int] | None:
+    """The ``remove`` layers of least total score (by index without scores) whose removal
+    keeps the pattern, or None if there is none. Dynamic programme over (layer, kept)."""
+    n = len(pattern)
+    kept_count = n - remove
+    target = index_pattern(period, kept_count)
+    cost = scores or [float(n - i) for i in range(n)]  # no scores: prefer late layers
+    inf = float("inf")
+    # best[j]: least removed-score so far with j layers kept; choice rebuilt from back
+    best = [0.0] + [inf] * kept_count
+    back: list[list[bool]] = []  # back[i][j]: layer i kept to reach j
+    for i in range(n):
+        new = [inf] * (kept_count + 1)
+        took = [False] * (kept_count + 1)
+        for j in range(kept_count + 1):
+            if best[j] == inf:
+                continue
+            if best[j] + cost[i] < new[j]:  # remove layer i
+                new[j], took[j] = best[j] + cost[i], False
+            if j < kept_count and pattern[i] == target[j] and best[j] < new[j + 1]:
+                new[j + 1], took[j + 1] = best[j], True  # keep layer i as new index j
+        best = new
+        back.append(took)
+    if best[kept_count] == inf:
+        return None
+    removed, j = [], kept_count
+    for i in range(n - 1, -1, -1):
+        if back[i][j]:
+            j -= 1
+        else:
+            removed.append(i)
+    return sorted(removed)
+
+
+def check_plan(spec, config: dict, plan) -> list[bool] | None:
+    """For a family whose GGUF attention pattern comes from the layer index: the pruned
+    per-layer pattern to write into the GGUF (where llama.cpp reads one), None when
+    nothing needs writing; raises when the GGUF cannot express the plan."""
+    period = spec.gguf_swa_period
+    if not period:
+        return None
+    pattern = source_pattern(config, period)
+    kept = [pattern[i] for i in plan.keep]
+    if spec.gguf_swa_per_layer:
+        return kept
+    if keeps_pattern(pattern, plan.keep, period):
+        return None
+    alternative = preserving_removal(pattern, period, len(plan.remove), plan.scores)
+    hint = (
+        f"use --layers {','.join(map(str, alternative))} (the {len(plan.remove)} "
+        + ("lowest-scored " if plan.scores else "")
+        + "layers whose removal keeps the pattern), or export --to hf"
+        if alternative
+        else "remove fewer layers, or export --to hf"
+    )
+    raise ExportError(
+        f"removing layers {plan.remove} moves {spec.display_name} layers onto indices of the "
+        f"other attention kind: llama.cpp derives the kind from the index (one global "
+        f"layer in every {period}), so the GGUF would compute something else",
+        hint=hint,
+    )
+
+
+def add_pattern(path, arch: str, pattern: list[bool]) -> None:
+    """Rewrite the GGUF at ``path`` with ``pattern`` as its per-layer sliding-window array."""
+    import os
+
+    from gguf import GGUFValueType, GGUFWriter
+
+    from .prune_gguf import SKIPPED_KEYS, field_value, open_gguf
+
+    reader = open_gguf(path)
+    tmp = path.with_name(path.name + ".pattern")
+    writer = GGUFWriter(tmp, arch)
+    alignment = field_value(reader, "general.alignment")
+    if alignment:
+        writer.data_alignment = int(alignment)
+    try:
+        for field in reader.fields.values():
+            if field.name.startswith(SKIPPED_KEYS) or field.name == pattern_key(arch):
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
+        writer.add_array(pattern_key(arch), [bool(x) for x in pattern])
+        for t in reader.tensors:
+            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            writer.write_tensor_data(t.data)
+    finally:
+        writer.close()
+    del reader
+    os.replace(tmp, path)

@@ -1,0 +1,396 @@
+"""Issue 13's families: score, plan, prune to HF (config sliced, logits exact), healing
+defaults, and which GGUF / ONNX path each takes. One tiny random model per family, built
+once per session (conftest.family_dirs); contexts are longer than the sliding windows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import CORE_FAMILIES, TINY_CONFIGS
+from helpers import logits_of, random_calibration
+
+from shortgpt_export.architectures import spec_for, submodule
+from shortgpt_export.errors import ExportError, ShortGPTError
+from shortgpt_export.healing import check_healable, resolve_heal
+from shortgpt_export.planning import make_plan
+from shortgpt_export.pruning import prune_config_dict, pruned_view, write_pruned_model
+from shortgpt_export.scoring import score_layers
+from shortgpt_export.source import resolve_source
+
+FAMILIES = sorted(set(TINY_CONFIGS) - set(CORE_FAMILIES))
+REMOVE = [1, 3]
+SEQ = 40  # longer than the tiny models' 16-token sliding windows
+HEALABLE = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model.eval()
+
+
+def token_ids(vocab: int, length: int = SEQ, seed: int = 1):
+    return torch.randint(3, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def hand_pruned(model, spec, remove):
+    """The pruned model built by hand: blocks dropped, their index attributes and the
+    config's per-layer list rewritten (the reference write_pruned_model must equal)."""
+    layers = spec.decoder_layers(model)
+    keep = [i for i in range(len(layers)) if i not in remove]
+    kept = torch.nn.ModuleList([layers[i] for i in keep])
+    container, _, attr = spec.layers_path.rpartition(".")
+    setattr(submodule(model, container), attr, kept)
+    for new, block in enumerate(kept):
+        for module in block.modules():
+            for name in ("layer_idx", "layer_id"):
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, new)
+    model.config.num_hidden_layers = len(keep)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    return model
+
+
+def block_signature(block) -> list:
+    """What a block is: its module tree and the attention kind each module was built for."""
+    return [
+        (name, type(module).__name__, getattr(module, "sliding_window", None),
+         getattr(module, "attention_type", None), getattr(module, "is_sliding", None))
+        for name, module in block.named_modules()
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pruned_folders(family_dirs, tmp_path_factory):
+    """``family -> (source folder, pruned folder)`` with layers 1 and 3 removed."""
+    done = {}
+
+    def get(family):
+        if family not in done:
+            folder = family_dirs(family)
+            source = resolve_source(str(folder))
+            out = tmp_path_factory.mktemp(f"pruned-{family}") / "hf"
+            write_pruned_model(source, make_plan(source.num_layers, layers=REMOVE), out)
+            done[family] = folder, out
+        return done[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bi_and_angular_rank_a_planted_identity_block_first(family, family_dirs):
+    """Zeroing every matrix of block 2 makes it the identity (attention, MLP, experts and
+    SSM mixers all output zero into the residual): both metrics rank it first, Mamba's too."""
+    spec = spec_for(family)
+    model = load(family_dirs(family))
+    with torch.no_grad():
+        for param in spec.decoder_layers(model)[2].parameters():
+            if param.dim() >= 2:
+                param.zero_()
+    calib = random_calibration(model.config.vocab_size, rows=2, seq_len=SEQ)
+    for metric in ("bi", "angular"):
+        scores = score_layers(model, spec, calib, metric=metric, batch_size=2)
+        assert len(scores) == model.config.num_hidden_layers
+        others = [s for i, s in enumerate(scores) if i != 2]
+        assert scores[2] < 1e-3 and min(others) > 20 * scores[2], (metric, scores)
+        plan = make_plan(len(scores), scores, remove=1, metric=metric)
+        assert plan.remove == [2]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_folder_and_view_equal_the_hand_pruned_model(family, pruned_folders):
+    folder, out = pruned_folders(family)
+    spec = spec_for(family)
+    original = json.loads((folder / "config.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    n = original["num_hidden_layers"]
+    keep = [i for i in range(n) if i not in REMOVE]
+    assert config["num_hidden_layers"] == len(keep)
+    for key, value in original.items():  # every per-layer list is sliced
+        if isinstance(value, list) and len(value) == n and key != "layer_types":
+            pytest.fail(f"{key} has one entry per layer but is not in per_layer_config_keys")
+    if "layer_types" in original:
+        assert config["layer_types"] == [original["layer_types"][i] for i in keep]
+    reference = hand_pruned(load(folder), spec, REMOVE)
+    reloaded = load(out)  # no missing or unexpected tensors
+    # every kept block is rebuilt as what it was: dense or MoE, sliding or global
+    for new, block in enumerate(spec.decoder_layers(reloaded)):
+        assert block_signature(block) == block_signature(spec.decoder_layers(reference)[new])
+    x = token_ids(config["vocab_size"])
+    expected = logits_of(reloaded, x)
+    torch.testing.assert_close(expected, logits_of(reference, x), rtol=0, atol=1e-5)
+    # The in-memory view (GGUF sources, verification) equals the folder, also generating
+    # with the KV / SSM / RWKV state cache, and leaves the model as it was.
+    model = load(folder)
+    before = logits_of(model, x)
+    assert not torch.allclose(before, expected, atol=1e-3)
+    with pruned_view(model, spec, keep) as view:
+        torch.testing.assert_close(logits_of(view, x), expected, rtol=0, atol=1e-5)
+        gen = view.generate(x[:1, :20], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        want = reloaded.generate(x[:1, :20], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(gen, want)
+    torch.testing.assert_close(logits_of(model, x), before, rtol=0, atol=0)
+
+
+def test_rwkv_block_zero_input_norm_moves_to_the_new_first_block(family_dirs, tmp_path):
+    """RWKV's pre_ln lives in blocks.0; removing block 0 must keep it (as blocks.0)."""
+    folder = family_dirs("rwkv")
+    source = resolve_source(str(folder))
+    plan = make_plan(source.num_layers, layers=[0, 2])
+    out = write_pruned_model(source, plan, tmp_path / "hf")
+    model, reloaded = load(folder), load(out)  # load() fails on a missing pre_ln
+    torch.testing.assert_close(
+        reloaded.rwkv.blocks[0].pre_ln.weight, model.rwkv.blocks[0].pre_ln.weight
+    )
+    x = token_ids(model.config.vocab_size)
+    with pruned_view(model, source.spec, plan.keep) as view:
+        torch.testing.assert_close(logits_of(view, x), logits_of(reloaded, x), rtol=0, atol=1e-5)
+    assert not hasattr(model.rwkv.blocks[1], "pre_ln")
+
+
+def test_config_keys_that_name_layers_by_index_are_rewritten():
+    spec = spec_for("qwen2_moe")
+    config = {
+        "num_hidden_layers": 8,
+        "num_experts": 4,
+        "decoder_sparse_step": 2,  # sparse: 1, 3, 5, 7
+        "mlp_only_layers": [5],  # dense after all
+        "max_window_layers": 4,  # full attention below layer 4
+    }
+    keep = [0, 1, 2, 5, 6, 7]
+    new = prune_config_dict(config, spec, keep)
+    assert new["num_hidden_layers"] == 6
+    assert new["decoder_sparse_step"] == 1
+    assert new["mlp_only_layers"] == [0, 2, 3, 4]  # old 0, 2, 5, 6
+    assert new["max_window_layers"] == 3  # old 0, 1, 2
+    assert prune_config_dict({"num_hidden_layers": 4}, spec, [0, 1]) == {"num_hidden_layers": 2}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_default_heal_is_linear_where_possible_and_explicit_linear_refused(family, caplog):
+    spec = spec_for(family)
+    assert spec.healable == (family in HEALABLE)
+    with caplog.at_level(logging.WARNING):
+        chosen = resolve_heal(spec, "auto")
+    if family in HEALABLE:
+        assert chosen == "linear" and not caplog.records
+        check_healable(spec, "linear")
+    else:
+        assert chosen == "none"
+        assert spec.display_name in caplog.text and "not healing" in caplog.text
+        with pytest.raises(ShortGPTError, match="--heal linear cannot patch"):
+            resolve_heal(spec, "linear")
+    assert resolve_heal(spec, "none") == "none"
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_each_family_names_its_gguf_path(family):
+    from converters.gguf import converter_for
+
+    spec = spec_for(family)
+    if family == "rwkv":
+        for requested in ("auto", "builtin", "llama.cpp"):
+            with pytest.raises(ExportError, match="RWKV-6/7"):
+                converter_for(spec, requested)
+        return
+    expected = "builtin" if family in CORE_FAMILIES else "llama.cpp"
+    assert converter_for(spec, "auto") == expected
+    assert converter_for(spec, "llama.cpp") == "llama.cpp"
+    if expected == "llama.cpp":
+        with pytest.raises(ExportError, match="built-in GGUF writer does not cover"):
+            converter_for(spec, "builtin")
+
+
+ONNX_REFUSED = {"gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "mamba", "mamba2", "rwkv"}
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_onnx_is_refused_with_the_family_named_where_optimum_has_no_export(family):
+    pytest.importorskip("optimum.exporters.onnx")
+    from converters.onnx.build import check_family
+
+    spec = spec_for(family)
+    if family in ONNX_REFUSED:
+        with pytest.raises(ExportError, match=f"ONNX export of .*{family}"):
+            check_family(spec)
+    else:
+        check_family(spec)
+
+
+def test_pattern_keeping_removal_is_the_cheapest_valid_one():
+    from itertools import combinations
+
+    from converters.gguf.attention_pattern import index_pattern, keeps_pattern, preserving_removal
+
+    generator = torch.Generator().manual_seed(3)
+    for period, n, remove in ((2, 8, 2), (2, 9, 3), (3, 9, 2), (6, 13, 3), (6, 13, 6)):
+        pattern = index_pattern(period, n)
+        scores = torch.rand(n, generator=generator).tolist()
+        valid = [
+            list(c)
+            for c in combinations(range(n), remove)
+            if keeps_pattern(pattern, [i for i in range(n) if i not in c], period)
+        ]
+        chosen = preserving_removal(pattern, period, remove, scores)
+        assert chosen in valid
+        assert sum(scores[i] for i in chosen) == pytest.approx(
+            min(sum(scores[i] for i in c) for c in valid)
+        )
+
+
+def test_gguf_attention_pattern_is_written_or_the_plan_refused():
+    from converters.gguf.attention_pattern import check_plan
+
+    config = {
+        "num_hidden_layers": 8,
+        "layer_types": ["sliding_attention", "full_attention"] * 4,
+    }
+    scores = [0.5, 0.4, 0.9, 0.1, 0.8, 0.7, 0.6, 0.3]
+    breaking = make_plan(8, scores, remove=2)  # layers 3 and 7: shifts 4..6 by one
+    assert breaking.remove == [3, 7]
+    # a family whose GGUF cannot carry the pattern: the plan is refused and the cheapest
+    # pattern-keeping one of the same size named
+    index_only = replace(spec_for("gemma2"), gguf_swa_per_layer=False)
+    with pytest.raises(ExportError, match=r"Gemma 2 layers onto indices") as error:
+        check_plan(index_only, config, breaking)
+    assert "--layers 6,7" in error.value.hint  # 0.6 + 0.3: the cheapest pair that keeps it
+    assert check_plan(index_only, config, make_plan(8, layers=[6, 7])) is None
+    # Gemma 2 itself: llama.cpp reads the per-layer array, so the pruned pattern is written
+    kept = check_plan(spec_for("gemma2"), config, breaking)
+    assert kept == [True, False, True, True, False, True]  # layers 0, 1, 2, 4, 5, 6
+    # Gemma 3: llama.cpp reads a per-layer array, so the pruned pattern is written
+    g3 = {"num_hidden_layers": 7, "layer_types": ["sliding_attention"] * 5 + ["full_attention"] * 2}
+    assert check_plan(spec_for("gemma3_text"), g3, make_plan(7, layers=[1])) == [
+        True, True, True, True, False, False
+    ]  # fmt: skip
+    assert check_plan(spec_for("phi3"), config, breaking) is None
+
+
+def _fake_gguf(path, arch: str, blocks: int):
+    """A GGUF with only metadata and one small tensor per block (no model to run)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, arch)
+    writer.add_block_count(blocks)
+    writer.add_head_count_kv([2 + i for i in range(blocks)])  # a per-layer array
+    for i in range(blocks):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.full(4, i, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_pruning_slices_per_layer_arrays_and_adds_the_pattern(tmp_path):
+    from converters.gguf.attention_pattern import add_pattern, pattern_key
+    from converters.gguf.prune_gguf import field_value, open_gguf, prune_gguf
+
+    src = _fake_gguf(tmp_path / "src.gguf", "gemma3", 7)
+    plan = make_plan(7, layers=[1])
+    dst = tmp_path / "dst.gguf"
+    prune_gguf(src, plan, dst, arrays={pattern_key("gemma3"): [True] * 4 + [False, True]})
+    reader = open_gguf(dst)
+    assert field_value(reader, "gemma3.block_count") == 6
+    assert field_value(reader, "gemma3.attention.head_count_kv") == [2, 4, 5, 6, 7, 8]
+    assert field_value(reader, pattern_key("gemma3")) == [True] * 4 + [False, True]
+    norms = {t.name: float(t.data[0]) for t in reader.tensors}
+    assert norms == {f"blk.{new}.attn_norm.weight": float(old) for new, old in enumerate(plan.keep)}
+    del reader
+    add_pattern(dst, "gemma3", [False] * 6)  # replaces, never duplicates, the key
+    reader = open_gguf(dst)
+    assert field_value(reader, pattern_key("gemma3")) == [False] * 6
+    assert len([f for f in reader.fields if f == pattern_key("gemma3")]) == 1
+    assert {t.name: float(t.data[0]) for t in reader.tensors} == norms
+
+
+@pytest.mark.parametrize(("family", "remove"), [("gemma2", 2), ("gemma3_text", 1)])
+def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
+    family, remove, spm_tokenizer_dir, tmp_path
+):
+    """The sliding-window trap: the removal moves layers onto indices where llama.cpp's
+    index rule (Gemma 2: every 2nd layer global, Gemma 3: every 6th) gives the other kind.
+    The GGUF back-end takes llama.cpp's converter for Gemma and writes the pruned pattern;
+    llama.cpp then agrees with torch on 64-token windows, four times the 16-token window
+    (measured without the pattern: KL 0.21 for Gemma 2, 0.11 for Gemma 3)."""
+    pytest.importorskip("llama_cpp")
+    from conftest import build_tiny_model
+
+    from converters import ExportContext
+    from converters.gguf import GGUFConverter
+    from converters.gguf.attention_pattern import index_pattern, pattern_key
+    from converters.gguf.prune_gguf import field_value, open_gguf
+    from converters.gguf.verify import llama_logprobs, llama_model
+    from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
+
+    folder = build_tiny_model(family, spm_tokenizer_dir, tmp_path / family)
+    source = resolve_source(str(folder))
+    plan = make_plan(source.num_layers, layers=[remove])
+    ctx = ExportContext(
+        source=source, plan=plan, out_dir=tmp_path / "out", options={"verify": False}
+    )
+    ctx.out_dir.mkdir()
+    [artifact] = GGUFConverter().export(ctx)
+    hf = write_pruned_model(source, plan, tmp_path / "hf")
+    sliding = [
+        t == "sliding_attention"
+        for t in json.loads((hf / "config.json").read_text())["layer_types"]
+    ]
+    assert sliding != index_pattern(source.spec.gguf_swa_period, len(plan.keep))  # the trap
+    path = ctx.out_dir / artifact.path
+    reader = open_gguf(path)
+    assert field_value(reader, pattern_key(source.spec.gguf_arch)) == sliding
+    del reader
+    windows = token_ids(source.config.vocab_size, length=64)
+    reference = torch_logprobs(load(hf), windows)
+    with llama_model(path, n_ctx=64) as llm:
+        fidelity = compare_logprobs(reference, llama_logprobs(llm, windows))
+    assert fidelity.kl_divergence <= 0.01, fidelity
+    assert fidelity.decisive_top1_agreement >= 0.99, fidelity
+
+
+@pytest.mark.parametrize(
+    ("family", "to", "message"),
+    [
+        ("rwkv", "gguf", "GGUF export of RWKV-4 (rwkv) is not possible: transformers reads "
+         "RWKV-4 checkpoints, and llama.cpp runs only RWKV-6/7"),
+        ("mamba", "onnx", "ONNX export of Mamba (mamba) is not possible"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_an_impossible_format_before_any_work(
+    family, to, message, family_dirs, capsys, tmp_path, calib_file
+):
+    from helpers import FAST, run_cli
+
+    code, _, err = run_cli(
+        capsys, family_dirs(family), "--calib", calib_file, "--to", to, "--out", tmp_path / "o",
+        *FAST,
+    )  # fmt: skip
+    assert code == 2 and message in " ".join(err.split())
+    assert "scoring" not in err and not (tmp_path / "o").exists()
+
+
+def test_a_gguf_whose_log_probs_are_nan_fails_verification(monkeypatch, tmp_path):
+    """llama.cpp computes NaN with some files (tiny Mamba, F16 or Q8_0): NaN compares
+    False with every bound, so the check must be written to fail on it."""
+    from contextlib import nullcontext
+
+    import converters.gguf.verify as verify
+
+    reference = torch.log_softmax(torch.randn(8, 16, dtype=torch.float64), dim=-1)
+    monkeypatch.setattr(verify, "llama_model", lambda path, n_ctx: nullcontext(None))
+    monkeypatch.setattr(verify, "llama_logprobs", lambda llm, w: torch.full((8, 16), torch.nan))
+    windows = torch.zeros(2, 4, dtype=torch.long)
+    for exact in (True, False):
+        with pytest.raises(ExportError, match="disagrees with the torch model"):
+            verify.verify_gguf(tmp_path / "x.gguf", reference, None, windows, exact=exact)
