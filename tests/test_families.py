@@ -294,7 +294,8 @@ def _fake_gguf(path, arch: str, blocks: int):
 
 def test_gguf_pruning_slices_per_layer_arrays_and_adds_the_pattern(tmp_path):
     from converters.gguf.attention_pattern import add_pattern, pattern_key
-    from converters.gguf.prune_gguf import field_value, open_gguf, prune_gguf
+    from converters.gguf.prune_gguf import prune_gguf
+    from shortgpt_export.gguf_file import field_value, open_gguf
 
     src = _fake_gguf(tmp_path / "src.gguf", "gemma3", 7)
     plan = make_plan(7, layers=[1])

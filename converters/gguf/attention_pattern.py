@@ -115,7 +115,9 @@ def add_pattern(path, arch: str, pattern: list[bool]) -> None:
 
     from gguf import GGUFValueType, GGUFWriter
 
-    from .prune_gguf import SKIPPED_KEYS, field_value, open_gguf
+    from shortgpt_export.gguf_file import field_value, open_gguf
+
+    from .prune_gguf import SKIPPED_KEYS
 
     reader = open_gguf(path)
     tmp = path.with_name(path.name + ".pattern")

@@ -125,7 +125,11 @@ class ONNXConverter:
                 cached = decoder.greedy(prompt, GREEDY_CHECK_TOKENS, use_cache=True)
                 full = decoder.greedy(prompt, GREEDY_CHECK_TOKENS, use_cache=False)
                 art.extra["verify"]["greedy_cache_equal"] = cached == full
-                if fidelity.max_abs_logprob_diff > self.fp32_max_logprob_diff or cached != full:
+                # written so that NaN fails too
+                if (
+                    not fidelity.max_abs_logprob_diff <= self.fp32_max_logprob_diff
+                    or cached != full
+                ):
                     raise ExportError(
                         f"{art.path} disagrees with the torch model: max |log-prob diff| "
                         f"{fidelity.max_abs_logprob_diff:.2e} "
@@ -133,7 +137,7 @@ class ONNXConverter:
                         f"greedy tokens with and without KV cache equal: {cached == full}",
                         hint="report this as a bug; pass --no-verify to keep the files anyway",
                     )
-            elif fidelity.kl_divergence > self.quantized_max_kl:
+            elif not fidelity.kl_divergence <= self.quantized_max_kl:  # NaN fails too
                 raise ExportError(
                     f"{art.path} disagrees with the torch model: mean KL "
                     f"{fidelity.kl_divergence:.3f} (need <= {self.quantized_max_kl}), top-1 "
