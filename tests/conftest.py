@@ -1,188 +1,27 @@
-"""Session fixtures: a tiny trained tokenizer and a tiny random model of every family."""
+"""Session fixtures: a tiny trained tokenizer and a tiny random model of every family
+(built by tiny_models.py)."""
 
 from __future__ import annotations
 
 import os
-from importlib import resources
 from pathlib import Path
 
-import pytest
-import torch
-
+# before anything imports transformers: tests never use the network
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WIKITEXT = SHARED_DATA / "wikitext-2-raw-test.txt"
-
-# One row per family: the config arguments that give a tiny model with a per-layer
-# config list that is not uniform (sliding-window layers), so slicing is exercised.
-TINY_CONFIGS: dict[str, dict] = {
-    "llama": {},
-    "mistral": {"sliding_window": 16},
-    "qwen2": {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 3},
-    "qwen3": {
-        "use_sliding_window": True,
-        "sliding_window": 16,
-        "max_window_layers": 3,
-        "head_dim": 16,
-    },
-    # issue 13's families. Sliding-window ones get a 16-token window (tests run longer
-    # windows); MoE ones 4 experts, top-2; Gemma 3's pattern period is 6, so 7 layers.
-    # query_pre_attn_scalar = head_dim as in the real checkpoints (llama.cpp assumes it)
-    "gemma2": {
-        "sliding_window": 16,
-        "head_dim": 16,
-        "query_pre_attn_scalar": 16,
-        "tie_word_embeddings": True,
-    },
-    "gemma3_text": {
-        "sliding_window": 16,
-        "head_dim": 16,
-        "query_pre_attn_scalar": 16,
-        "num_hidden_layers": 7,
-        "tie_word_embeddings": True,
-        "rope_scaling": None,
-    },
-    "phi3": {"sliding_window": None, "pad_token_id": 0},
-    "granite": {
-        "embedding_multiplier": 4.0,
-        "logits_scaling": 2.0,
-        "residual_multiplier": 0.5,
-        "attention_multiplier": 0.25,
-    },
-    "olmo2": {},
-    # no sliding window, as the Mixtral checkpoints (llama.cpp runs Mixtral without one)
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
-    "qwen2_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "shared_expert_intermediate_size": 64,
-        "decoder_sparse_step": 2,
-        "mlp_only_layers": [4],
-    },
-    "qwen3_moe": {
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32,
-        "head_dim": 16,
-        "mlp_only_layers": [1],
-        "norm_topk_prob": True,  # as Qwen3-MoE checkpoints (llama.cpp assumes it)
-    },
-    "mamba": {"hidden_size": 64, "state_size": 8, "num_hidden_layers": 6, "expand": 2},
-    "mamba2": {
-        "hidden_size": 64,
-        "state_size": 16,
-        "num_hidden_layers": 6,
-        "expand": 2,
-        "head_dim": 16,
-        "num_heads": 8,
-        "n_groups": 1,
-        "chunk_size": 16,
-    },
-    "rwkv": {
-        "hidden_size": 64,
-        "attention_hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 6,
-        "context_length": 256,
-        "rescale_every": 0,
-    },
-}
-# The families test_pruning / test_gguf / test_onnx run over (built-in GGUF writer);
-# the others are tested family by family in test_families.py.
-CORE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-# families whose config takes none of TINY_COMMON's attention keys
-NO_ATTENTION = ("mamba", "mamba2", "rwkv")
-TINY_COMMON = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 6,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-5,
-}
-
-
-def calibration_text() -> str:
-    return resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
-
-
-def build_tiny_tokenizer(out: Path) -> Path:
-    """A byte-level BPE tokenizer (vocab 512) trained on the built-in calibration text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([calibration_text()], trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
-    fast.save_pretrained(out)
-    return out
+import pytest  # noqa: E402
+from tiny_models import (  # noqa: E402
+    CORE_FAMILIES,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    calibration_text,
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers")
-
-
-def build_tiny_model(
-    family: str, tokenizer_dir: Path, out: Path, seed: int = 0, full_attention: bool = False
-) -> Path:
-    """A tiny random model of ``family``; ``full_attention`` drops its sliding windows
-    (llama.cpp runs these families without them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    extra = {
-        k: v for k, v in TINY_CONFIGS[family].items() if not (full_attention and k in SLIDING_KEYS)
-    }
-    if full_attention and family == "mistral":
-        extra["sliding_window"] = None
-    from shortgpt_export.architectures import spec_for
-
-    ids = {
-        "vocab_size": len(tokenizer),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    base = {} if family in NO_ATTENTION else TINY_COMMON
-    config = AutoConfig.for_model(family, **{**ids, **base, **extra})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    # Random init gives near-identity residual blocks; scale the weights up so each
-    # layer changes the hidden state by a different, measurable amount.
-    with torch.no_grad():
-        for index, layer in enumerate(spec_for(family).decoder_layers(model)):
-            for name, param in layer.named_parameters():
-                # (Mamba's A_log is a log: scaled, exp(A_log) overflows F16 in a GGUF)
-                if param.dim() == 2 and not name.endswith("A_log"):
-                    param.mul_(1.0 + 2.0 * index)
-        # Peaked next-token distributions, like a trained model's: near-ties between the
-        # top two tokens would make top-1 agreement measure rounding noise.
-        model.get_output_embeddings().weight.mul_(8.0)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="session", params=CORE_FAMILIES)
@@ -211,10 +50,6 @@ def family_dirs(tiny_tokenizer_dir, tmp_path_factory):
         return built[family]
 
     return get
-
-
-# Every export back-end in converters.BACKENDS and the test module that exercises it.
-BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}  # noqa: E501
 
 
 @pytest.fixture(scope="session")

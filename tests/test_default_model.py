@@ -3,8 +3,8 @@
 import math
 
 import pytest
-from conftest import WIKITEXT
 from helpers import torch_perplexity
+from tiny_models import WIKITEXT
 
 from shortgpt_export.calibration import tokenize_windows
 from shortgpt_export.evaluation import eval_windows

@@ -10,8 +10,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import CORE_FAMILIES, TINY_CONFIGS
 from helpers import logits_of, random_calibration
+from tiny_models import CORE_FAMILIES, TINY_CONFIGS
 
 from shortgpt_export.architectures import spec_for, submodule
 from shortgpt_export.errors import ExportError, ShortGPTError
@@ -325,7 +325,7 @@ def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
     llama.cpp then agrees with torch on 64-token windows, four times the 16-token window
     (measured without the pattern: KL 0.21 for Gemma 2, 0.11 for Gemma 3)."""
     pytest.importorskip("llama_cpp")
-    from conftest import build_tiny_model
+    from tiny_models import build_tiny_model
 
     from converters import ExportContext
     from converters.gguf import GGUFConverter

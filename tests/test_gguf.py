@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import calibration_text
 from helpers import FAST, export_with_cli, run_cli
+from tiny_models import calibration_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from converters.gguf.prune_gguf import prune_gguf

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from conftest import BACKEND_TESTS, TINY_CONFIGS
+from tiny_models import BACKEND_TESTS, TINY_CONFIGS
 
 from converters import BACKENDS, get_converter
 from shortgpt_export.architectures import ARCHITECTURES

@@ -5,8 +5,8 @@ import logging
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from helpers import FAST, random_calibration, run_cli
+from tiny_models import build_tiny_model
 
 from shortgpt_export import gguf_layers, offload
 from shortgpt_export.errors import ShortGPTError

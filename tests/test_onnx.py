@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import calibration_text
 from helpers import FAST, export_with_cli, run_cli
+from tiny_models import calibration_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from shortgpt_export.fidelity import compare_logprobs, torch_logprobs

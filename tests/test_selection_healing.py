@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model
 from helpers import FAST, export_with_cli, random_calibration
+from tiny_models import build_tiny_model
 
 from shortgpt_export.architectures import ArchitectureSpec, spec_for
 from shortgpt_export.calibration import load_calibration

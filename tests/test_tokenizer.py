@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-from conftest import build_tiny_model
 from helpers import FAST, export_with_cli, run_cli
+from tiny_models import build_tiny_model
 
 from converters import ExportContext
 from converters.gguf.hf_to_gguf import convert_pruned

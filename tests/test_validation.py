@@ -3,15 +3,15 @@
 import json
 
 import pytest
-from conftest import calibration_text
 from helpers import FAST, export_with_cli, run_cli
+from tiny_models import calibration_text
 
 EVAL = ["--max-tokens", "1024", "--ctx", "128", "--threads", "2", "--qa", "3"]
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_full(tiny_tokenizer_dir, tmp_path_factory):
-    from conftest import build_tiny_model
+    from tiny_models import build_tiny_model
 
     return build_tiny_model(
         "llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("vllama"), full_attention=True
