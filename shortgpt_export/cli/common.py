@@ -134,7 +134,7 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
     from ..recipe import DEFAULT_SELECT_TOKENS
     from ..selection import STRATEGIES
 
-    group = parser.add_argument_group("which layers to remove (default: 25%% lowest-scored)")
+    group = parser.add_argument_group("which layers to remove (default: 25% lowest-scored)")
     exclusive = group.add_mutually_exclusive_group()
     exclusive.add_argument(
         "--remove",

@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 
 from .. import pipeline
-from . import common, display
+from . import SUBCOMMANDS, common, display
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shortgpt-export",
         description="Score every layer (ShortGPT Block Influence), remove the least influential "
-        "ones and export the shallower model. Subcommands: score, plan, prune, validate, "
-        "download-default (see `shortgpt-export SUBCOMMAND -h`).",
+        "ones and export the shallower model. Subcommands: "
+        + ", ".join(name for name in SUBCOMMANDS if name != "run")
+        + " (see `shortgpt-export SUBCOMMAND -h`).",
     )
     common.add_model_args(parser)
     common.add_score_args(parser)

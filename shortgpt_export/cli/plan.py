@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         "use the main command for them).",
     )
     parser.add_argument("scores", help="scores.json written by `shortgpt-export score`")
-    group = parser.add_argument_group("which layers to remove (default: 25%% lowest-scored)")
+    group = parser.add_argument_group("which layers to remove (default: 25% lowest-scored)")
     exclusive = group.add_mutually_exclusive_group()
     exclusive.add_argument("--remove", type=int, metavar="N", help="remove N layers")
     exclusive.add_argument("--ratio", type=float, metavar="R", help="remove this fraction")
