@@ -109,12 +109,12 @@ def test_gguf_streamed_agrees_with_the_gguf_loaded_whole(
 
 
 def test_deinterleave_undoes_the_gguf_export_permutation():
-    from converters.gguf.hf_to_gguf import interleave_rope_rows
-
-    weight = torch.arange(8 * 16 * 3).reshape(8 * 16, 3).numpy()
-    back = gguf_layers.deinterleave_rope_rows(interleave_rope_rows(weight, 8), 8)
-    assert (back == weight).all()
-    assert not (interleave_rope_rows(weight, 8) == weight).all()
+    # the export's q/k reorder (hf_to_gguf._write_tensors): per head, (2, r) rows -> (r, 2)
+    weight = torch.arange(8 * 16 * 3).reshape(8 * 16, 3)
+    interleaved = weight.view(8, 2, 8, 3).transpose(1, 2).reshape(weight.shape).numpy()
+    back = gguf_layers.deinterleave_rope_rows(interleaved, 8)
+    assert (back == weight.numpy()).all()
+    assert not (interleaved == weight.numpy()).all()
 
 
 def _scores_json(capsys, model, calib_file, out, *extra):
