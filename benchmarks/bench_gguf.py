@@ -40,8 +40,8 @@ def ensure_hf_copy() -> Path:
 
 
 def export_f16(target: Path, remove: list[int]) -> None:
-    from converters import ExportContext
-    from converters.gguf.hf_to_gguf import convert_pruned
+    from shortgpt_export.converters import ExportContext
+    from shortgpt_export.converters.gguf.hf_to_gguf import convert_pruned
     from shortgpt_export.planning import make_plan
     from shortgpt_export.source import resolve_source
 
@@ -54,7 +54,7 @@ def memory_probe(target: str) -> None:
     """RSS sampled while exporting, against the RSS just before the export starts."""
     import psutil
 
-    import converters.gguf.hf_to_gguf  # noqa: F401  (imports are not the export's memory)
+    import shortgpt_export.converters.gguf.hf_to_gguf  # noqa: F401  (imports are not the export's memory)
     from shortgpt_export.pruning import source_tensors
     from shortgpt_export.source import resolve_source
 
@@ -118,7 +118,7 @@ def llama_speed(path: Path, prompt: list[int], gen: int, reps: int) -> dict:
 def speed(reps: int) -> dict:
     from transformers import AutoTokenizer
 
-    from converters.gguf.quantize import QUANT_TYPES, quantize_gguf
+    from shortgpt_export.converters.gguf.quantize import QUANT_TYPES, quantize_gguf
     from shortgpt_export.planning import make_plan
     from shortgpt_export.pruning import source_tensors
     from shortgpt_export.source import resolve_source

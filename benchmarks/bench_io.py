@@ -94,7 +94,7 @@ def help_times(reps: int) -> dict:
 
 
 def _context(out_dir: Path, remove: list[int]):
-    from converters import ExportContext
+    from shortgpt_export.converters import ExportContext
     from shortgpt_export.planning import make_plan
     from shortgpt_export.source import resolve_source
 
@@ -114,7 +114,7 @@ def _copy_s(path: Path) -> float:
 
 def export_throughput(reps: int) -> dict:
     """GGUF F16 and HF folder exports against plain copies, interleaved."""
-    from converters.gguf.hf_to_gguf import convert_pruned
+    from shortgpt_export.converters.gguf.hf_to_gguf import convert_pruned
     from shortgpt_export.pruning import write_pruned_model
 
     gguf_ctx = _context(WORK, [])

@@ -18,9 +18,9 @@ from shortgpt_export.progress import ProgressFactory, no_progress
 
 # format name -> "module:Class"
 BACKENDS: dict[str, str] = {
-    "hf": "converters.hf:HFConverter",
-    "gguf": "converters.gguf:GGUFConverter",
-    "onnx": "converters.onnx:ONNXConverter",
+    "hf": "shortgpt_export.converters.hf:HFConverter",
+    "gguf": "shortgpt_export.converters.gguf:GGUFConverter",
+    "onnx": "shortgpt_export.converters.onnx:ONNXConverter",
 }
 
 

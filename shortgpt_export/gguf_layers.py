@@ -25,7 +25,7 @@ def _arch_enum(name: str):
 
 
 def deinterleave_rope_rows(weight, heads: int):
-    """Inverse of converters.gguf.hf_to_gguf.interleave_rope_rows: adjacent pairs back to
+    """Inverse of the q/k row interleave of the GGUF export: adjacent pairs back to
     rotate-half layout, per head."""
     rows = weight.shape[0]
     return (

@@ -171,7 +171,7 @@ def check_finite_scores(scores: LayerScores, dtype: str | None = None) -> None:
 
 def parse_formats(to: str | list[str], options: dict | None = None) -> list[str]:
     """``"hf,gguf"`` -> ``["hf", "gguf"]``, each checked with its options against the registry."""
-    from converters import get_converter
+    from .converters import get_converter
 
     names = [t.strip().lower() for t in (to.split(",") if isinstance(to, str) else to) if t.strip()]
     for name in names:
@@ -180,14 +180,14 @@ def parse_formats(to: str | list[str], options: dict | None = None) -> list[str]
 
 
 def _check_with_source(formats: list[str], source: ModelSource, options: dict) -> None:
-    from converters import get_converter
+    from .converters import get_converter
 
     for name in formats:
         get_converter(name).check_options(options, source)
 
 
 def _needs_model(formats: list[str], source: ModelSource, options: dict) -> bool:
-    from converters import get_converter
+    from .converters import get_converter
 
     return any(get_converter(name).needs_model(source.kind, options) for name in formats)
 
@@ -365,7 +365,7 @@ def _export(
     options: dict,
     progress: ProgressFactory,
 ) -> list[Artifact]:
-    from converters import ExportContext, get_converter
+    from .converters import ExportContext, get_converter
 
     ctx = ExportContext(
         source=source,

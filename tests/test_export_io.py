@@ -5,8 +5,8 @@ from __future__ import annotations
 import gguf
 import torch
 
-from converters.gguf.hf_to_gguf import _fast_writer_class
-from converters.gguf.tokenizer import merge_strings
+from shortgpt_export.converters.gguf.hf_to_gguf import _fast_writer_class
+from shortgpt_export.converters.gguf.tokenizer import merge_strings
 from shortgpt_export.safetensors_io import read_header, read_tensor_into
 
 TOKENS = ["<|endoftext|>", "Ġthe", "héllo wörld", "", "日本", "a b", *(f"t{i}" for i in range(300))]

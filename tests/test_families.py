@@ -194,7 +194,7 @@ def test_default_heal_is_linear_where_possible_and_explicit_linear_refused(famil
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_each_family_names_its_gguf_path(family):
-    from converters.gguf import converter_for
+    from shortgpt_export.converters.gguf import converter_for
 
     spec = spec_for(family)
     if family == "rwkv":
@@ -216,7 +216,7 @@ ONNX_REFUSED = {"gemma3_text", "mixtral", "qwen2_moe", "qwen3_moe", "mamba", "ma
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_onnx_is_refused_with_the_family_named_where_optimum_has_no_export(family):
     pytest.importorskip("optimum.exporters.onnx")
-    from converters.onnx.build import check_family
+    from shortgpt_export.converters.onnx.build import check_family
 
     spec = spec_for(family)
     if family in ONNX_REFUSED:
@@ -229,7 +229,11 @@ def test_onnx_is_refused_with_the_family_named_where_optimum_has_no_export(famil
 def test_pattern_keeping_removal_is_the_cheapest_valid_one():
     from itertools import combinations
 
-    from converters.gguf.attention_pattern import index_pattern, keeps_pattern, preserving_removal
+    from shortgpt_export.converters.gguf.attention_pattern import (
+        index_pattern,
+        keeps_pattern,
+        preserving_removal,
+    )
 
     generator = torch.Generator().manual_seed(3)
     for period, n, remove in ((2, 8, 2), (2, 9, 3), (3, 9, 2), (6, 13, 3), (6, 13, 6)):
@@ -248,7 +252,7 @@ def test_pattern_keeping_removal_is_the_cheapest_valid_one():
 
 
 def test_gguf_attention_pattern_is_written_or_the_plan_refused():
-    from converters.gguf.attention_pattern import check_plan
+    from shortgpt_export.converters.gguf.attention_pattern import check_plan
 
     config = {
         "num_hidden_layers": 8,
@@ -293,8 +297,8 @@ def _fake_gguf(path, arch: str, blocks: int):
 
 
 def test_gguf_pruning_slices_per_layer_arrays_and_adds_the_pattern(tmp_path):
-    from converters.gguf.attention_pattern import add_pattern, pattern_key
-    from converters.gguf.prune_gguf import prune_gguf
+    from shortgpt_export.converters.gguf.attention_pattern import add_pattern, pattern_key
+    from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
     from shortgpt_export.gguf_file import field_value, open_gguf
 
     src = _fake_gguf(tmp_path / "src.gguf", "gemma3", 7)
@@ -327,11 +331,11 @@ def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
     pytest.importorskip("llama_cpp")
     from tiny_models import build_tiny_model
 
-    from converters import ExportContext
-    from converters.gguf import GGUFConverter
-    from converters.gguf.attention_pattern import index_pattern, pattern_key
-    from converters.gguf.prune_gguf import field_value, open_gguf
-    from converters.gguf.verify import llama_logprobs, llama_model
+    from shortgpt_export.converters import ExportContext
+    from shortgpt_export.converters.gguf import GGUFConverter
+    from shortgpt_export.converters.gguf.attention_pattern import index_pattern, pattern_key
+    from shortgpt_export.converters.gguf.prune_gguf import field_value, open_gguf
+    from shortgpt_export.converters.gguf.verify import llama_logprobs, llama_model
     from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
 
     folder = build_tiny_model(family, spm_tokenizer_dir, tmp_path / family)
@@ -386,7 +390,7 @@ def test_a_gguf_whose_log_probs_are_nan_fails_verification(monkeypatch, tmp_path
     False with every bound, so the check must be written to fail on it."""
     from contextlib import nullcontext
 
-    import converters.gguf.verify as verify
+    import shortgpt_export.converters.gguf.verify as verify
 
     reference = torch.log_softmax(torch.randn(8, 16, dtype=torch.float64), dim=-1)
     monkeypatch.setattr(verify, "llama_model", lambda path, n_ctx: nullcontext(None))

@@ -9,8 +9,8 @@ from helpers import FAST, export_with_cli, run_cli
 from tiny_models import calibration_text
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from converters.gguf.prune_gguf import prune_gguf
-from converters.gguf.quantize import parse_quant
+from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
+from shortgpt_export.converters.gguf.quantize import parse_quant
 from shortgpt_export.errors import CorruptModelError, ExportError, ShortGPTError
 from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
 from shortgpt_export.gguf_file import field_value, gguf_info, open_gguf
@@ -214,7 +214,7 @@ def test_corrupt_and_truncated_gguf(default_gguf, tmp_path):
 def test_interrupted_quantization_leaves_nothing(
     capsys, monkeypatch, tiny_full_attention_dir, tmp_path, calib_file
 ):
-    import converters.gguf as gguf_backend
+    import shortgpt_export.converters.gguf as gguf_backend
 
     def interrupted(src, dst, quant, threads=0):
         dst.write_bytes(b"partial")

@@ -774,7 +774,7 @@ HOSTILE_STOPS = [
 def test_modelfile_from_a_hostile_gguf_parses_to_the_intended_directives(tmp_path, caplog):
     import gguf
 
-    from converters.gguf.modelfile import render_modelfile, stop_tokens_from_gguf
+    from shortgpt_export.converters.gguf.modelfile import render_modelfile, stop_tokens_from_gguf
 
     stops = []
     for index, token in enumerate(HOSTILE_STOPS):
@@ -798,7 +798,7 @@ def test_modelfile_from_a_hostile_gguf_parses_to_the_intended_directives(tmp_pat
 
 
 def test_tokenizer_ids_are_bounded_by_the_vocabulary(tmp_path, model):
-    from converters.gguf.tokenizer import add_tokenizer
+    from shortgpt_export.converters.gguf.tokenizer import add_tokenizer
     from shortgpt_export.errors import ExportError
 
     data = json.loads((model / "tokenizer.json").read_text())

@@ -21,8 +21,8 @@ TEXT = "Hello world! <|im_start|>user\nShortGPT removes layers.<|im_end|>"
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llama_dir, tmp_path_factory) -> Path:
-    from converters import ExportContext
-    from converters.gguf.hf_to_gguf import convert_pruned
+    from shortgpt_export.converters import ExportContext
+    from shortgpt_export.converters.gguf.hf_to_gguf import convert_pruned
     from shortgpt_export.planning import make_plan
 
     source = resolve_source(str(tiny_llama_dir))

@@ -82,8 +82,8 @@ def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
 
 
 def _tiny_gguf(model_dir, target, out_type):
-    from converters import ExportContext
-    from converters.gguf.hf_to_gguf import convert_pruned
+    from shortgpt_export.converters import ExportContext
+    from shortgpt_export.converters.gguf.hf_to_gguf import convert_pruned
 
     source = resolve_source(str(model_dir))
     plan = Plan(num_layers=6, remove=[], keep=list(range(6)), metric="bi", reason="test")

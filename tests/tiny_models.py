@@ -185,5 +185,5 @@ def build_tiny_model(
     return out
 
 
-# Every export back-end in converters.BACKENDS and the test module that exercises it.
-BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}  # noqa: E501
+# Every export back-end in shortgpt_export.converters.BACKENDS and its test module.
+BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}

@@ -189,8 +189,8 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> None:
-    from converters import supported_formats
-    from converters.gguf.quantize import QUANT_TYPES
+    from shortgpt_export.converters import supported_formats
+    from shortgpt_export.converters.gguf.quantize import QUANT_TYPES
 
     group = parser.add_argument_group("export")
     group.add_argument(

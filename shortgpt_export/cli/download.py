@@ -29,7 +29,7 @@ def execute(args) -> int:
         path = default_model.fetch_default_model(force=args.force)
     common.stdout.print(f"default model: {path}")
     if not args.no_converter:
-        from converters.gguf.llama_cpp_converter import fetch_converter
+        from shortgpt_export.converters.gguf.llama_cpp_converter import fetch_converter
 
         with common.rich_progress("fetching llama.cpp's convert_hf_to_gguf.py", None):
             folder = fetch_converter(force=args.force)
