@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/python examples/chat_demo.py $(DEMO_OUT)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: install
 	$(BIN)/python benchmarks/run.py
