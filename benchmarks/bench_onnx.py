@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from shortgpt_export.export_options import ExportOptions
 from shortgpt_export.pipeline import ModelOptions, PlanOptions, ScoreOptions, run
 from shortgpt_export.validation import EvalOptions
 
@@ -25,8 +26,7 @@ def report() -> str:
         ScoreOptions(),
         PlanOptions(ratio=0.25),
         out=out,
-        to=["onnx"],
-        export_options={"onnx_precisions": ["fp32", "int8", "int4"], "verify": False},
+        export=ExportOptions(onnx_precisions=["fp32", "int8", "int4"], verify=False),
         validate=EvalOptions(max_tokens=1024, ctx=512, kl_windows=1, threads=2, reps=5),
     )
     arts = {(a["pruned"], a["quant"]): a for a in result.report["artifacts"]}

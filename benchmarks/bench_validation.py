@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from shortgpt_export.export_options import ExportOptions
 from shortgpt_export.pipeline import ModelOptions, PlanOptions, ScoreOptions, run
 from shortgpt_export.report import TABLE_HEADER, markdown_table, quant_factors, table_rows
 from shortgpt_export.validation import EvalOptions
@@ -73,8 +74,7 @@ def report(max_tokens: int | None = None) -> str:
         ScoreOptions(calib=str(WIKITEXT)),
         PlanOptions(ratio=0.25),
         out=out,
-        to=["gguf"],
-        export_options={"quants": ["F16", "Q8_0", "Q4_K_M"]},
+        export=ExportOptions(formats=["gguf"], quants=["F16", "Q8_0", "Q4_K_M"]),
         validate=eval_opts,
         progress=timer,
     )

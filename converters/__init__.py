@@ -13,6 +13,7 @@ from typing import Protocol
 
 from shortgpt_export.artifacts import Artifact
 from shortgpt_export.errors import UnknownFormatError
+from shortgpt_export.export_options import ExportOptions
 from shortgpt_export.planning import Plan
 from shortgpt_export.progress import ProgressFactory, no_progress
 
@@ -33,7 +34,7 @@ class ExportContext:
     out_dir: Path  # the (staging) output folder; back-ends write below it
     loaded: object | None = None  # shortgpt_export.source.LoadedModel, when in memory
     calibration: dict | None = None
-    options: dict = field(default_factory=dict)
+    options: ExportOptions = field(default_factory=ExportOptions)
     progress: ProgressFactory = no_progress
 
     def write_pruned_hf(self, folder: Path) -> Path:
@@ -53,10 +54,11 @@ class ExportContext:
 class Converter(Protocol):
     name: str
 
-    def check_options(self, options: dict, source=None) -> None:
-        """Raise on bad options before any slow work starts (again once ``source`` is known)."""
+    def check_options(self, options: ExportOptions, source) -> None:
+        """Raise on options this format cannot honour for ``source``; runs once, before the
+        model is loaded (``ExportOptions.check``)."""
 
-    def needs_model(self, source_kind: str, options: dict) -> bool:
+    def needs_model(self, source_kind: str, options: ExportOptions) -> bool:
         """Whether ``export`` needs the torch model loaded (``ctx.loaded``)."""
 
     def export(self, ctx: ExportContext) -> list[Artifact]: ...

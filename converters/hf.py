@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from shortgpt_export.artifacts import Artifact
+from shortgpt_export.export_options import ExportOptions
 
 from . import ExportContext
 
@@ -10,16 +11,16 @@ from . import ExportContext
 class HFConverter:
     name = "hf"
 
-    def check_options(self, options: dict, source=None) -> None:
-        pass
+    def check_options(self, options: ExportOptions, source) -> None:
+        pass  # a pruned folder can be written from any source the loader accepts
 
-    def needs_model(self, source_kind: str, options: dict) -> bool:
+    def needs_model(self, source_kind: str, options: ExportOptions) -> bool:
         return source_kind in ("gguf", "pickle")  # written from memory, not streamed
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
         out = ctx.out_dir / "hf"
         ctx.write_pruned_hf(out)
-        if ctx.options.get("verify", True):
+        if ctx.options.verify:
             from shortgpt_export.tokenizer_check import check_artifact, source_fingerprint
 
             # tokenizer, special tokens, chat template and end of turn against the source's

@@ -13,6 +13,7 @@ from pathlib import Path
 from .artifacts import Artifact
 from .calibration import check_calibration_source, load_calibration
 from .errors import NonFiniteScoreError, PlanError, ShortGPTError
+from .export_options import ExportOptions
 from .healing import DEFAULT_HEAL, PATCH_FILE, save_patches
 from .output import check_no_overlap, check_writable, staged_output
 from .planning import Plan, make_plan
@@ -169,29 +170,6 @@ def check_finite_scores(scores: LayerScores, dtype: str | None = None) -> None:
         )
 
 
-def parse_formats(to: str | list[str], options: dict | None = None) -> list[str]:
-    """``"hf,gguf"`` -> ``["hf", "gguf"]``, each checked with its options against the registry."""
-    from .converters import get_converter
-
-    names = [t.strip().lower() for t in (to.split(",") if isinstance(to, str) else to) if t.strip()]
-    for name in names:
-        get_converter(name).check_options(options or {})
-    return names
-
-
-def _check_with_source(formats: list[str], source: ModelSource, options: dict) -> None:
-    from .converters import get_converter
-
-    for name in formats:
-        get_converter(name).check_options(options, source)
-
-
-def _needs_model(formats: list[str], source: ModelSource, options: dict) -> bool:
-    from .converters import get_converter
-
-    return any(get_converter(name).needs_model(source.kind, options) for name in formats)
-
-
 def _load(
     source: ModelSource, opts: ModelOptions, progress: ProgressFactory, offload: str = "none"
 ):
@@ -212,12 +190,9 @@ def _load(
         )
 
 
-def _after_streamed_scoring(
-    streamed, source, model_opts, plan_opts, formats, export_options, validate, progress
-):
+def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, validate, progress):
     """After layer-by-layer scoring: the whole model when a later step needs it (greedy
     selection, healing, the budget, validation, verification, export from memory)."""
-    options = export_options or {}
     needs = [
         why
         for why, yes in (
@@ -225,8 +200,8 @@ def _after_streamed_scoring(
             (f"--heal {plan_opts.heal}", plan_opts.heal != "none"),
             ("--remove auto", plan_opts.auto),
             ("validation", validate is not None),
-            ("export from memory", _needs_model(formats, source, options)),
-            ("verification", options.get("verify", True) and set(formats) - {"hf"}),
+            ("export from memory", export.needs_model(source)),
+            ("verification", export.verify and set(export.formats) - {"hf"}),
         )
         if yes
     ]
@@ -302,14 +277,13 @@ def _patch_dtype(source: ModelSource):
 
 
 def _baseline_and_validate(
-    formats: list[str],
+    export: ExportOptions,
     source: ModelSource,
     plan: Plan,
     stage: Path,
     loaded: LoadedModel,
     artifacts: list[Artifact],
     scores: LayerScores,
-    options: dict,
     eval_opts,
     progress: ProgressFactory,
 ) -> dict:
@@ -325,16 +299,15 @@ def _baseline_and_validate(
         metric=plan.metric,
         reason="original, nothing removed",
     )
-    quantized = [name for name in formats if name != "hf"]
+    quantized = [name for name in export.formats if name != "hf"]
     baseline = (
         _export(
-            quantized,
+            export.but(formats=quantized, verify=False),
             source,
             identity,
             stage / "baseline",
             loaded,
             None,
-            {**options, "verify": False},
             progress,
         )
         if quantized
@@ -356,16 +329,15 @@ def _baseline_and_validate(
 
 
 def _export(
-    formats: list[str],
+    export: ExportOptions,
     source: ModelSource,
     plan: Plan,
     stage: Path,
     loaded: LoadedModel | None,
     calibration: dict | None,
-    options: dict,
     progress: ProgressFactory,
 ) -> list[Artifact]:
-    from .converters import ExportContext, get_converter
+    from .converters import ExportContext
 
     ctx = ExportContext(
         source=source,
@@ -373,13 +345,13 @@ def _export(
         out_dir=stage,
         loaded=loaded,
         calibration=calibration,
-        options=options,
+        options=export,
         progress=progress,
     )
     stage.mkdir(parents=True, exist_ok=True)
     artifacts: list[Artifact] = []
-    for name in formats:
-        artifacts.extend(get_converter(name).export(ctx))
+    for backend in export.backends():
+        artifacts.extend(backend.export(ctx))
     return artifacts
 
 
@@ -389,10 +361,9 @@ def run(
     plan_opts: PlanOptions,
     *,
     out: Path | None = None,
-    to: str | list[str] = "hf",
+    export: ExportOptions | None = None,
     dry_run: bool = False,
     force: bool = False,
-    export_options: dict | None = None,
     validate=None,
     max_ppl_increase: float | None = None,
     progress: ProgressFactory = no_progress,
@@ -402,8 +373,9 @@ def run(
     ``validate`` (EvalOptions) also exports the unpruned model at the same types into
     ``out/baseline`` and writes the stacking report; ``max_ppl_increase`` then fails the
     run (after writing everything) when a pruned artifact lost more than that factor.
+    ``export`` defaults to a Hugging Face folder.
     """
-    formats = parse_formats(to, export_options)
+    export = export or ExportOptions()
     source = resolve_source(
         model_opts.model,
         trust_remote_code=model_opts.trust_remote_code,
@@ -421,7 +393,7 @@ def run(
         check_calibration_source(validate.eval, validate.max_tokens)
     _check_layer_count(source)
     _check_plan_request(source.num_layers, plan_opts)
-    _check_with_source(formats, source, export_options or {})
+    export.check(source)
     recipe = plan_opts.recipe(max_ppl_increase, score_opts.batch_size)
     recipe.check(source.spec)
     loaded = _load(source, model_opts, progress, score_opts.offload)
@@ -434,7 +406,7 @@ def run(
     )
     if loaded.model is None:
         loaded = _after_streamed_scoring(
-            loaded, source, model_opts, plan_opts, formats, export_options, validate, progress
+            loaded, source, model_opts, plan_opts, export, validate, progress
         )
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     choice = choose(
@@ -472,25 +444,17 @@ def run(
             scores.save(stage / "scores.json")
             with healed(loaded.model, plan.keep, weights):
                 artifacts = _export(
-                    formats,
-                    source,
-                    plan,
-                    stage,
-                    loaded,
-                    scores.calibration,
-                    export_options or {},
-                    progress,
+                    export, source, plan, stage, loaded, scores.calibration, progress
                 )
                 if validate is not None:
                     report = _baseline_and_validate(
-                        formats,
+                        export,
                         source,
                         plan,
                         stage,
                         loaded,
                         artifacts,
                         scores,
-                        export_options or {},
                         validate,
                         progress,
                     )
@@ -597,13 +561,12 @@ def prune(
     plan_path: Path,
     *,
     out: Path | None = None,
-    to: str | list[str] = "hf",
+    export: ExportOptions | None = None,
     force: bool = False,
-    export_options: dict | None = None,
     progress: ProgressFactory = no_progress,
 ) -> RunResult:
     """Apply an existing ``plan.json`` to the model and export it into ``out``."""
-    formats = parse_formats(to, export_options)
+    export = export or ExportOptions()
     plan = Plan.load(plan_path)
     source = resolve_source(
         model_opts.model,
@@ -621,9 +584,8 @@ def prune(
     _check_layer_count(source)
     if not plan.remove:
         log.warning("%s removes no layer: the output is the unpruned model", plan_path)
-    _check_with_source(formats, source, export_options or {})
-    needed = _needs_model(formats, source, export_options or {})
-    loaded = _load(source, model_opts, progress) if needed else None
+    export.check(source)
+    loaded = _load(source, model_opts, progress) if export.needs_model(source) else None
     weights = plan.patch_weights(source.spec)
     with staged_output(out, force=force) as stage:
         if weights:
@@ -633,9 +595,7 @@ def prune(
             plan.patch_file, plan.root = PATCH_FILE, str(stage)
         plan.save(stage / "plan.json")
         with healed(loaded.model if loaded else None, plan.keep, weights):
-            artifacts = _export(
-                formats, source, plan, stage, loaded, None, export_options or {}, progress
-            )
+            artifacts = _export(export, source, plan, stage, loaded, None, progress)
     return RunResult(out=out, scores=None, plan=plan, artifacts=artifacts)
 
 

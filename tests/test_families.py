@@ -336,14 +336,14 @@ def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
     from shortgpt_export.converters.gguf.attention_pattern import index_pattern, pattern_key
     from shortgpt_export.converters.gguf.prune_gguf import field_value, open_gguf
     from shortgpt_export.converters.gguf.verify import llama_logprobs, llama_model
+    from shortgpt_export.export_options import ExportOptions
     from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
 
     folder = build_tiny_model(family, spm_tokenizer_dir, tmp_path / family)
     source = resolve_source(str(folder))
     plan = make_plan(source.num_layers, layers=[remove])
-    ctx = ExportContext(
-        source=source, plan=plan, out_dir=tmp_path / "out", options={"verify": False}
-    )
+    options = ExportOptions(formats=["gguf"], verify=False)
+    ctx = ExportContext(source=source, plan=plan, out_dir=tmp_path / "out", options=options)
     ctx.out_dir.mkdir()
     [artifact] = GGUFConverter().export(ctx)
     hf = write_pruned_model(source, plan, tmp_path / "hf")

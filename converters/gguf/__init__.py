@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shortgpt_export.artifacts import Artifact
 from shortgpt_export.errors import ExportError
+from shortgpt_export.export_options import ExportOptions
 from shortgpt_export.fidelity import QUANTIZED_MAX_KL
 from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.model_card import render_model_card
@@ -75,21 +76,26 @@ class GGUFConverter:
     exact_max_kl = 0.01
     quantized_max_kl = QUANTIZED_MAX_KL
 
-    def check_options(self, options: dict, source=None) -> None:
-        parse_quant_list(options.get("quants"))
-        requested = options.get("converter")
-        if source is not None and source.kind != "gguf":
+    def check_options(self, options: ExportOptions, source) -> None:
+        parse_quant_list(options.quants)
+        if source.kind == "pickle":
+            raise ExportError(
+                "GGUF export reads safetensors; this model has only pickle checkpoints",
+                hint="run with --to hf first, then export the hf/ folder it writes",
+            )
+        requested = options.converter
+        if source.kind != "gguf":
             requested = converter_for(source.spec, requested)
         if requested == "llama.cpp":
             from .llama_cpp_converter import convert_script
 
             convert_script()
 
-    def needs_model(self, source_kind: str, options: dict) -> bool:
-        return bool(options.get("verify", True))
+    def needs_model(self, source_kind: str, options: ExportOptions) -> bool:
+        return bool(options.verify)
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
-        quants = parse_quant_list(ctx.options.get("quants"))
+        quants = parse_quant_list(ctx.options.quants)
         staging = ctx.out_dir / ".gguf-intermediate"
         staging.mkdir(exist_ok=True)
         base, base_type = self._write_base(ctx, staging, quants)
@@ -116,7 +122,7 @@ class GGUFConverter:
             base.unlink()
         staging.rmdir()
         artifacts = [self._artifact(ctx, path, quant, requant) for path, quant, requant in written]
-        if ctx.options.get("verify", True):
+        if ctx.options.verify:
             self._verify(ctx, artifacts)
         self._write_modelfile(ctx, [Path(a.path) for a in artifacts])
         self._write_card(ctx, artifacts)
@@ -189,7 +195,7 @@ class GGUFConverter:
         wants_f32 = any(q.name == "F32" for q in quants)
         base_type = "F32" if wants_f32 else ctx.source.spec.gguf_base_type
         target = staging / f"pruned-{base_type}.gguf"
-        if converter_for(ctx.source.spec, ctx.options.get("converter")) == "llama.cpp":
+        if converter_for(ctx.source.spec, ctx.options.converter) == "llama.cpp":
             from .llama_cpp_converter import convert_with_llama_cpp
 
             convert_with_llama_cpp(ctx, target, out_type=base_type)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from shortgpt_export.artifacts import Artifact, path_size
 from shortgpt_export.errors import ExportError, ShortGPTError
+from shortgpt_export.export_options import ExportOptions
 from shortgpt_export.fidelity import QUANTIZED_MAX_KL
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
 from .build import check_family, derive, export_fp32
 from .precisions import (
-    DEFAULT_INT4_BLOCK,
     INT8_MODES,
     PRECISIONS,
     Precision,
@@ -35,32 +35,28 @@ class ONNXConverter:
     fp32_max_logprob_diff = 1e-3
     quantized_max_kl = QUANTIZED_MAX_KL
 
-    def check_options(self, options: dict, source=None) -> None:
-        precisions = parse_precisions(options.get("onnx_precisions"))
-        if options.get("int8_mode", "dynamic") not in INT8_MODES:
+    def check_options(self, options: ExportOptions, source) -> None:
+        precisions = parse_precisions(options.onnx_precisions)
+        if options.int8_mode not in INT8_MODES:
             raise ShortGPTError(
-                f"unknown --int8-mode {options['int8_mode']!r}",
+                f"unknown --int8-mode {options.int8_mode!r}",
                 hint=f"use {' or '.join(INT8_MODES)}",
             )
-        if source is not None:
-            check_family(source.spec)
+        check_family(source.spec)
         if PRECISIONS["int4"] in precisions:
-            sizes = None
-            if source is not None:
-                config = source.config
-                sizes = {
-                    "hidden_size": config.hidden_size,
-                    "intermediate_size": config.intermediate_size,
-                }
-            check_int4_block(int(options.get("int4_block_size", DEFAULT_INT4_BLOCK)), sizes)
+            config = source.config
+            sizes = {
+                "hidden_size": config.hidden_size,
+                "intermediate_size": config.intermediate_size,
+            }
+            check_int4_block(options.int4_block_size, sizes)
 
-    def needs_model(self, source_kind: str, options: dict) -> bool:
-        return bool(options.get("verify", True)) or source_kind in ("gguf", "pickle")
+    def needs_model(self, source_kind: str, options: ExportOptions) -> bool:
+        return bool(options.verify) or source_kind in ("gguf", "pickle")
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
-        precisions = parse_precisions(ctx.options.get("onnx_precisions"))
-        block = int(ctx.options.get("int4_block_size", DEFAULT_INT4_BLOCK))
-        self.check_options(ctx.options, ctx.source)
+        precisions = parse_precisions(ctx.options.onnx_precisions)
+        block = ctx.options.int4_block_size
         work = ctx.out_dir / ".onnx-work"
         work.mkdir(exist_ok=True)
         hf_dir = ctx.out_dir / "hf"
@@ -82,13 +78,13 @@ class ONNXConverter:
                     folder,
                     precision,
                     int4_block=block,
-                    int8_mode=ctx.options.get("int8_mode", "dynamic"),
+                    int8_mode=ctx.options.int8_mode,
                 )
             folders[precision.name] = folder
         artifacts = [
             Artifact.written(folder, "onnx", name, ctx.plan) for name, folder in folders.items()
         ]
-        if ctx.options.get("verify", True):
+        if ctx.options.verify:
             self._verify(ctx, artifacts, fp32_dir, block)
         for art in artifacts:
             self._write_card(ctx, art, block)
@@ -150,7 +146,7 @@ class ONNXConverter:
         how = {
             "int4": f"4-bit weight-only MatMulNBits, symmetric, block size {block}",
             "int8": "8-bit weight-only MatMulNBits, block size 32"
-            if ctx.options.get("int8_mode") == "weight-only"
+            if ctx.options.int8_mode == "weight-only"
             else "onnxruntime dynamic quantization of the MatMuls (QInt8 weights, "
             "activations quantized per tensor at run time)",
         }.get(precision.name, precision.method)

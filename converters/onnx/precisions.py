@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from shortgpt_export.errors import ShortGPTError
 
-DEFAULT_INT4_BLOCK = 32
 INT8_MODES = ("dynamic", "weight-only")
 
 

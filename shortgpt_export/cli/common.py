@@ -20,6 +20,7 @@ from rich.progress import (
 )
 
 from ..errors import ShortGPTError
+from ..export_options import ExportOptions
 from ..pipeline import ModelOptions, PlanOptions, ScoreOptions
 from ..planning import parse_layer_list
 
@@ -252,22 +253,17 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def export_request(args) -> tuple[list[str], dict]:
-    """The formats to write and the options for their back-ends."""
-    quants = [q for item in args.quant for q in item.split(",") if q.strip()]
-    precisions = args.onnx or []
-    formats = [f.strip().lower() for f in (args.to or "").split(",") if f.strip()]
-    implied = [name for name, wanted in (("gguf", quants), ("onnx", precisions)) if wanted]
-    formats += [name for name in implied if name not in formats]
-    options = {
-        "quants": quants,
-        "verify": not args.no_verify,
-        "converter": args.converter,
-        "onnx_precisions": precisions,
-        "int4_block_size": args.int4_block_size,
-        "int8_mode": args.int8_mode,
-    }
-    return formats or ["hf"], options
+def export_options(args) -> ExportOptions:
+    """The export flags as one typed object (flag names equal field names)."""
+    return ExportOptions(
+        formats=args.to or [],
+        quants=[q for item in args.quant for q in item.split(",") if q.strip()],
+        onnx_precisions=args.onnx or [],
+        int4_block_size=args.int4_block_size,
+        int8_mode=args.int8_mode,
+        converter=args.converter,
+        verify=not args.no_verify,
+    )
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

@@ -53,14 +53,12 @@ def check_combinations(parser: argparse.ArgumentParser, args) -> None:
 
 
 def execute(args) -> int:
-    formats, options = common.export_request(args)
     result = pipeline.run(
         common.model_options(args),
         common.score_options(args),
         common.plan_options(args),
         out=args.out,
-        to=formats,
-        export_options=options,
+        export=common.export_options(args),
         validate=common.eval_options(args) if args.validate else None,
         max_ppl_increase=args.max_ppl_increase,
         dry_run=args.dry_run,

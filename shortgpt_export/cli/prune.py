@@ -20,13 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def execute(args) -> int:
-    formats, options = common.export_request(args)
     result = pipeline.prune(
         common.model_options(args),
         args.plan,
         out=args.out,
-        to=formats,
-        export_options=options,
+        export=common.export_options(args),
         force=args.force,
         progress=common.rich_progress,
     )
