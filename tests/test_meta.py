@@ -69,3 +69,17 @@ def test_the_core_reaches_back_ends_only_through_the_registry():
         if "cli" not in path.parts and deep.search(path.read_text(encoding="utf-8"))
     ]
     assert offenders == []
+
+
+def test_readme_families_table_matches_the_architecture_table():
+    """The README's family rows name every registered family with its examples."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = {
+        line.split("|")[2].strip(" `"): line
+        for line in readme.splitlines()
+        if line.startswith("| ") and line.count("|") >= 7 and "`" in line.split("|")[2]
+    }
+    assert set(ARCHITECTURES) <= set(rows)
+    for name, spec in ARCHITECTURES.items():
+        for example in spec.examples:
+            assert example in rows[name], (name, example)
