@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import tempfile
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,39 +408,26 @@ def score_streamed(
     *,
     metric: str = "bi",
     batch_size: int = 4,
-    seed: int = 0,
     blocks: bool = False,
     progress: ProgressFactory = no_progress,
 ):
-    """:func:`scoring.score_model` for a :class:`StreamedModel`."""
-    import torch
+    """:func:`scoring.score_model` for a :class:`StreamedModel`, one layer at a time."""
+    from .scoring import timed_scores
 
-    from .scoring import LayerScores
-
-    torch.manual_seed(seed)
-    began = time.perf_counter()
-    values = stream_scores(
-        streamed.source,
-        calib,
+    return timed_scores(
+        lambda: stream_scores(
+            streamed.source,
+            calib,
+            device=streamed.device,
+            dtype=streamed.dtype,
+            metric=metric,
+            batch_size=batch_size,
+            blocks=blocks,
+            progress=progress,
+        ),
+        source=streamed.source,
+        calib=calib,
         device=streamed.device,
-        dtype=streamed.dtype,
         metric=metric,
-        batch_size=batch_size,
         blocks=blocks,
-        progress=progress,
-    )
-    distances = None
-    if blocks:
-        values, distances = values
-    seconds = time.perf_counter() - began
-    log.info("scored %d layers one at a time in %.1f s", len(values), seconds)
-    return LayerScores(
-        metric=metric,
-        num_layers=len(values),
-        scores=values,
-        model=streamed.source.describe(),
-        calibration=calib.describe(),
-        device=streamed.device,
-        seconds=round(seconds, 3),
-        block_distances=distances,
     )

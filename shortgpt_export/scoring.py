@@ -206,16 +206,29 @@ def score_model(
 
     The pass has no randomness (the seed only samples calibration windows, upstream)."""
     device = str(next(loaded.model.parameters()).device)
-    began = time.perf_counter()
-    values = score_layers(
-        loaded.model,
-        loaded.source.spec,
-        calib,
+    return timed_scores(
+        lambda: score_layers(
+            loaded.model,
+            loaded.source.spec,
+            calib,
+            metric=metric,
+            batch_size=batch_size,
+            blocks=blocks,
+            progress=progress,
+        ),
+        source=loaded.source,
+        calib=calib,
+        device=device,
         metric=metric,
-        batch_size=batch_size,
         blocks=blocks,
-        progress=progress,
     )
+
+
+def timed_scores(compute, *, source, calib, device: str, metric: str, blocks: bool):
+    """Run ``compute`` (scores, or (scores, block distances) with ``blocks``) and package
+    its result with the model, calibration, device and seconds as ``scores.json`` data."""
+    began = time.perf_counter()
+    values = compute()
     distances = None
     if blocks:
         values, distances = values
@@ -225,7 +238,7 @@ def score_model(
         metric=metric,
         num_layers=len(values),
         scores=values,
-        model=loaded.source.describe(),
+        model=source.describe(),
         calibration=calib.describe(),
         device=device,
         seconds=round(seconds, 3),

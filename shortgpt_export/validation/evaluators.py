@@ -137,7 +137,20 @@ def hf_eog_ids(tokenizer, generation_eos) -> frozenset[int]:
     return frozenset(int(i) for i in ids if i is not None)
 
 
-class TorchEvaluator(Evaluator):
+class HFTokenizerEvaluator(Evaluator):
+    """An evaluator whose artifact carries a transformers tokenizer (``self.tokenizer``)."""
+
+    def token_ids(self, text):
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def chat_ids(self, message):
+        return hf_chat_ids(self.tokenizer, message)
+
+    def detokenize(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class TorchEvaluator(HFTokenizerEvaluator):
     backend = "torch"
 
     def __init__(self, path: Path, threads: int, model=None, tokenizer=None, device="cpu"):
@@ -175,15 +188,6 @@ class TorchEvaluator(Evaluator):
 
         with self._threads():
             return torch_logprobs(self.model, [window])
-
-    def token_ids(self, text):
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def chat_ids(self, message):
-        return hf_chat_ids(self.tokenizer, message)
-
-    def detokenize(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _run(self, ids: list[int]) -> int:
         import torch
@@ -264,7 +268,7 @@ class LlamaCppEvaluator(Evaluator):
         self.llm.close()
 
 
-class OrtEvaluator(Evaluator):
+class OrtEvaluator(HFTokenizerEvaluator):
     backend = "onnxruntime"
 
     def __init__(self, path: Path, threads: int, device: str = "cpu"):
@@ -286,15 +290,6 @@ class OrtEvaluator(Evaluator):
 
     def logprobs(self, window):
         return self.decoder.logprobs(np.asarray(window).reshape(1, -1))
-
-    def token_ids(self, text):
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def chat_ids(self, message):
-        return hf_chat_ids(self.tokenizer, message)
-
-    def detokenize(self, ids):
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _prompt(self, prompt):
         logits, self._past = self.decoder.forward(np.array([prompt]))
