@@ -194,7 +194,7 @@ def test_default_heal_is_linear_where_possible_and_explicit_linear_refused(famil
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
 def test_each_family_names_its_gguf_path(family):
-    from shortgpt_export.converters.gguf import converter_for
+    from shortgpt_export.converters.gguf.exporter import converter_for
 
     spec = spec_for(family)
     if family == "rwkv":

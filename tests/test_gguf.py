@@ -214,7 +214,7 @@ def test_corrupt_and_truncated_gguf(default_gguf, tmp_path):
 def test_interrupted_quantization_leaves_nothing(
     capsys, monkeypatch, tiny_full_attention_dir, tmp_path, calib_file
 ):
-    import shortgpt_export.converters.gguf as gguf_backend
+    import shortgpt_export.converters.gguf.exporter as gguf_backend
 
     def interrupted(src, dst, quant, threads=0):
         dst.write_bytes(b"partial")

@@ -137,7 +137,7 @@ def test_bad_int4_block_size(capsys, tiny_llama_dir, tmp_path, block, message):
 
 
 def test_interrupted_export_leaves_nothing(capsys, monkeypatch, tiny_llama_dir, tmp_path):
-    import shortgpt_export.converters.onnx as onnx_backend
+    import shortgpt_export.converters.onnx.exporter as onnx_backend
 
     def interrupted(fp32_dir, out, precision, **options):
         out.mkdir(parents=True)
