@@ -141,7 +141,9 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
     calib = calib_for(loaded, tokens=2048)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     remove = [0, 2, 3, 5]  # runs 0..0 (no layer before), 2..3 (healed), 5..5 (last)
-    result = heal_linear(loaded.model, loaded.source.spec, calib, remove, weighting="none")
+    result = heal_linear(
+        loaded.model, loaded.source.spec, calib, remove, weighting="none", guard=False
+    )
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     runs = {tuple(r["run"]): r for r in result.runs}
@@ -162,7 +164,7 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
     healed_ppl = held_out_perplexity(loaded, held, keep, result.weights, 4)
     assert healed_ppl < plain
     # the default fit weighs tokens by 1/|y|^2; it lowers its own objective too
-    weighted = heal_linear(loaded.model, loaded.source.spec, calib, remove)
+    weighted = heal_linear(loaded.model, loaded.source.spec, calib, remove, guard=False)
     fit = next(r for r in weighted.runs if r["patched_layer"] == 1)
     assert fit["residual_after"] < fit["residual_before"]
     assert not torch.equal(weighted.weights[1], result.weights[1])
@@ -171,10 +173,78 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
 def test_later_fits_see_earlier_patches(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     calib = calib_for(loaded, tokens=1024)
-    both = heal_linear(loaded.model, loaded.source.spec, calib, [2, 4], weighting="none")
+    both = heal_linear(
+        loaded.model, loaded.source.spec, calib, [2, 4], weighting="none", guard=False
+    )
     assert [r["patched_layer"] for r in both.runs] == [1, 3]
     second_alone_after_first = _run_end_error(loaded, calib, [0, 1, 3, 5], (4, 4), both.weights)
     assert second_alone_after_first == pytest.approx(both.runs[1]["residual_after"], rel=1e-3)
+
+
+def _held_loss(loaded, calib, keep, weights, batch_size):
+    """Mean next-token loss on the windows heal_linear holds out (every 4th batch)."""
+    from shortgpt_export.healing import guard_split
+    from shortgpt_export.recipe import subset
+
+    rows = calib.input_ids.shape[0]
+    size = min(batch_size, max(1, rows // 2))
+    starts = range(0, rows, size)
+    _, held = guard_split(len(starts))
+    windows = [i for k in held for i in range(starts[k], min(starts[k] + size, rows))]
+    held_set = subset(calib, windows)
+    return math.log(held_out_perplexity(loaded, held_set, keep, weights, size))
+
+
+def test_guard_keeps_a_good_patch_and_rejects_a_bad_one(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    spec, keep = loaded.source.spec, [0, 1, 4, 5]
+    # a good fit: 1,536 tokens for a 64 x 64 map
+    good = heal_linear(loaded.model, spec, calib_for(loaded, 2048), [2, 3], weighting="none")
+    run = good.runs[0]
+    assert run["patched_layer"] == 1 and list(good.weights) == [1]
+    assert run["held_out_loss_healed"] < run["held_out_loss_unhealed"]
+    calib = calib_for(loaded, 2048)
+    assert run["held_out_loss_unhealed"] == pytest.approx(
+        _held_loss(loaded, calib, keep, None, 4), rel=1e-4
+    )
+    assert run["held_out_loss_healed"] == pytest.approx(
+        _held_loss(loaded, calib, keep, good.weights, 4), rel=1e-4
+    )
+    assert good.held_out_tokens == 512 and good.tokens == 1536
+    # a bad fit: 16 tokens for a 64 x 64 map and almost no ridge overfits
+    tiny = calib_for(loaded, tokens=32, seq_len=16)
+    assert tiny.input_ids.shape[0] == 2
+    bad = heal_linear(loaded.model, spec, tiny, [2, 3], weighting="none", ridge=1e-9)
+    run = bad.runs[0]
+    assert bad.weights == {} and run["patched_layer"] is None
+    assert run["held_out_loss_healed"] >= run["held_out_loss_unhealed"]
+    assert run["skipped"].startswith("guard: held-out loss")
+    assert f"{run['held_out_loss_unhealed']:.4f} without" in run["skipped"]
+    assert run["residual_after"] < run["residual_before"]  # it did fit its own tokens
+    # without the guard the same fit is kept, and it is worse on the held-out windows
+    unguarded = heal_linear(
+        loaded.model, spec, tiny, [2, 3], weighting="none", ridge=1e-9, guard=False
+    )
+    assert list(unguarded.weights) == [1]
+    assert _held_loss(loaded, tiny, keep, unguarded.weights, 4) > _held_loss(
+        loaded, tiny, keep, None, 4
+    )
+
+
+def test_ridge_and_weighting_chosen_by_held_out_loss(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    calib = calib_for(loaded, 1024)
+    result = heal_linear(
+        loaded.model, loaded.source.spec, calib, [2, 4], ridge=None, weighting=None
+    )
+    for run in result.runs:
+        tried = run["candidates"]
+        assert len(tried) == 6 and {c["weighting"] for c in tried} == {"none", "token"}
+        best = min(tried, key=lambda c: c["held_out_loss"])
+        assert run["held_out_loss_healed"] == best["held_out_loss"]
+        assert (run["ridge"], run["weighting"]) == (best["ridge"], best["weighting"])
+    with pytest.raises(ShortGPTError, match="held-out"):
+        heal_linear(loaded.model, loaded.source.spec, calib, [2], ridge=None, guard=False)
 
 
 def test_runs_and_families_that_cannot_be_healed():
