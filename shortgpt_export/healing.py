@@ -23,7 +23,7 @@ from pathlib import Path
 from .architectures import ArchitectureSpec, submodule
 from .calibration import CalibrationSet
 from .errors import ShortGPTError
-from .layerwise import Batch, Stack
+from .layerwise import Batch, Stack, mean_loss
 from .progress import ProgressFactory, no_progress
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,7 @@ class HealResult:
     seconds: float = 0.0
     weighting: str | None = DEFAULT_WEIGHTING
     guard: bool = True
+    refit: bool | dict = False
 
     def describe(self) -> dict:
         return {
@@ -153,6 +154,7 @@ class HealResult:
             "ridge": self.ridge if self.ridge is not None else "chosen by held-out loss",
             "weighting": self.weighting or "chosen by held-out loss",
             "guard": self.guard,
+            "refit": self.refit,
             "tokens": self.tokens,
             "held_out_tokens": self.held_out_tokens,
             "seconds": round(self.seconds, 3),
@@ -188,6 +190,7 @@ def heal_linear(
     ridge: float | None = DEFAULT_RIDGE,
     weighting: str | None = DEFAULT_WEIGHTING,
     guard: bool = True,
+    refit: bool = False,
     batch_size: int = 4,
     batches: list[Batch] | None = None,
     original_states: list | None = None,
@@ -201,6 +204,11 @@ def heal_linear(
     so, with both losses). ``ridge`` / ``weighting`` ``None``: try every value of
     :data:`RIDGES` / :data:`WEIGHTINGS` and keep the lowest held-out loss (needs ``guard``).
 
+    ``refit`` (needs ``guard``): after the run patches, refit the down projection of every
+    kept layer from the first cut on, front to back, so that its output matches the
+    original model's state entering the next kept layer (the final state for the last);
+    see :func:`_refit_kept`.
+
     ``batches`` and ``original_states`` (per block input, per batch: ``[n + 1][batch]``
     from :class:`Stack`) may be passed in when several plans are healed on one model.
     """
@@ -209,16 +217,17 @@ def heal_linear(
     import torch
 
     check_healable(spec, "linear")
-    if not guard and (ridge is None or weighting is None):
+    if not guard and (ridge is None or weighting is None or refit):
         raise ShortGPTError(
-            "choosing the ridge or weighting needs held-out windows", hint="pass guard=True"
+            "choosing the ridge or weighting, or refitting, needs held-out windows",
+            hint="pass guard=True",
         )
     tries = candidates(ridge, weighting)
     began = time.perf_counter()
     stack = Stack(model, spec)
     n = len(stack.layers)
     keep = [i for i in range(n) if i not in set(remove)]
-    result = HealResult(ridge=ridge, weighting=weighting, guard=guard)
+    result = HealResult(ridge=ridge, weighting=weighting, guard=guard, refit=refit)
     runs = removed_runs(remove)
     todo = []
     for run in runs:
@@ -228,7 +237,7 @@ def heal_linear(
             result.runs.append({"run": list(run), "patched_layer": None, "skipped": reason})
         else:
             todo.append(run)
-    if not todo:
+    if not todo and not refit:
         return result
     originals = {a - 1: down_proj(stack, a - 1).weight.detach().clone() for a, _ in todo}
     try:
@@ -248,10 +257,11 @@ def heal_linear(
                 return result
             # the original model's output of each run's last layer, per fit batch
             targets: dict[int, dict[int, object]] = {}
-            last = max(b for _, b in todo)
             # blocks before ``position`` are kept and unpatched: the pruned model's state
             # entering it is the original's
-            position = max(min(remove) - 1, 0)
+            position = first = max(min(remove) - 1, 0)
+            if original_states is None and refit:
+                original_states = _original_states(stack, batches, progress)
             if original_states is not None:
                 targets = {
                     k: {b: original_states[b + 1][k][batches[k].mask] for _, b in todo}
@@ -260,6 +270,7 @@ def heal_linear(
                 states = list(original_states[position])
             else:
                 states, targets_for = [], set(fitting)
+                last = max(b for _, b in todo)
                 with progress("healing: original hidden states", len(batches)) as advance:
                     for k, batch in enumerate(batches):
                         if k not in targets_for:
@@ -354,6 +365,20 @@ def heal_linear(
                         log.info("healed run %d..%d into layer %d: %s", a, b, p, entry)
                     result.runs.append(entry)
                     advance(1)
+            if refit:
+                result.refit = _refit_kept(
+                    stack,
+                    keep,
+                    first,
+                    batches,
+                    held,
+                    original_states,
+                    tries,
+                    originals,
+                    result.weights,
+                    unhealed_loss,
+                    progress,
+                )
     finally:
         for p, weight in originals.items():
             down_proj(stack, p).weight.data.copy_(weight)
@@ -362,6 +387,117 @@ def heal_linear(
     result.runs.sort(key=lambda entry: entry["run"][0])
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _original_states(stack: Stack, batches: list[Batch], progress) -> list[list]:
+    """The original model's state entering every block (and the final one), per batch."""
+    states = [[b.embeds for b in batches]]
+    with progress("healing: original hidden states", len(stack.layers)) as advance:
+        for index in range(len(stack.layers)):
+            states.append(
+                [stack.run(index, h, b) for h, b in zip(states[-1], batches, strict=True)]
+            )
+            advance(1)
+    return states
+
+
+def _refit_kept(
+    stack: Stack,
+    keep: list[int],
+    first: int,
+    batches: list[Batch],
+    held: list[int],
+    original_states: list,
+    tries: list[tuple[str, float]],
+    originals: dict,
+    weights: dict,
+    baseline: float | None,
+    progress,
+) -> dict:
+    """Refit the down projection of ``keep[first:]`` front to back (model patched in place,
+    ``originals`` gets each layer's weight before, ``weights`` the kept results).
+
+    Kept layer ``q``'s MLP output times ``T_q``, plus its post-attention residual, is fitted
+    to the original model's state entering the next kept layer. A layer's refit is kept if
+    it lowers the held-out relative residual (unweighted) of that match; the whole set is
+    kept only if it lowers the held-out next-token loss below ``baseline`` (the run-patched
+    model's), else every refit is undone.
+    """
+    import torch
+
+    n = len(stack.layers)
+    states = list(original_states[first])
+    changed: dict[int, object] = {}  # layer -> its weight before the refit
+    layers = []
+    if baseline is None:
+        finals = [
+            stack.run_many(keep[first:], states[k], batches[k]) if k in held else None
+            for k in range(len(batches))
+        ]
+        baseline = mean_loss(stack, [finals[k] for k in held], [batches[k] for k in held])
+    with progress("healing: refitting kept layers", len(keep) - first) as advance:
+        for idx in range(first, len(keep)):
+            q = keep[idx]
+            target = keep[idx + 1] if idx + 1 < len(keep) else n
+            hidden = states[0].shape[-1]
+            fits = {w: GramFit(hidden) for w in {w for w, _ in tries}}
+            check = GramFit(hidden)  # held-out, unweighted
+            parts = []
+            for k, batch in enumerate(batches):
+                out, m = mlp_parts(stack, q, states[k], batch)
+                y = original_states[target][k][batch.mask]
+                mm, rr = m[batch.mask], (out - m)[batch.mask]
+                if k in held:
+                    check.add(mm, rr, y, "none")
+                else:
+                    for w, fit in fits.items():
+                        fit.add(mm, rr, y, w)
+                parts.append((out, m))
+            eye = torch.eye(hidden, dtype=torch.float64)
+            before = check.relative_residual(eye)
+            scored = []
+            for w, lam in tries:
+                t = fits[w].solve(lam)
+                scored.append((check.relative_residual(t), w, lam, t))
+            after, w, lam, t = min(scored, key=lambda x: x[0])
+            entry = {
+                "layer": q,
+                "held_out_residual_before": round(before, 6),
+                "held_out_residual_after": round(after, 6),
+                "weighting": w,
+                "ridge": lam,
+                "kept": after < before,
+            }
+            layers.append(entry)
+            linear = down_proj(stack, q)
+            if after < before:
+                originals.setdefault(q, linear.weight.detach().clone())
+                changed[q] = linear.weight.detach().clone()
+                linear.weight.data.copy_(patched_weight(changed[q], t))
+                tf = t.to(parts[0][1].dtype)
+                states = [out - m + m @ tf for out, m in parts]
+            else:
+                states = [out for out, _ in parts]
+            advance(1)
+    loss = mean_loss(stack, [states[k] for k in held], [batches[k] for k in held])
+    kept = loss < baseline
+    if kept:
+        for q in changed:
+            weights[q] = down_proj(stack, q).weight.detach().clone()
+    else:
+        for q, weight in changed.items():
+            down_proj(stack, q).weight.data.copy_(weight)
+        log.warning(
+            "refit of the kept layers undone: held-out loss %.4f with it, %.4f without",
+            loss,
+            baseline,
+        )
+    return {
+        "kept": kept,
+        "held_out_loss_before": round(baseline, 6),
+        "held_out_loss_after": round(loss, 6),
+        "layers": layers,
+    }
 
 
 def save_patches(

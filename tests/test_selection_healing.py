@@ -247,6 +247,38 @@ def test_ridge_and_weighting_chosen_by_held_out_loss(tiny_llama_dir):
         heal_linear(loaded.model, loaded.source.spec, calib, [2], ridge=None, guard=False)
 
 
+def test_refit_of_kept_layers_is_measured_and_guarded(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    spec, keep = loaded.source.spec, [0, 1, 4, 5]
+    calib = calib_for(loaded, 2048)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    runs_only = heal_linear(loaded.model, spec, calib, [2, 3], weighting="none")
+    deep = heal_linear(loaded.model, spec, calib, [2, 3], weighting="none", refit=True)
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    refit = deep.refit
+    assert [e["layer"] for e in refit["layers"]] == [1, 4, 5]
+    assert refit["held_out_loss_before"] == pytest.approx(
+        _held_loss(loaded, calib, keep, runs_only.weights, 4), rel=1e-4
+    )
+    measured = _held_loss(loaded, calib, keep, deep.weights, 4)
+    if refit["kept"]:
+        assert refit["held_out_loss_after"] == pytest.approx(measured, rel=1e-4)
+        assert measured < refit["held_out_loss_before"]
+        changed = {e["layer"] for e in refit["layers"] if e["kept"]}
+        assert changed and set(deep.weights) == changed | set(runs_only.weights)
+    else:
+        assert deep.weights.keys() == runs_only.weights.keys()
+    for entry in refit["layers"]:
+        assert entry["kept"] == (
+            entry["held_out_residual_after"] < entry["held_out_residual_before"]
+        )
+    # a run ending at the last layer is healed by the refit (its target: the final state)
+    last = heal_linear(loaded.model, spec, calib, [4, 5], weighting="none", refit=True)
+    assert last.runs[0]["patched_layer"] is None
+    assert [e["layer"] for e in last.refit["layers"]] == [3]
+
+
 def test_runs_and_families_that_cannot_be_healed():
     assert removed_runs([7, 2, 3, 9, 10]) == [(2, 3), (7, 7), (9, 10)]
     for family in ("llama", "mistral", "qwen2", "qwen3"):
