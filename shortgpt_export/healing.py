@@ -34,6 +34,7 @@ DEFAULT_RIDGE = 1e-3  # times the mean diagonal of m^T m
 RIDGES = (1e-3, 1e-2, 1e-1)  # tried when the ridge is chosen by held-out loss
 WEIGHTINGS = ("none", "token")
 DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
+DEFAULT_REFIT = False  # refit every kept layer after the cut too (benchmarks decide)
 PATCH_FILE = "heal.safetensors"
 
 

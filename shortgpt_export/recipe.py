@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 from .calibration import CalibrationSet
 from .errors import PlanError
-from .healing import DEFAULT_RIDGE, HealResult, check_healable, heal_linear
+from .healing import (
+    DEFAULT_REFIT,
+    DEFAULT_RIDGE,
+    DEFAULT_WEIGHTING,
+    HealResult,
+    check_healable,
+    heal_linear,
+)
 from .planning import Plan, make_plan
 from .progress import ProgressFactory, no_progress
 from .selection import block_plan, check_strategy, greedy_plan, greedy_steps
@@ -34,7 +41,10 @@ class Recipe:
     auto: bool = False
     max_ppl_increase: float | None = None
     select_tokens: int = DEFAULT_SELECT_TOKENS
-    ridge: float = DEFAULT_RIDGE
+    ridge: float | None = DEFAULT_RIDGE  # None: chosen by held-out loss
+    weighting: str | None = DEFAULT_WEIGHTING
+    refit: bool = DEFAULT_REFIT  # also refit every kept layer after the first cut
+    greedy_candidates: int | None = None  # greedy tries only this many lowest-scored
     batch_size: int = 4
 
     def check(self, spec=None) -> None:
@@ -113,8 +123,10 @@ class _Planner:
                 self.loaded.source.spec,
                 windows,
                 heal=self._in_loop,
-                ridge=self.recipe.ridge,
+                ridge=self.recipe.ridge if self.recipe.ridge is not None else DEFAULT_RIDGE,
                 batch_size=self.recipe.batch_size,
+                scores=self.scores.scores,
+                max_candidates=self.recipe.greedy_candidates,
                 progress=self.progress,
             )
         while len(self.steps) < n:
@@ -149,6 +161,8 @@ class _Planner:
             self.calib,
             plan.remove,
             ridge=self.recipe.ridge,
+            weighting=self.recipe.weighting,
+            refit=self.recipe.refit,
             batch_size=self.recipe.batch_size,
             progress=self.progress,
         )
