@@ -63,6 +63,23 @@ def test_planted_identity_layer_is_removed_first_by_score_and_greedy(tiny_llama_
     assert [s["layer"] for s in plan.selection["steps"]] == [3, second.layer]
 
 
+def test_greedy_tries_only_the_shortlist_by_score(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    make_identity(loaded.model, [3])
+    calib = calib_for(loaded, tokens=512)
+    spec = loaded.source.spec
+    scores = scores_of(loaded, calib).scores
+    steps = greedy_steps(loaded.model, spec, calib, scores=scores, max_candidates=2)
+    assert next(steps).layer == 3
+    steps.close()
+    # scores that rank the identity layer last: with 2 candidates it is never tried
+    misleading = [0.1, 0.2, 0.3, 0.9, 0.4, 0.5]
+    steps = greedy_steps(loaded.model, spec, calib, scores=misleading, max_candidates=2)
+    first, second = next(steps), next(steps)
+    steps.close()
+    assert first.layer in (0, 1) and second.layer in (0, 1, 2)
+
+
 def test_greedy_loss_equals_a_full_forward_of_the_pruned_model(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     calib = calib_for(loaded, tokens=512)
