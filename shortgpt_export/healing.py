@@ -28,13 +28,12 @@ from .progress import ProgressFactory, no_progress
 
 log = logging.getLogger(__name__)
 
-HEAL_METHODS = ("none", "linear")
+HEAL_METHODS = ("none", "linear", "refit")  # refit: linear + every kept layer after the cut
 DEFAULT_HEAL = "linear"  # RESULTS.md: lowers perplexity at N = 4, 7, 8 with BI selection
 DEFAULT_RIDGE = 1e-3  # times the mean diagonal of m^T m
 RIDGES = (1e-3, 1e-2, 1e-1)  # tried when the ridge is chosen by held-out loss
 WEIGHTINGS = ("none", "token")
 DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
-DEFAULT_REFIT = False  # refit every kept layer after the cut too (benchmarks decide)
 PATCH_FILE = "heal.safetensors"
 
 
@@ -45,9 +44,9 @@ class HealingError(ShortGPTError):
 def check_healable(spec: ArchitectureSpec, method: str) -> None:
     if method not in HEAL_METHODS:
         raise ShortGPTError(f"unknown --heal {method!r}", hint=f"use {' or '.join(HEAL_METHODS)}")
-    if method == "linear" and not spec.healable:
+    if method != "none" and not spec.healable:
         raise HealingError(
-            f"--heal linear cannot patch {spec.display_name}: its MLP output is not added "
+            f"--heal {method} cannot patch {spec.display_name}: its MLP output is not added "
             "straight to the residual stream",
             hint="use --heal none",
         )
@@ -151,7 +150,7 @@ class HealResult:
 
     def describe(self) -> dict:
         return {
-            "method": "linear",
+            "method": "refit" if self.refit else "linear",
             "ridge": self.ridge if self.ridge is not None else "chosen by held-out loss",
             "weighting": self.weighting or "chosen by held-out loss",
             "guard": self.guard,

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from .calibration import CalibrationSet
 from .errors import PlanError
 from .healing import (
-    DEFAULT_REFIT,
     DEFAULT_RIDGE,
     DEFAULT_WEIGHTING,
     HealResult,
@@ -43,7 +42,6 @@ class Recipe:
     select_tokens: int = DEFAULT_SELECT_TOKENS
     ridge: float | None = DEFAULT_RIDGE  # None: chosen by held-out loss
     weighting: str | None = DEFAULT_WEIGHTING
-    refit: bool = DEFAULT_REFIT  # also refit every kept layer after the first cut
     greedy_candidates: int | None = None  # greedy tries only this many lowest-scored
     batch_size: int = 4
 
@@ -139,21 +137,21 @@ class _Planner:
         chose badly (benchmarks/RESULTS.md); then the plain picks are healed afterwards."""
         hidden = int(getattr(self.loaded.model.config, "hidden_size", 0))
         enough = windows.tokens >= IN_LOOP_TOKENS_PER_DIM * hidden
-        if self.recipe.heal == "linear" and not enough:
+        if self.recipe.heal != "none" and not enough:
             log.warning(
                 "greedy: %d selection tokens are too few to fit patches in the loop "
                 "(need %d); choosing without, healing afterwards",
                 windows.tokens,
                 IN_LOOP_TOKENS_PER_DIM * hidden,
             )
-        return self.recipe.heal == "linear" and enough
+        return self.recipe.heal != "none" and enough
 
     def close(self) -> None:
         if self._greedy is not None:
             self._greedy.close()  # restores any weights patched during the search
 
     def heal(self, plan: Plan) -> HealResult | None:
-        if self.recipe.heal != "linear" or not plan.remove:
+        if self.recipe.heal == "none" or not plan.remove:
             return None
         return heal_linear(
             self.loaded.model,
@@ -162,7 +160,7 @@ class _Planner:
             plan.remove,
             ridge=self.recipe.ridge,
             weighting=self.recipe.weighting,
-            refit=self.recipe.refit,
+            refit=self.recipe.heal == "refit",
             batch_size=self.recipe.batch_size,
             progress=self.progress,
         )

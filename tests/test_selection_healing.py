@@ -458,6 +458,22 @@ def test_cli_select_heal_and_auto(tiny_llama_dir, tmp_path):
     assert sorted(steps) == plan["remove"]
 
 
+def test_cli_heal_refit_records_the_refit(tiny_llama_dir, tmp_path):
+    out = export_with_cli(tiny_llama_dir, tmp_path, "--layers", "2,3", "--heal", "refit")
+    plan = json.loads((out / "plan.json").read_text())
+    heal = plan["heal"]
+    assert heal["method"] == "refit" and heal["guard"] is True
+    assert [e["layer"] for e in heal["refit"]["layers"]] == [1, 4, 5]
+    run = heal["runs"][0]
+    assert run["held_out_loss_unhealed"] > 0 and "held_out_loss_healed" in run
+    patched = sorted(load_patches(out / "heal.safetensors", spec_for("llama")))
+    kept = [e["layer"] for e in heal["refit"]["layers"] if e["kept"]]
+    want = set(kept) if heal["refit"]["kept"] else set()
+    if run["patched_layer"] is not None:
+        want.add(1)
+    assert patched == sorted(want)
+
+
 def test_remove_auto_needs_a_budget(capsys, tiny_llama_dir, tmp_path, calib_file):
     from helpers import run_cli
 

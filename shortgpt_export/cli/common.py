@@ -155,7 +155,9 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         choices=HEAL_METHODS,
         default=DEFAULT_HEAL,
         help="linear: merge a least-squares patch per removed run into the previous "
-        f"layer's MLP down projection; none: plain removal (default {DEFAULT_HEAL})",
+        "layer's MLP down projection; refit: that, then refit the down projection of every "
+        "kept layer after the first cut; each kept only if it lowers held-out loss; none: "
+        f"plain removal (default {DEFAULT_HEAL})",
     )
     group.add_argument(
         "--select-tokens",
