@@ -54,6 +54,8 @@ QA_QUESTIONS = int(os.environ.get("BENCH_QA", 20))
 SEQ_LEN, BATCH = 256, 4
 ORDER = (7, 4, 8)  # N = 7 first: the headline figure
 STRATEGIES = ("score-bi", "score-angular", "block", "greedy")
+RUN_ORDER = ("score-bi", "block", "greedy", "score-angular")  # angular: one more scoring pass
+GREEDY_CANDIDATES = int(os.environ.get("BENCH_GREEDY_CANDIDATES", 0)) or None
 # heal name -> heal_linear keyword arguments (None: no healing)
 HEALS = {
     "none": None,
@@ -123,6 +125,7 @@ def config() -> dict:
         "calibration_tokens": CALIB_TOKENS,
         "greedy_tokens": SELECT_TOKENS,
         "qa_questions": QA_QUESTIONS,
+        "greedy_candidates": GREEDY_CANDIDATES,
         "heals": {k: v for k, v in HEALS.items() if v is not None},
     }
 
@@ -131,7 +134,7 @@ def wanted() -> list[tuple[str, int]]:
     only = os.environ.get("BENCH_ONLY")
     if only:
         return [(item.split(":")[0], int(item.split(":")[1])) for item in only.split(",")]
-    return [(strategy, n) for n in ORDER for strategy in STRATEGIES]
+    return [(strategy, n) for n in ORDER for strategy in RUN_ORDER]
 
 
 def measure() -> dict:
@@ -158,19 +161,27 @@ def measure() -> dict:
         print("base", results["base"], flush=True)
         save(results)
 
-    scored: dict = {}
-
     def scores(metric: str):
-        if metric not in scored:
+        cache = results.setdefault("scores", {})
+        if metric not in cache:
             t0 = time.perf_counter()
             values, distances = score_layers(model, spec, calib, metric=metric, blocks=True)
-            scored[metric] = (values, distances, time.perf_counter() - t0)
-        return scored[metric]
+            cache[metric] = [values, distances, time.perf_counter() - t0]
+            save(results)
+        return cache[metric]
 
     def greedy_order(n: int) -> tuple[list[GreedyStep], float]:
         steps = [GreedyStep(**s) for s in results.get("greedy_steps", [])]
         if len(steps) < n:
-            generator = greedy_steps(model, spec, select, batch_size=BATCH)
+            ranking = scores("bi")[0] if GREEDY_CANDIDATES else None
+            generator = greedy_steps(
+                model,
+                spec,
+                select,
+                batch_size=BATCH,
+                scores=ranking,
+                max_candidates=GREEDY_CANDIDATES,
+            )
             for k, step in enumerate(generator):
                 if k < len(steps):  # recomputed: the cache ended mid-run
                     continue
