@@ -120,12 +120,12 @@ def save(results: dict) -> None:
 
 
 def config() -> dict:
-    return {
+    extra = {"greedy_candidates": GREEDY_CANDIDATES} if GREEDY_CANDIDATES else {}
+    return extra | {
         "eval": f"{EVAL_WINDOWS} windows of {EVAL_LEN} from the head",
         "calibration_tokens": CALIB_TOKENS,
         "greedy_tokens": SELECT_TOKENS,
         "qa_questions": QA_QUESTIONS,
-        "greedy_candidates": GREEDY_CANDIDATES,
         "heals": {k: v for k, v in HEALS.items() if v is not None},
     }
 
