@@ -376,7 +376,12 @@ def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf,
     )
     plan = Plan.load(out / "plan.json")
     weights = load_patches(out / "heal.safetensors", spec_for("llama"))
-    assert sorted(weights) == [11, 19]
+    # the held-out guard decides per run (each decision is in plan.json)
+    runs = {tuple(r["run"]): r for r in plan.heal["runs"]}
+    kept = sorted(r["patched_layer"] for r in runs.values() if r["patched_layer"] is not None)
+    assert 11 in weights and sorted(weights) == kept
+    if 19 not in weights:
+        assert runs[(20, 20)]["skipped"].startswith("guard:")
     src = {t.name: t for t in open_gguf(default_gguf).tensors}
     dst = open_gguf(next(out.glob("*.gguf")))
     new_to_old = dict(enumerate(plan.keep))
@@ -393,10 +398,7 @@ def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf,
                 continue
         assert tensor.tensor_type == src[name].tensor_type
         assert np.array_equal(tensor.data, src[name].data), name
-    assert patched == 2
-    # the export's own check ran llama.cpp on this file against the healed torch model
-    summary = json.loads((out / "plan.json").read_text())
-    assert [r["patched_layer"] for r in summary["heal"]["runs"]] == [11, 19]
+    assert patched == len(weights)
 
 
 def own_text(loaded, rows, length):
