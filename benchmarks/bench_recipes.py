@@ -315,13 +315,12 @@ def render(results: dict) -> str:
                 + " | ".join(cell(r, "seconds", ".0f") for r in got)
                 + f" | {next(r for r in got if r)['remove']} |"
             )
-    missing = [
-        f"{strategy} N={n} heal {h}"
-        for strategy in STRATEGIES
-        for n in NS
-        for h in heals
-        if (strategy, n, h) not in rows
-    ]
+    missing = []
+    for strategy in STRATEGIES:
+        for n in NS:
+            absent = [h for h in heals if (strategy, n, h) not in rows]
+            if absent:
+                missing.append(f"{strategy} N={n} ({', '.join(absent)})")
     if missing:
         lines.append(f"\nNot measured in this run (time ran out): {', '.join(missing)}.")
     steps = results.get("greedy_steps")
