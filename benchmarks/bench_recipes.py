@@ -279,7 +279,8 @@ def render(results: dict) -> str:
         "Heals: `linear` is one ridge least-squares patch per removed run, merged into the "
         "down projection of the kept layer before it, kept only if it lowers the next-token "
         "loss on held-out calibration windows (every 4th batch, not used for the fit); "
-        "`linear+refit` also refits the down projection of every kept layer after the first "
+        "`linear+refit` (`--heal refit`) also refits the down projection of every kept layer "
+        "after the first "
         "cut against the original's hidden state at the matching depth (same guard). "
         f"Original model: perplexity {base['perplexity']:.2f} on these windows"
         + (f", QA {base['qa_correct']}/{qa_total}" if qa_total else "")
