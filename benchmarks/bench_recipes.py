@@ -3,16 +3,23 @@
 Default model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32 torch), CPU.
 Calibration: the TAIL of the WikiText-2 test split (windows of 256); evaluation: 40
 windows of 512 from its HEAD, disjoint from the calibration tokens. For N = 4, 7, 8 removed
-layers: perplexity of score (bi), score (angular), block and greedy, each with heal none
-and linear, and the seconds each recipe took (selection + healing, not the evaluation).
-Greedy's picks for smaller N are prefixes of N = 8's, so one greedy run per heal setting
-serves all N; its seconds for N are the sum of its first N steps.
+layers: perplexity of score (bi), score (angular), block and greedy, each with every heal
+in HEALS, the seconds each recipe took (selection + healing, not the evaluation) and the
+exact match of the built-in QA (shortgpt_export/validation/qa.py, first BENCH_QA questions)
+on the pruned torch model. Greedy's picks for smaller N are prefixes of N = 8's, so one
+greedy run serves all N (its seconds for N: the sum of its first N steps); greedy picks are
+healed afterwards, as the tool does with its default --select-tokens.
 
-    python benchmarks/bench_recipes.py            # run, then print the section
+The run can be done in pieces: every finished row is written to results/recipes.json at
+once and a rerun skips the rows (and greedy steps) already there; delete the file (or set
+BENCH_FRESH=1) to start over.
+
+    python benchmarks/bench_recipes.py            # run what is missing, then print
     python benchmarks/bench_recipes.py --render   # only re-render from results/recipes.json
 
-BENCH_EVAL_WINDOWS, BENCH_CALIB_TOKENS and BENCH_GREEDY_TOKENS shrink the run on a busy
-machine (RESULTS.md says what was measured).
+BENCH_EVAL_WINDOWS, BENCH_CALIB_TOKENS, BENCH_GREEDY_TOKENS, BENCH_QA (0: no QA) and
+BENCH_ONLY (comma-separated "strategy:n", e.g. "score-bi:7,block:7") shrink the run on a
+busy machine (RESULTS.md says what was measured).
 """
 
 from __future__ import annotations
@@ -37,20 +44,24 @@ from shortgpt_export.source import load_model, resolve_source
 
 HERE = Path(__file__).resolve().parent
 WIKITEXT = HERE.parents[1] / "shared" / "data" / "wikitext-2-raw-test.txt"
-# BENCH_PART=greedy|scored runs half of the recipes (two processes on a busy machine);
-# greedy-given evaluates the prefixes of BENCH_GREEDY_ORDER, a greedy run stopped early
-PART = os.environ.get("BENCH_PART", "all")
-RAW = HERE / "results" / ("recipes.json" if PART in ("all", "greedy") else f"recipes-{PART}.json")
+RAW = HERE / "results" / "recipes.json"
 NS = (4, 7, 8)
 EVAL_WINDOWS, EVAL_LEN = 40, 512
 EVAL_WINDOWS = int(os.environ.get("BENCH_EVAL_WINDOWS", EVAL_WINDOWS))
-CALIB_TOKENS = int(os.environ.get("BENCH_CALIB_TOKENS", 8192))
-SELECT_TOKENS = int(os.environ.get("BENCH_GREEDY_TOKENS", 2048))
+CALIB_TOKENS = int(os.environ.get("BENCH_CALIB_TOKENS", 12288))
+SELECT_TOKENS = int(os.environ.get("BENCH_GREEDY_TOKENS", 512))
+QA_QUESTIONS = int(os.environ.get("BENCH_QA", 20))
 SEQ_LEN, BATCH = 256, 4
 ORDER = (7, 4, 8)  # N = 7 first: the issue's headline figure
-# pilot, BI 7 of 30, 8 eval windows: ppl 65.8 unweighted, 64.0 token-weighted
-WEIGHTING = "token"
-STRATEGIES = ("score-bi", "score-angular", "block", "greedy", "greedy, healed after")
+STRATEGIES = ("score-bi", "score-angular", "block", "greedy")
+RUN_ORDER = ("score-bi", "block", "greedy", "score-angular")  # angular: one more scoring pass
+GREEDY_CANDIDATES = int(os.environ.get("BENCH_GREEDY_CANDIDATES", 0)) or None
+# heal name -> heal_linear keyword arguments (None: no healing)
+HEALS = {
+    "none": None,
+    "linear": {"guard": True},
+    "linear+refit": {"guard": True, "refit": True},
+}
 
 
 def windows(ids: list[int], rows: int, length: int) -> CalibrationSet:
@@ -108,219 +119,240 @@ def save(results: dict) -> None:
     RAW.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
+def config() -> dict:
+    extra = {"greedy_candidates": GREEDY_CANDIDATES} if GREEDY_CANDIDATES else {}
+    return extra | {
+        "eval": f"{EVAL_WINDOWS} windows of {EVAL_LEN} from the head",
+        "calibration_tokens": CALIB_TOKENS,
+        "greedy_tokens": SELECT_TOKENS,
+        "qa_questions": QA_QUESTIONS,
+        "heals": {k: v for k, v in HEALS.items() if v is not None},
+    }
+
+
+def wanted() -> list[tuple[str, int]]:
+    only = os.environ.get("BENCH_ONLY")
+    if only:
+        return [(item.split(":")[0], int(item.split(":")[1])) for item in only.split(",")]
+    return [(strategy, n) for n in ORDER for strategy in RUN_ORDER]
+
+
 def measure() -> dict:
     torch.manual_seed(0)
+    results: dict = {"config": config(), "rows": []}
+    if RAW.is_file() and not os.environ.get("BENCH_FRESH"):
+        cached = json.loads(RAW.read_text())
+        if cached.get("config") == results["config"]:
+            results = cached
+    done = {(r["strategy"], r["n"], r["heal"]) for r in results["rows"]}
     loaded = load_model(resolve_source(None), device="cpu", dtype="float32")
     model, spec = loaded.model, loaded.source.spec
+    results["threads"] = torch.get_num_threads()
     ids = loaded.tokenizer(WIKITEXT.read_text("utf-8"), add_special_tokens=False)["input_ids"]
     head = EVAL_WINDOWS * EVAL_LEN
     assert head + CALIB_TOKENS < len(ids), "evaluation and calibration would overlap"
     evalset = windows(ids, EVAL_WINDOWS, EVAL_LEN)
     calib = windows(ids[-CALIB_TOKENS:], CALIB_TOKENS // SEQ_LEN, SEQ_LEN)
     select = windows(calib.input_ids.flatten().tolist(), SELECT_TOKENS // SEQ_LEN, SEQ_LEN)
-    results: dict = {
-        "config": {
-            "eval": f"{EVAL_WINDOWS} windows of {EVAL_LEN} from the head",
-            "calibration_tokens": CALIB_TOKENS,
-            "greedy_tokens": SELECT_TOKENS,
-            "weighting": WEIGHTING,
-            "threads": torch.get_num_threads(),
-            "tokens_total": len(ids),
-        },
-        "rows": [],
-    }
-    began = time.perf_counter()
     evaluator = Evaluator(loaded, evalset)
-    results["base"] = {"perplexity": evaluator.perplexity(list(range(30))),
-                       "seconds": time.perf_counter() - began}  # fmt: skip
-    print("base", results["base"], flush=True)
-    save(results)
-
-    t0 = time.perf_counter()
-    bi, distances = (
-        (None, None)
-        if PART == "greedy-given"
-        else score_layers(model, spec, calib, metric="bi", blocks=True)
-    )
-    t_bi = time.perf_counter() - t0
-    angular: dict = {}
-
-    def plan_for(strategy: str, n: int):
-        if strategy == "score-bi":
-            return make_plan(30, bi, remove=n), t_bi
-        if strategy == "block":
-            return block_plan(30, distances, n, bi), t_bi
-        if not angular:
-            t0 = time.perf_counter()
-            angular["scores"] = score_layers(model, spec, calib, metric="angular")
-            angular["seconds"] = time.perf_counter() - t0
-        return make_plan(30, angular["scores"], remove=n, metric="angular"), angular["seconds"]
-
-    def record(strategy, n, heal, plan, seconds, heal_result=None):
-        weights = heal_result.weights if heal_result else None
-        row = {
-            "strategy": strategy,
-            "n": n,
-            "heal": heal,
-            "remove": plan.remove,
-            "perplexity": evaluator.perplexity(plan.keep, weights),
-            "seconds": round(seconds + (heal_result.seconds if heal_result else 0.0), 2),
-        }
-        if heal_result:
-            row["fits"] = heal_result.runs
-        if plan.selection:
-            row["selection"] = plan.selection
-        results["rows"].append(row)
-        print(
-            json.dumps({k: v for k, v in row.items() if k not in ("fits", "selection")}), flush=True
-        )
+    if "base" not in results:
+        results["base"] = {"perplexity": evaluator.perplexity(list(range(30)))}
+        results["base"].update(qa(loaded, list(range(30)), None))
+        print("base", results["base"], flush=True)
         save(results)
 
-    fitset = Cached(loaded, calib)
+    def scores(metric: str):
+        cache = results.setdefault("scores", {})
+        if metric not in cache:
+            t0 = time.perf_counter()
+            values, distances = score_layers(model, spec, calib, metric=metric, blocks=True)
+            cache[metric] = [values, distances, time.perf_counter() - t0]
+            save(results)
+        return cache[metric]
 
-    def heal(plan):
+    def greedy_order(n: int) -> tuple[list[GreedyStep], float]:
+        steps = [GreedyStep(**s) for s in results.get("greedy_steps", [])]
+        if len(steps) < n:
+            ranking = scores("bi")[0] if GREEDY_CANDIDATES else None
+            generator = greedy_steps(
+                model,
+                spec,
+                select,
+                batch_size=BATCH,
+                scores=ranking,
+                max_candidates=GREEDY_CANDIDATES,
+            )
+            for k, step in enumerate(generator):
+                if k < len(steps):  # recomputed: the cache ended mid-run
+                    continue
+                steps.append(step)
+                print(f"greedy step {len(steps)}: layer {step.layer}, {step.seconds:.1f} s",
+                      flush=True)  # fmt: skip
+                results["greedy_steps"] = [vars(s) for s in steps]
+                save(results)
+                if len(steps) >= max(NS):
+                    break
+            generator.close()
+        return steps[:n], sum(s.seconds for s in steps[:n])
+
+    def plan_for(strategy: str, n: int):
+        if strategy == "greedy":
+            steps, seconds = greedy_order(n)
+            return greedy_plan(30, steps, None, heal=False), seconds
+        metric = "angular" if strategy == "score-angular" else "bi"
+        values, distances, seconds = scores(metric)
+        if strategy == "block":
+            return block_plan(30, distances, n, values), seconds
+        return make_plan(30, values, remove=n, metric=metric), seconds
+
+    fitset: dict = {}
+
+    def heal(plan, kwargs):
+        if "cached" not in fitset:
+            fitset["cached"] = Cached(loaded, calib)
+        cached = fitset["cached"]
         return heal_linear(
             model,
             spec,
             calib,
             plan.remove,
-            weighting=WEIGHTING,
-            batches=fitset.batches,
-            original_states=fitset.states,
+            batches=cached.batches,
+            original_states=cached.states,
+            **kwargs,
         )
 
-    def scored(strategy, ns):
-        for n in ns:
+    for strategy, n in wanted():
+        for name, kwargs in HEALS.items():
+            if (strategy, n, name) in done:
+                continue
             plan, seconds = plan_for(strategy, n)
-            record(strategy, n, "none", plan, seconds)
-            record(strategy, n, "linear", plan, seconds, heal(plan))
-
-    def greedy(heal_mode):
-        steps = []
-        in_loop = heal_mode == "linear"
-        given = os.environ.get("BENCH_GREEDY_ORDER")
-        if given:  # the order (and seconds) of a greedy run that was stopped early
-            seconds = json.loads(RAW.with_name("recipes.json").read_text())
-            seconds = seconds[f"greedy_{heal_mode}_seconds_per_step"]
-            generator = iter(
-                [
-                    GreedyStep(int(layer), float("nan"), s)
-                    for layer, s in zip(given.split(","), seconds, strict=False)
-                ]
-            )
-            results[f"greedy_{heal_mode}_seconds_per_step"] = seconds
-        else:
-            generator = greedy_steps(
-                model, spec, select, heal=in_loop, weighting=WEIGHTING, batch_size=BATCH
-            )
-        for step in generator:
-            steps.append(step)
-            print(f"greedy ({heal_mode}) step {len(steps)}: layer {step.layer}, "
-                  f"{step.seconds:.1f} s", flush=True)  # fmt: skip
-            results[f"greedy_{heal_mode}_seconds_per_step"] = [round(s.seconds, 2) for s in steps]
+            result = heal(plan, kwargs) if kwargs is not None else None
+            weights = result.weights if result else None
+            row = {
+                "strategy": strategy,
+                "n": n,
+                "heal": name,
+                "remove": plan.remove,
+                "perplexity": evaluator.perplexity(plan.keep, weights),
+                "seconds": round(seconds + (result.seconds if result else 0.0), 2),
+            }
+            if result:
+                row["fits"] = result.runs
+                row["refit"] = result.refit
+                row["patched"] = sorted(result.weights)
+            row.update(qa(loaded, plan.keep, weights))
+            results["rows"].append(row)
+            shown = ("strategy", "n", "heal", "perplexity", "seconds", "qa_correct")
+            print(json.dumps({k: row[k] for k in shown}), flush=True)
             save(results)
-            if len(steps) == max(NS):
-                break
-        if not given:
-            generator.close()
-        for n in (n for n in ORDER if n <= len(steps)):
-            plan = greedy_plan(30, steps[:n], bi, heal=in_loop)
-            seconds = sum(s.seconds for s in steps[:n])
-            if in_loop:
-                record("greedy", n, "linear", plan, seconds, heal(plan))
-            else:
-                record("greedy", n, "none", plan, seconds)
-                record("greedy, healed after", n, "linear", plan, seconds, heal(plan))
-
-    # most telling first, so that a run cut short still answers the main questions
-    if PART == "greedy-given":
-        greedy("linear")
-    if PART in ("all", "greedy"):
-        scored("score-bi", [7])
-        greedy("linear")
-    if PART in ("all", "scored"):
-        scored("score-bi", [4, 8])
-        scored("block", [7])
-        scored("score-angular", [7])
-    if PART in ("all", "greedy"):
-        greedy("none")
-    if PART in ("all", "scored"):
-        scored("block", [4, 8])
-        scored("score-angular", [4, 8])
     return results
 
 
+def qa(loaded, keep: list[int], weights) -> dict:
+    """Exact match of the first QA_QUESTIONS built-in questions on the pruned torch model."""
+    from shortgpt_export.pruning import healed, pruned_view
+    from shortgpt_export.validation.qa import torch_qa
+
+    if not QA_QUESTIONS:
+        return {"qa_correct": None}
+    with (
+        healed(loaded.model, keep, weights),
+        pruned_view(loaded.model, loaded.source.spec, keep) as model,
+    ):
+        result = torch_qa(model, loaded.tokenizer, limit=QA_QUESTIONS)
+    return {"qa_correct": result.correct, "qa_total": result.total, "qa_answers": result.answers}
+
+
 def render(results: dict) -> str:
-    base = results["base"]["perplexity"]
+    base = results["base"]
     cfg = results["config"]
+    heals = ["none", *cfg["heals"]]
     rows = {(r["strategy"], r["n"], r["heal"]): r for r in results["rows"]}
+    qa_total = base.get("qa_total")
     lines = [
         "## Layer selection and healing (issue 11)",
         "",
         f"Default model (SmolLM2-135M-Instruct, fp32 torch, CPU). Evaluation: {cfg['eval']} of "
         f"the WikiText-2 test split; calibration: its last {cfg['calibration_tokens']:,} tokens "
-        f"(windows of 256, disjoint from the evaluation); greedy selection on the first "
-        f"{cfg['greedy_tokens']:,} of them. Healing: ridge least squares, tokens weighted by "
-        f"1/|y|^2 (`{cfg.get('weighting', 'none')}`). Original model: perplexity {base:.2f} on "
-        "these windows. `greedy` with heal linear chooses each layer by its loss after the "
-        "patch its removal gets (heal in the loop); `greedy, healed after` heals the plain "
-        "greedy picks. Seconds: selection plus healing (greedy: the sum of its first N steps; "
-        "score and block: the scoring pass), not the evaluation.",
+        f"(windows of 256, disjoint from the evaluation); greedy selection (SLEB, next-token "
+        f"loss) on the first {cfg['greedy_tokens']:,} of them, its picks healed afterwards. "
+        "Heals: `linear` is one ridge least-squares patch per removed run, merged into the "
+        "down projection of the kept layer before it, kept only if it lowers the next-token "
+        "loss on held-out calibration windows (every 4th batch, not used for the fit); "
+        "`linear+refit` (`--heal refit`) also refits the down projection of every kept layer "
+        "after the first "
+        "cut against the original's hidden state at the matching depth (same guard). "
+        f"Original model: perplexity {base['perplexity']:.2f} on these windows"
+        + (f", QA {base['qa_correct']}/{qa_total}" if qa_total else "")
+        + ". QA: exact match on the first "
+        f"{qa_total} built-in questions (torch, greedy). Seconds: selection plus healing "
+        "(greedy: the sum of its first N steps; score and block: the scoring pass), not the "
+        "evaluation.",
         "",
-        "| strategy | N | ppl, heal none | ppl, heal linear | s, none | s, linear "
-        "| removed (heal linear) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| strategy | N | "
+        + " | ".join(f"ppl {h}" for h in heals)
+        + " | "
+        + " | ".join(f"QA {h}" for h in heals)
+        + " | "
+        + " | ".join(f"s {h}" for h in heals)
+        + " | removed |",
+        "|---|---:|" + "---:|" * (3 * len(heals)) + "---|",
     ]
+
+    def cell(row, key, fmt):
+        return format(row[key], fmt) if row and row.get(key) is not None else "-"
+
     for strategy in STRATEGIES:
         for n in NS:
-            plain, healed = rows.get((strategy, n, "none")), rows.get((strategy, n, "linear"))
-            if not plain and not healed:
+            got = [rows.get((strategy, n, h)) for h in heals]
+            if not any(got):
                 continue
-
-            def cell(row, key, fmt):
-                return format(row[key], fmt) if row else "-"
-
             lines.append(
-                f"| {strategy} | {n} | {cell(plain, 'perplexity', '.2f')} | "
-                f"{cell(healed, 'perplexity', '.2f')} | {cell(plain, 'seconds', '.0f')} | "
-                f"{cell(healed, 'seconds', '.0f')} | {(healed or plain)['remove']} |"
+                f"| {strategy} | {n} | "
+                + " | ".join(cell(r, "perplexity", ".2f") for r in got)
+                + " | "
+                + " | ".join(cell(r, "qa_correct", "d") for r in got)
+                + " | "
+                + " | ".join(cell(r, "seconds", ".0f") for r in got)
+                + f" | {next(r for r in got if r)['remove']} |"
             )
-    missing = [
-        f"{strategy} N={n}"
-        for strategy in STRATEGIES
-        for n in NS
-        if (strategy, n, "none") not in rows and (strategy, n, "linear") not in rows
-    ]
+    missing = []
+    for strategy in STRATEGIES:
+        for n in NS:
+            absent = [h for h in heals if (strategy, n, h) not in rows]
+            if absent:
+                missing.append(f"{strategy} N={n} ({', '.join(absent)})")
     if missing:
         lines.append(f"\nNot measured in this run (time ran out): {', '.join(missing)}.")
-    for heal in ("linear", "none"):
-        per_step = results.get(f"greedy_{heal}_seconds_per_step")
-        if per_step:
-            lines.append(
-                f"\nGreedy (heal {heal}): {sum(per_step):.0f} s for {len(per_step)} removals; "
-                f"seconds per removed layer: {', '.join(f'{s:.0f}' for s in per_step)}."
-            )
+    steps = results.get("greedy_steps")
+    if steps:
+        lines.append(
+            f"\nGreedy: {sum(s['seconds'] for s in steps):.0f} s for {len(steps)} removals "
+            f"(order {[s['layer'] for s in steps]}); seconds per removed layer: "
+            + ", ".join(format(s["seconds"], ".0f") for s in steps)
+            + "."
+        )
+    rejected = []
     for (strategy, n, heal), row in sorted(rows.items()):
-        plain = rows.get((strategy, n, "none"))
-        if heal == "linear" and plain and row["perplexity"] > plain["perplexity"]:
-            lines.append(
-                f"\nHealing made {strategy} N={n} worse ({plain['perplexity']:.1f} -> "
-                f"{row['perplexity']:.1f}): a known failure of the token-weighted fit."
-            )
+        runs = [f["run"] for f in row.get("fits", []) if "guard" in f.get("skipped", "")]
+        if runs:
+            rejected.append(f"{strategy} N={n} {heal}: runs {runs}")
+    if rejected:
+        lines.append("\nPatches the held-out guard rejected: " + "; ".join(rejected) + ".")
+    undone = [
+        f"{strategy} N={n}"
+        for (strategy, n, heal), row in sorted(rows.items())
+        if isinstance(row.get("refit"), dict) and not row["refit"]["kept"]
+    ]
+    if undone:
+        lines.append(
+            "\nRefits the guard undid (held-out loss not lower): " + ", ".join(undone) + "."
+        )
     lines.append(
-        "\nThe 2 CPU cores were shared with 3-4 other jobs during this run (each process got "
-        "about 0.3-0.5 of a core), so all seconds are upper bounds, several times what an idle "
-        "machine takes."
+        "\nThe 2 CPU cores were shared with other jobs during this run, so all seconds are "
+        "upper bounds, several times what an idle machine takes."
     )
     return "\n".join(lines) + "\n"
-
-
-def merged() -> dict:
-    """results/recipes.json with the rows of any part run beside it."""
-    results = json.loads((HERE / "results" / "recipes.json").read_text())
-    for extra in sorted((HERE / "results").glob("recipes-*.json")):
-        results["rows"] += json.loads(extra.read_text())["rows"]
-    return results
 
 
 def report() -> str:
@@ -329,6 +361,6 @@ def report() -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--render"]:
-        print(render(merged()))
+        print(render(json.loads(RAW.read_text())))
     else:
         print(report())

@@ -23,16 +23,17 @@ from pathlib import Path
 from .architectures import ArchitectureSpec, submodule
 from .calibration import CalibrationSet
 from .errors import ShortGPTError
-from .layerwise import Batch, Stack
+from .layerwise import Batch, Stack, mean_loss
 from .progress import ProgressFactory, no_progress
 
 log = logging.getLogger(__name__)
 
-HEAL_METHODS = ("auto", "none", "linear")
+HEAL_METHODS = ("auto", "none", "linear", "refit")  # refit: linear + kept layers after the cut
 # auto: linear where the family allows it (RESULTS.md: it lowers perplexity at N = 4, 7, 8
 # with BI selection), else none, with a log line (resolve_heal)
 DEFAULT_HEAL = "auto"
 DEFAULT_RIDGE = 1e-3  # times the mean diagonal of m^T m
+RIDGES = (1e-3, 1e-2, 1e-1)  # tried when the ridge is chosen by held-out loss
 WEIGHTINGS = ("none", "token")
 DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
 PATCH_FILE = "heal.safetensors"
@@ -45,9 +46,9 @@ class HealingError(ShortGPTError):
 def check_healable(spec: ArchitectureSpec | None, method: str) -> None:
     if method not in HEAL_METHODS:
         raise ShortGPTError(f"unknown --heal {method!r}", hint=f"use {' or '.join(HEAL_METHODS)}")
-    if method == "linear" and spec is not None and not spec.healable:
+    if method in ("linear", "refit") and spec is not None and not spec.healable:
         raise HealingError(
-            f"--heal linear cannot patch {spec.display_name}: it has {_unhealable_why(spec)}",
+            f"--heal {method} cannot patch {spec.display_name}: it has {_unhealable_why(spec)}",
             hint="use --heal none (or --heal auto, which removes without healing here)",
         )
 
@@ -165,21 +166,45 @@ class HealResult:
 
     weights: dict[int, object] = field(default_factory=dict)
     runs: list[dict] = field(default_factory=list)
-    ridge: float = DEFAULT_RIDGE
+    ridge: float | None = DEFAULT_RIDGE
     tokens: int = 0
+    held_out_tokens: int = 0
     seconds: float = 0.0
-
-    weighting: str = DEFAULT_WEIGHTING
+    weighting: str | None = DEFAULT_WEIGHTING
+    guard: bool = True
+    refit: bool | dict = False
 
     def describe(self) -> dict:
         return {
-            "method": "linear",
-            "ridge": self.ridge,
-            "weighting": self.weighting,
+            "method": "refit" if self.refit else "linear",
+            "ridge": self.ridge if self.ridge is not None else "chosen by held-out loss",
+            "weighting": self.weighting or "chosen by held-out loss",
+            "guard": self.guard,
+            "refit": self.refit,
             "tokens": self.tokens,
+            "held_out_tokens": self.held_out_tokens,
             "seconds": round(self.seconds, 3),
             "runs": self.runs,
         }
+
+
+def guard_split(count: int) -> tuple[list[int], list[int]]:
+    """(fitting, held-out) batch indices: every 4th batch is held out (at least one)."""
+    if count < 2:
+        return list(range(count)), []
+    held = [k for k in range(count) if k % 4 == 3] or [count - 1]
+    return [k for k in range(count) if k not in set(held)], held
+
+
+def candidates(ridge: float | None, weighting: str | None) -> list[tuple[str, float]]:
+    """(weighting, ridge) pairs to try; ``None`` means try all of :data:`RIDGES` /
+    :data:`WEIGHTINGS`."""
+    weightings = [weighting] if weighting is not None else list(WEIGHTINGS)
+    ridges = [ridge] if ridge is not None else list(RIDGES)
+    for w in weightings:
+        if w not in WEIGHTINGS:
+            raise ShortGPTError(f"unknown weighting {w!r}", hint=f"use one of {WEIGHTINGS}")
+    return [(w, r) for w in weightings for r in ridges]
 
 
 def heal_linear(
@@ -188,14 +213,27 @@ def heal_linear(
     calib: CalibrationSet,
     remove: list[int],
     *,
-    ridge: float = DEFAULT_RIDGE,
-    weighting: str = DEFAULT_WEIGHTING,
+    ridge: float | None = DEFAULT_RIDGE,
+    weighting: str | None = DEFAULT_WEIGHTING,
+    guard: bool = True,
+    refit: bool = False,
     batch_size: int = 4,
     batches: list[Batch] | None = None,
     original_states: list | None = None,
     progress: ProgressFactory = no_progress,
 ) -> HealResult:
     """Fit one patch per healable removed run; ``model`` is left unchanged.
+
+    With ``guard`` (the default) every 4th batch of calibration windows is held out of the
+    fits; a run's patch is kept only if it lowers the pruned model's next-token loss on
+    those windows compared with no patch, else the run is left unhealed (plan and log say
+    so, with both losses). ``ridge`` / ``weighting`` ``None``: try every value of
+    :data:`RIDGES` / :data:`WEIGHTINGS` and keep the lowest held-out loss (needs ``guard``).
+
+    ``refit`` (needs ``guard``): after the run patches, refit the down projection of every
+    kept layer from the first cut on, front to back, so that its output matches the
+    original model's state entering the next kept layer (the final state for the last);
+    see :func:`_refit_kept`.
 
     ``batches`` and ``original_states`` (per block input, per batch: ``[n + 1][batch]``
     from :class:`Stack`) may be passed in when several plans are healed on one model.
@@ -205,11 +243,17 @@ def heal_linear(
     import torch
 
     check_healable(spec, "linear")
+    if not guard and (ridge is None or weighting is None or refit):
+        raise ShortGPTError(
+            "choosing the ridge or weighting, or refitting, needs held-out windows",
+            hint="pass guard=True",
+        )
+    tries = candidates(ridge, weighting)
     began = time.perf_counter()
     stack = Stack(model, spec)
     n = len(stack.layers)
     keep = [i for i in range(n) if i not in set(remove)]
-    result = HealResult(ridge=ridge, weighting=weighting)
+    result = HealResult(ridge=ridge, weighting=weighting, guard=guard, refit=refit)
     runs = removed_runs(remove)
     todo = []
     for run in runs:
@@ -219,29 +263,46 @@ def heal_linear(
             result.runs.append({"run": list(run), "patched_layer": None, "skipped": reason})
         else:
             todo.append(run)
-    if not todo:
+    if not todo and not refit:
         return result
     originals = {a - 1: down_proj(stack, a - 1).weight.detach().clone() for a, _ in todo}
     try:
         with torch.inference_mode():
             if batches is None:
-                batches = stack.record(calib, batch_size)
-            # the original model's output of each run's last layer, per batch (real tokens)
-            targets: list[dict[int, object]] = []
-            last = max(b for _, b in todo)
+                rows = calib.input_ids.shape[0]
+                # at least 2 batches whenever there are 2 windows, so that one is held out
+                size = min(batch_size, max(1, rows // 2)) if guard else batch_size
+                batches = stack.record(calib, size)
+            fitting, held = guard_split(len(batches)) if guard else (list(range(len(batches))), [])
+            if guard and not held:
+                for a, b in todo:
+                    reason = "guard: fewer than 2 calibration windows, none to hold out"
+                    log.warning("run of layers %d..%d left unhealed: %s", a, b, reason)
+                    result.runs.append({"run": [a, b], "patched_layer": None, "skipped": reason})
+                result.runs.sort(key=lambda entry: entry["run"][0])
+                return result
+            # the original model's output of each run's last layer, per fit batch
+            targets: dict[int, dict[int, object]] = {}
             # blocks before ``position`` are kept and unpatched: the pruned model's state
             # entering it is the original's
-            position = max(min(remove) - 1, 0)
+            position = first = max(min(remove) - 1, 0)
+            if original_states is None and refit:
+                original_states = _original_states(stack, batches, progress)
             if original_states is not None:
-                targets = [
-                    {b: original_states[b + 1][k][batch.mask] for _, b in todo}
-                    for k, batch in enumerate(batches)
-                ]
+                targets = {
+                    k: {b: original_states[b + 1][k][batches[k].mask] for _, b in todo}
+                    for k in fitting
+                }
                 states = list(original_states[position])
             else:
-                states = []
+                states, targets_for = [], set(fitting)
+                last = max(b for _, b in todo)
                 with progress("healing: original hidden states", len(batches)) as advance:
-                    for batch in batches:
+                    for k, batch in enumerate(batches):
+                        if k not in targets_for:
+                            states.append(stack.run_many(range(position), batch.embeds, batch))
+                            advance(1)
+                            continue
                         hidden, wanted = batch.embeds, {}
                         for index in range(last + 1):
                             if index == position:
@@ -249,36 +310,101 @@ def heal_linear(
                             hidden = stack.run(index, hidden, batch)
                             if any(b == index for _, b in todo):
                                 wanted[index] = hidden[batch.mask]
-                        targets.append(wanted)
+                        targets[k] = wanted
                         advance(1)
+            result.held_out_tokens = sum(batches[k].tokens for k in held)
+            unhealed_loss = None
             # the pruned model's state per batch (entering keep[position]), front to back
             with progress("healing: fitting patches", len(todo)) as advance:
                 for a, b in todo:
                     p = a - 1
                     stop = keep.index(p)
-                    fit = GramFit(states[0].shape[-1])
+                    fits = {w: GramFit(states[0].shape[-1]) for w in {w for w, _ in tries}}
+                    parts = {}
                     for k, batch in enumerate(batches):
                         states[k] = stack.run_many(keep[position:stop], states[k], batch)
                         out, m = mlp_parts(stack, p, states[k], batch)
-                        fit.add(m[batch.mask], (out - m)[batch.mask], targets[k][b], weighting)
+                        if k in targets:
+                            for w, fit in fits.items():
+                                fit.add(m[batch.mask], (out - m)[batch.mask], targets[k][b], w)
+                        else:
+                            parts[k] = (out - m, m)
                     position = stop
-                    t = fit.solve(ridge)
-                    weight = down_proj(stack, p).weight
-                    weight.data.copy_(patched_weight(originals[p], t))
-                    if down_proj(stack, p).bias is not None:
-                        raise HealingError(f"layer {p}'s down projection has a bias")
+                    after = keep[stop + 1 :]
+
+                    def held_loss(t, parts=parts, after=after):
+                        total, count = 0.0, 0
+                        for k in held:
+                            r, m = parts[k]
+                            h = r + m if t is None else r + m @ t.to(m.dtype)
+                            s, c = stack.loss_sums(stack.run_many(after, h, batches[k]), batches[k])
+                            total, count = total + s, count + c
+                        return total / max(count, 1)
+
+                    entry: dict = {"run": [a, b], "patched_layer": p}
+                    if guard:
+                        if unhealed_loss is None:
+                            unhealed_loss = held_loss(None)
+                        tried = []
+                        for w, lam in tries:
+                            t = fits[w].solve(lam)
+                            tried.append((held_loss(t), w, lam, t))
+                        loss, w, lam, t = min(tried, key=lambda x: x[0])
+                        entry.update(
+                            held_out_loss_unhealed=round(unhealed_loss, 6),
+                            held_out_loss_healed=round(loss, 6),
+                        )
+                        if len(tried) > 1:
+                            entry["candidates"] = [
+                                {"weighting": cw, "ridge": cr, "held_out_loss": round(cl, 6)}
+                                for cl, cw, cr, _ in tried
+                            ]
+                    else:
+                        w, lam = tries[0]
+                        t, loss = fits[w].solve(lam), None
+                    fit = fits[w]
                     eye = torch.eye(t.shape[0], dtype=torch.float64)
-                    entry = {
-                        "run": [a, b],
-                        "patched_layer": p,
-                        "residual_before": round(fit.relative_residual(eye), 6),
-                        "residual_after": round(fit.relative_residual(t), 6),
-                    }
-                    log.info("healed run %d..%d into layer %d: %s", a, b, p, entry)
-                    result.runs.append(entry)
-                    result.weights[p] = weight.detach().clone()
+                    entry.update(
+                        weighting=w,
+                        ridge=lam,
+                        residual_before=round(fit.relative_residual(eye), 6),
+                        residual_after=round(fit.relative_residual(t), 6),
+                    )
                     result.tokens = fit.tokens
+                    if guard and not loss < unhealed_loss:
+                        entry["patched_layer"] = None
+                        entry["skipped"] = (
+                            f"guard: held-out loss {loss:.4f} with the patch, "
+                            f"{unhealed_loss:.4f} without"
+                        )
+                        log.warning(
+                            "run of layers %d..%d left unhealed: %s", a, b, entry["skipped"]
+                        )
+                    else:
+                        if down_proj(stack, p).bias is not None:
+                            raise HealingError(f"layer {p}'s down projection has a bias")
+                        weight = down_proj(stack, p).weight
+                        weight.data.copy_(patched_weight(originals[p], t))
+                        result.weights[p] = weight.detach().clone()
+                        if guard:
+                            unhealed_loss = loss
+                        log.info("healed run %d..%d into layer %d: %s", a, b, p, entry)
+                    result.runs.append(entry)
                     advance(1)
+            if refit:
+                result.refit = _refit_kept(
+                    stack,
+                    keep,
+                    first,
+                    batches,
+                    held,
+                    original_states,
+                    tries,
+                    originals,
+                    result.weights,
+                    unhealed_loss,
+                    progress,
+                )
     finally:
         for p, weight in originals.items():
             down_proj(stack, p).weight.data.copy_(weight)
@@ -287,6 +413,117 @@ def heal_linear(
     result.runs.sort(key=lambda entry: entry["run"][0])
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _original_states(stack: Stack, batches: list[Batch], progress) -> list[list]:
+    """The original model's state entering every block (and the final one), per batch."""
+    states = [[b.embeds for b in batches]]
+    with progress("healing: original hidden states", len(stack.layers)) as advance:
+        for index in range(len(stack.layers)):
+            states.append(
+                [stack.run(index, h, b) for h, b in zip(states[-1], batches, strict=True)]
+            )
+            advance(1)
+    return states
+
+
+def _refit_kept(
+    stack: Stack,
+    keep: list[int],
+    first: int,
+    batches: list[Batch],
+    held: list[int],
+    original_states: list,
+    tries: list[tuple[str, float]],
+    originals: dict,
+    weights: dict,
+    baseline: float | None,
+    progress,
+) -> dict:
+    """Refit the down projection of ``keep[first:]`` front to back (model patched in place,
+    ``originals`` gets each layer's weight before, ``weights`` the kept results).
+
+    Kept layer ``q``'s MLP output times ``T_q``, plus its post-attention residual, is fitted
+    to the original model's state entering the next kept layer. A layer's refit is kept if
+    it lowers the held-out relative residual (unweighted) of that match; the whole set is
+    kept only if it lowers the held-out next-token loss below ``baseline`` (the run-patched
+    model's), else every refit is undone.
+    """
+    import torch
+
+    n = len(stack.layers)
+    states = list(original_states[first])
+    changed: dict[int, object] = {}  # layer -> its weight before the refit
+    layers = []
+    if baseline is None:
+        finals = [
+            stack.run_many(keep[first:], states[k], batches[k]) if k in held else None
+            for k in range(len(batches))
+        ]
+        baseline = mean_loss(stack, [finals[k] for k in held], [batches[k] for k in held])
+    with progress("healing: refitting kept layers", len(keep) - first) as advance:
+        for idx in range(first, len(keep)):
+            q = keep[idx]
+            target = keep[idx + 1] if idx + 1 < len(keep) else n
+            hidden = states[0].shape[-1]
+            fits = {w: GramFit(hidden) for w in {w for w, _ in tries}}
+            check = GramFit(hidden)  # held-out, unweighted
+            parts = []
+            for k, batch in enumerate(batches):
+                out, m = mlp_parts(stack, q, states[k], batch)
+                y = original_states[target][k][batch.mask]
+                mm, rr = m[batch.mask], (out - m)[batch.mask]
+                if k in held:
+                    check.add(mm, rr, y, "none")
+                else:
+                    for w, fit in fits.items():
+                        fit.add(mm, rr, y, w)
+                parts.append((out, m))
+            eye = torch.eye(hidden, dtype=torch.float64)
+            before = check.relative_residual(eye)
+            scored = []
+            for w, lam in tries:
+                t = fits[w].solve(lam)
+                scored.append((check.relative_residual(t), w, lam, t))
+            after, w, lam, t = min(scored, key=lambda x: x[0])
+            entry = {
+                "layer": q,
+                "held_out_residual_before": round(before, 6),
+                "held_out_residual_after": round(after, 6),
+                "weighting": w,
+                "ridge": lam,
+                "kept": after < before,
+            }
+            layers.append(entry)
+            linear = down_proj(stack, q)
+            if after < before:
+                originals.setdefault(q, linear.weight.detach().clone())
+                changed[q] = linear.weight.detach().clone()
+                linear.weight.data.copy_(patched_weight(changed[q], t))
+                tf = t.to(parts[0][1].dtype)
+                states = [out - m + m @ tf for out, m in parts]
+            else:
+                states = [out for out, _ in parts]
+            advance(1)
+    loss = mean_loss(stack, [states[k] for k in held], [batches[k] for k in held])
+    kept = loss < baseline
+    if kept:
+        for q in changed:
+            weights[q] = down_proj(stack, q).weight.detach().clone()
+    else:
+        for q, weight in changed.items():
+            down_proj(stack, q).weight.data.copy_(weight)
+        log.warning(
+            "refit of the kept layers undone: held-out loss %.4f with it, %.4f without",
+            loss,
+            baseline,
+        )
+    return {
+        "kept": kept,
+        "held_out_loss_before": round(baseline, 6),
+        "held_out_loss_after": round(loss, 6),
+        "layers": layers,
+    }
 
 
 def save_patches(

@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 
 from .calibration import CalibrationSet
 from .errors import PlanError
-from .healing import DEFAULT_RIDGE, HealResult, check_healable, heal_linear, resolve_heal
+from .healing import (
+    DEFAULT_RIDGE,
+    DEFAULT_WEIGHTING,
+    HealResult,
+    check_healable,
+    heal_linear,
+    resolve_heal,
+)
 from .planning import Plan, make_plan
 from .progress import ProgressFactory, no_progress
 from .selection import block_plan, check_strategy, greedy_plan, greedy_steps
@@ -34,7 +41,9 @@ class Recipe:
     auto: bool = False
     max_ppl_increase: float | None = None
     select_tokens: int = DEFAULT_SELECT_TOKENS
-    ridge: float = DEFAULT_RIDGE
+    ridge: float | None = DEFAULT_RIDGE  # None: chosen by held-out loss
+    weighting: str | None = DEFAULT_WEIGHTING
+    greedy_candidates: int | None = None  # greedy tries only this many lowest-scored
     batch_size: int = 4
 
     def check(self, spec=None) -> None:
@@ -115,8 +124,10 @@ class _Planner:
                 self.loaded.source.spec,
                 windows,
                 heal=self._in_loop,
-                ridge=self.recipe.ridge,
+                ridge=self.recipe.ridge if self.recipe.ridge is not None else DEFAULT_RIDGE,
                 batch_size=self.recipe.batch_size,
+                scores=self.scores.scores,
+                max_candidates=self.recipe.greedy_candidates,
                 progress=self.progress,
             )
         while len(self.steps) < n:
@@ -129,21 +140,21 @@ class _Planner:
         chose badly (benchmarks/RESULTS.md); then the plain picks are healed afterwards."""
         hidden = int(getattr(self.loaded.model.config, "hidden_size", 0))
         enough = windows.tokens >= IN_LOOP_TOKENS_PER_DIM * hidden
-        if self.recipe.heal == "linear" and not enough:
+        if self.recipe.heal != "none" and not enough:
             log.warning(
                 "greedy: %d selection tokens are too few to fit patches in the loop "
                 "(need %d); choosing without, healing afterwards",
                 windows.tokens,
                 IN_LOOP_TOKENS_PER_DIM * hidden,
             )
-        return self.recipe.heal == "linear" and enough
+        return self.recipe.heal != "none" and enough
 
     def close(self) -> None:
         if self._greedy is not None:
             self._greedy.close()  # restores any weights patched during the search
 
     def heal(self, plan: Plan) -> HealResult | None:
-        if self.recipe.heal != "linear" or not plan.remove:
+        if self.recipe.heal == "none" or not plan.remove:
             return None
         return heal_linear(
             self.loaded.model,
@@ -151,6 +162,8 @@ class _Planner:
             self.calib,
             plan.remove,
             ridge=self.recipe.ridge,
+            weighting=self.recipe.weighting,
+            refit=self.recipe.heal == "refit",
             batch_size=self.recipe.batch_size,
             progress=self.progress,
         )

@@ -114,9 +114,14 @@ def greedy_steps(
     ridge: float = DEFAULT_RIDGE,
     weighting: str = DEFAULT_WEIGHTING,
     batch_size: int = 4,
+    scores: list[float] | None = None,
+    max_candidates: int | None = None,
     progress: ProgressFactory = no_progress,
 ) -> Iterator[GreedyStep]:
     """Greedy removals one at a time (take as many as wanted); ``model`` is restored after.
+
+    With ``scores`` and ``max_candidates``, each step tries only the ``max_candidates``
+    kept layers with the lowest scores (BI rank), which bounds a step's cost.
 
     ``states[j]`` holds, per batch, the hidden state entering the j-th kept block (the
     last entry: the final output); removing block j leaves ``states[:j+1]`` valid.
@@ -147,7 +152,10 @@ def greedy_steps(
             began = time.perf_counter()
             with torch.inference_mode():
                 fitting = (targets, originals, ridge, weighting)
-                layer, loss = _remove_best(stack, batches, keep, states, fitting, step, progress)
+                tried = _shortlist(keep, scores, max_candidates)
+                layer, loss = _remove_best(
+                    stack, batches, keep, states, fitting, step, progress, tried
+                )
                 # the caller sees the unpatched model between steps
                 patched = {p: down_proj(stack, p).weight.detach().clone() for p in originals}
                 for p, weight in originals.items():
@@ -165,12 +173,22 @@ def greedy_steps(
             down_proj(stack, p).weight.data.copy_(weight)
 
 
-def _remove_best(stack, batches, keep, states, fitting, step, progress):
+def _shortlist(keep: list[int], scores, max_candidates: int | None) -> list[int]:
+    """Positions in ``keep`` to try: all, or the ``max_candidates`` lowest-scored."""
+    positions = list(range(len(keep)))
+    if scores is None or max_candidates is None or max_candidates >= len(keep):
+        return positions
+    ranked = sorted(positions, key=lambda j: (scores[keep[j]], j))
+    return sorted(ranked[:max_candidates])
+
+
+def _remove_best(stack, batches, keep, states, fitting, step, progress, tried=None):
     """Remove the candidate with the lowest loss from ``keep``; update ``states`` in place."""
     originals = fitting[1]
     best: tuple[float, int, object] | None = None
-    with progress(f"greedy: removal {step} ({len(keep)} candidates)", len(keep)) as advance:
-        for j in range(len(keep)):
+    tried = list(range(len(keep))) if tried is None else tried
+    with progress(f"greedy: removal {step} ({len(tried)} candidates)", len(tried)) as advance:
+        for j in tried:
             loss, patch = _candidate(stack, batches, keep, states, j, fitting)
             if best is None or loss < best[0]:
                 best = (loss, j, patch)

@@ -63,6 +63,23 @@ def test_planted_identity_layer_is_removed_first_by_score_and_greedy(tiny_llama_
     assert [s["layer"] for s in plan.selection["steps"]] == [3, second.layer]
 
 
+def test_greedy_tries_only_the_shortlist_by_score(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    make_identity(loaded.model, [3])
+    calib = calib_for(loaded, tokens=512)
+    spec = loaded.source.spec
+    scores = scores_of(loaded, calib).scores
+    steps = greedy_steps(loaded.model, spec, calib, scores=scores, max_candidates=2)
+    assert next(steps).layer == 3
+    steps.close()
+    # scores that rank the identity layer last: with 2 candidates it is never tried
+    misleading = [0.1, 0.2, 0.3, 0.9, 0.4, 0.5]
+    steps = greedy_steps(loaded.model, spec, calib, scores=misleading, max_candidates=2)
+    first, second = next(steps), next(steps)
+    steps.close()
+    assert first.layer in (0, 1) and second.layer in (0, 1, 2)
+
+
 def test_greedy_loss_equals_a_full_forward_of_the_pruned_model(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     calib = calib_for(loaded, tokens=512)
@@ -141,7 +158,9 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
     calib = calib_for(loaded, tokens=2048)
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     remove = [0, 2, 3, 5]  # runs 0..0 (no layer before), 2..3 (healed), 5..5 (last)
-    result = heal_linear(loaded.model, loaded.source.spec, calib, remove, weighting="none")
+    result = heal_linear(
+        loaded.model, loaded.source.spec, calib, remove, weighting="none", guard=False
+    )
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, before[key]), key
     runs = {tuple(r["run"]): r for r in result.runs}
@@ -162,7 +181,7 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
     healed_ppl = held_out_perplexity(loaded, held, keep, result.weights, 4)
     assert healed_ppl < plain
     # the default fit weighs tokens by 1/|y|^2; it lowers its own objective too
-    weighted = heal_linear(loaded.model, loaded.source.spec, calib, remove)
+    weighted = heal_linear(loaded.model, loaded.source.spec, calib, remove, guard=False)
     fit = next(r for r in weighted.runs if r["patched_layer"] == 1)
     assert fit["residual_after"] < fit["residual_before"]
     assert not torch.equal(weighted.weights[1], result.weights[1])
@@ -171,10 +190,110 @@ def test_healing_lowers_the_fitted_objective_and_leaves_the_model_unchanged(tiny
 def test_later_fits_see_earlier_patches(tiny_llama_dir):
     loaded = load(tiny_llama_dir)
     calib = calib_for(loaded, tokens=1024)
-    both = heal_linear(loaded.model, loaded.source.spec, calib, [2, 4], weighting="none")
+    both = heal_linear(
+        loaded.model, loaded.source.spec, calib, [2, 4], weighting="none", guard=False
+    )
     assert [r["patched_layer"] for r in both.runs] == [1, 3]
     second_alone_after_first = _run_end_error(loaded, calib, [0, 1, 3, 5], (4, 4), both.weights)
     assert second_alone_after_first == pytest.approx(both.runs[1]["residual_after"], rel=1e-3)
+
+
+def _held_loss(loaded, calib, keep, weights, batch_size):
+    """Mean next-token loss on the windows heal_linear holds out (every 4th batch)."""
+    from shortgpt_export.healing import guard_split
+    from shortgpt_export.recipe import subset
+
+    rows = calib.input_ids.shape[0]
+    size = min(batch_size, max(1, rows // 2))
+    starts = range(0, rows, size)
+    _, held = guard_split(len(starts))
+    windows = [i for k in held for i in range(starts[k], min(starts[k] + size, rows))]
+    held_set = subset(calib, windows)
+    return math.log(held_out_perplexity(loaded, held_set, keep, weights, size))
+
+
+def test_guard_keeps_a_good_patch_and_rejects_a_bad_one(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    spec, keep = loaded.source.spec, [0, 1, 4, 5]
+    # a good fit: 1,536 tokens for a 64 x 64 map
+    good = heal_linear(loaded.model, spec, calib_for(loaded, 2048), [2, 3], weighting="none")
+    run = good.runs[0]
+    assert run["patched_layer"] == 1 and list(good.weights) == [1]
+    assert run["held_out_loss_healed"] < run["held_out_loss_unhealed"]
+    calib = calib_for(loaded, 2048)
+    assert run["held_out_loss_unhealed"] == pytest.approx(
+        _held_loss(loaded, calib, keep, None, 4), rel=1e-4
+    )
+    assert run["held_out_loss_healed"] == pytest.approx(
+        _held_loss(loaded, calib, keep, good.weights, 4), rel=1e-4
+    )
+    assert good.held_out_tokens == 512 and good.tokens == 1536
+    # a bad fit: 16 tokens for a 64 x 64 map and almost no ridge overfits
+    tiny = calib_for(loaded, tokens=32, seq_len=16)
+    assert tiny.input_ids.shape[0] == 2
+    bad = heal_linear(loaded.model, spec, tiny, [2, 3], weighting="none", ridge=1e-9)
+    run = bad.runs[0]
+    assert bad.weights == {} and run["patched_layer"] is None
+    assert run["held_out_loss_healed"] >= run["held_out_loss_unhealed"]
+    assert run["skipped"].startswith("guard: held-out loss")
+    assert f"{run['held_out_loss_unhealed']:.4f} without" in run["skipped"]
+    assert run["residual_after"] < run["residual_before"]  # it did fit its own tokens
+    # without the guard the same fit is kept, and it is worse on the held-out windows
+    unguarded = heal_linear(
+        loaded.model, spec, tiny, [2, 3], weighting="none", ridge=1e-9, guard=False
+    )
+    assert list(unguarded.weights) == [1]
+    assert _held_loss(loaded, tiny, keep, unguarded.weights, 4) > _held_loss(
+        loaded, tiny, keep, None, 4
+    )
+
+
+def test_ridge_and_weighting_chosen_by_held_out_loss(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    calib = calib_for(loaded, 1024)
+    result = heal_linear(
+        loaded.model, loaded.source.spec, calib, [2, 4], ridge=None, weighting=None
+    )
+    for run in result.runs:
+        tried = run["candidates"]
+        assert len(tried) == 6 and {c["weighting"] for c in tried} == {"none", "token"}
+        best = min(tried, key=lambda c: c["held_out_loss"])
+        assert run["held_out_loss_healed"] == best["held_out_loss"]
+        assert (run["ridge"], run["weighting"]) == (best["ridge"], best["weighting"])
+    with pytest.raises(ShortGPTError, match="held-out"):
+        heal_linear(loaded.model, loaded.source.spec, calib, [2], ridge=None, guard=False)
+
+
+def test_refit_of_kept_layers_is_measured_and_guarded(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    spec, keep = loaded.source.spec, [0, 1, 4, 5]
+    calib = calib_for(loaded, 2048)
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    runs_only = heal_linear(loaded.model, spec, calib, [2, 3], weighting="none")
+    deep = heal_linear(loaded.model, spec, calib, [2, 3], weighting="none", refit=True)
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    refit = deep.refit
+    assert [e["layer"] for e in refit["layers"]] == [1, 4, 5]
+    assert refit["held_out_loss_before"] == pytest.approx(
+        _held_loss(loaded, calib, keep, runs_only.weights, 4), rel=1e-4
+    )
+    measured = _held_loss(loaded, calib, keep, deep.weights, 4)
+    if refit["kept"]:
+        assert refit["held_out_loss_after"] == pytest.approx(measured, rel=1e-4)
+        assert measured < refit["held_out_loss_before"]
+        changed = {e["layer"] for e in refit["layers"] if e["kept"]}
+        assert changed and set(deep.weights) == changed | set(runs_only.weights)
+    else:
+        assert deep.weights.keys() == runs_only.weights.keys()
+    for entry in refit["layers"]:
+        assert entry["kept"] == (
+            entry["held_out_residual_after"] < entry["held_out_residual_before"]
+        )
+    # a run ending at the last layer is healed by the refit (its target: the final state)
+    last = heal_linear(loaded.model, spec, calib, [4, 5], weighting="none", refit=True)
+    assert last.runs[0]["patched_layer"] is None
+    assert [e["layer"] for e in last.refit["layers"]] == [3]
 
 
 def test_runs_and_families_that_cannot_be_healed():
@@ -252,12 +371,20 @@ def test_healed_exports_agree_with_the_healed_torch_model(healed_exports):
 def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf, tmp_path):
     from shortgpt_export.gguf_file import open_gguf
 
+    # enough calibration tokens for a 576 x 576 fit: on 512 (256 fitted) the held-out guard
+    # rightly rejects both overfitted patches (held-out loss 4.46 and 4.65 against 4.33)
     out = export_with_cli(
-        default_gguf, tmp_path, "--layers", "12,13,14,20", "--to", "gguf", "--heal", "linear"
-    )
+        default_gguf, tmp_path, "--layers", "12,13,14,20", "--to", "gguf", "--heal", "linear",
+        "--calib-tokens", "4096",
+    )  # fmt: skip
     plan = Plan.load(out / "plan.json")
     weights = load_patches(out / "heal.safetensors", spec_for("llama"))
-    assert sorted(weights) == [11, 19]
+    # the held-out guard decides per run (each decision is in plan.json)
+    runs = {tuple(r["run"]): r for r in plan.heal["runs"]}
+    kept = sorted(r["patched_layer"] for r in runs.values() if r["patched_layer"] is not None)
+    assert 11 in weights and sorted(weights) == kept
+    if 19 not in weights:
+        assert runs[(20, 20)]["skipped"].startswith("guard:")
     src = {t.name: t for t in open_gguf(default_gguf).tensors}
     dst = open_gguf(next(out.glob("*.gguf")))
     new_to_old = dict(enumerate(plan.keep))
@@ -274,10 +401,7 @@ def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf,
                 continue
         assert tensor.tensor_type == src[name].tensor_type
         assert np.array_equal(tensor.data, src[name].data), name
-    assert patched == 2
-    # the export's own check ran llama.cpp on this file against the healed torch model
-    summary = json.loads((out / "plan.json").read_text())
-    assert [r["patched_layer"] for r in summary["heal"]["runs"]] == [11, 19]
+    assert patched == len(weights)
 
 
 def own_text(loaded, rows, length):
@@ -337,6 +461,22 @@ def test_cli_select_heal_and_auto(tiny_llama_dir, tmp_path):
     assert all(c["perplexity"] <= plan["budget"]["limit"] for c in plan["budget"]["curve"][:-1])
     steps = [s["layer"] for s in plan["selection"]["steps"]]
     assert sorted(steps) == plan["remove"]
+
+
+def test_cli_heal_refit_records_the_refit(tiny_llama_dir, tmp_path):
+    out = export_with_cli(tiny_llama_dir, tmp_path, "--layers", "2,3", "--heal", "refit")
+    plan = json.loads((out / "plan.json").read_text())
+    heal = plan["heal"]
+    assert heal["method"] == "refit" and heal["guard"] is True
+    assert [e["layer"] for e in heal["refit"]["layers"]] == [1, 4, 5]
+    run = heal["runs"][0]
+    assert run["held_out_loss_unhealed"] > 0 and "held_out_loss_healed" in run
+    patched = sorted(load_patches(out / "heal.safetensors", spec_for("llama")))
+    kept = [e["layer"] for e in heal["refit"]["layers"] if e["kept"]]
+    want = set(kept) if heal["refit"]["kept"] else set()
+    if run["patched_layer"] is not None:
+        want.add(1)
+    assert patched == sorted(want)
 
 
 def test_remove_auto_needs_a_budget(capsys, tiny_llama_dir, tmp_path, calib_file):

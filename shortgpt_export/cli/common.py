@@ -163,8 +163,10 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         choices=HEAL_METHODS,
         default=DEFAULT_HEAL,
         help="linear: merge a least-squares patch per removed run into the previous "
-        "layer's MLP down projection; none: plain removal; auto: linear where the family "
-        f"allows it, else none with a warning (default {DEFAULT_HEAL})",
+        "layer's MLP down projection (kept only if it lowers held-out loss); refit: that, "
+        "then refit the down projection of every kept layer after the first cut; none: "
+        "plain removal; auto: linear where the family allows it, else none with a warning "
+        f"(default {DEFAULT_HEAL})",
     )
     group.add_argument(
         "--select-tokens",
