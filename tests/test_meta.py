@@ -27,7 +27,8 @@ def test_every_package_folder_is_installed_under_our_namespace():
     """pyproject lists every package folder, converters/ as shortgpt_export.converters."""
     import tomllib
 
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]
+    config = tool["setuptools"]
     assert config["package-dir"] == {"shortgpt_export.converters": "converters"}
     found = set()
     for top, name in (
@@ -37,6 +38,7 @@ def test_every_package_folder_is_installed_under_our_namespace():
         for init in (ROOT / top).rglob("__init__.py"):
             parts = init.parent.relative_to(ROOT / top).parts
             found.add(".".join((name, *parts)))
+    found |= set(tool["setuptools"]["package-data"])  # data folders, listed as packages
     assert set(config["packages"]) == found
     assert not any(p == "converters" or p.startswith("converters.") for p in config["packages"])
 
