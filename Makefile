@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test bench bench-recipes bench-io lint format clean
+.PHONY: install demo test test-fast bench bench-recipes bench-io lint format clean
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q --durations=30
+
+# The suite without the tests that need the default model (the slow ones; see README).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not default_model"
 
 bench: install
 	$(BIN)/python benchmarks/run.py

@@ -90,3 +90,11 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     out = work / "tokenizer-folder"
     GemmaTokenizer(vocab_file=str(work / "tokenizer.model")).save_pretrained(out)
     return out
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that needs the default model (directly or through a fixture), so
+    that `make test-fast` can skip them with ``-m "not default_model"``."""
+    for item in items:
+        if "default_gguf" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.default_model)
