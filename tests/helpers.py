@@ -97,13 +97,10 @@ def torch_perplexity(model, windows) -> float:
     """exp(mean next-token negative log-likelihood) over every predicted token."""
     import math
 
-    import torch
-
-    from shortgpt_export.fidelity import torch_logprobs
-
     total, count = 0.0, 0
-    for window in torch.as_tensor(windows):  # one window at a time: [len, vocab] float64
-        logprobs = torch_logprobs(model, [window])
-        total -= float(logprobs[:-1].gather(-1, window[1:, None]).sum())
-        count += len(window) - 1
+    with torch.inference_mode():
+        for window in torch.as_tensor(windows):  # one window at a time
+            logits = model(input_ids=window[None], use_cache=False).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
+            count += len(window) - 1
     return math.exp(total / count)

@@ -391,11 +391,18 @@ def test_a_gguf_whose_log_probs_are_nan_fails_verification(monkeypatch, tmp_path
     from contextlib import nullcontext
 
     import shortgpt_export.converters.gguf.verify as verify
+    from shortgpt_export.converters.gguf.exporter import GGUFConverter
 
     reference = torch.log_softmax(torch.randn(8, 16, dtype=torch.float64), dim=-1)
     monkeypatch.setattr(verify, "llama_model", lambda path, n_ctx: nullcontext(None))
     monkeypatch.setattr(verify, "llama_logprobs", lambda llm, w: torch.full((8, 16), torch.nan))
     windows = torch.zeros(2, 4, dtype=torch.long)
-    for exact in (True, False):
+    backend = GGUFConverter()
+    for min_top1, max_kl in (
+        (backend.exact_min_top1, backend.exact_max_kl),  # F32/F16 from safetensors
+        (0.0, backend.quantized_max_kl),  # quantized
+    ):
         with pytest.raises(ExportError, match="disagrees with the torch model"):
-            verify.verify_gguf(tmp_path / "x.gguf", reference, None, windows, exact=exact)
+            verify.verify_gguf(
+                tmp_path / "x.gguf", reference, None, windows, min_top1=min_top1, max_kl=max_kl
+            )
