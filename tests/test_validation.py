@@ -203,6 +203,10 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
         "f16,q8_0,q4_k_m",
         "--remove",
         "4",
+        "--heal",  # the table is under test, not the plan: plain removal, less calibration
+        "none",
+        "--calib-tokens",
+        "2048",
         "--out",
         tmp_path / "s",
         "--validate",
