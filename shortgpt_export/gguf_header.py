@@ -108,41 +108,15 @@ def _read_strings(cur: _Cursor, n: int, what: str) -> list[str]:
     return out
 
 
-def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
-    """Skip one value of ``vtype``; returns it for scalars (used for general.alignment)."""
-    if vtype in SCALARS:
-        code, size = SCALARS[vtype]
-        return cur.unpack(code, size, what)
-    if vtype == STRING:
-        cur.string(what)
-        return None
-    if vtype != ARRAY:
-        raise _Bad(f"{what} has unknown value type {vtype}")
-    if depth >= MAX_ARRAY_NESTING:
-        raise _Bad(f"{what} nests arrays deeper than {MAX_ARRAY_NESTING} levels")
-    item_type = cur.unpack("I", 4, f"item type of {what}")
-    if item_type in SCALARS:
-        size = SCALARS[item_type][1]
-        n = cur.count(f"item count of {what}", size)
-        cur.pos += n * size
-    elif item_type == STRING:
-        n = cur.count(f"item count of {what}", 8)
-        _skip_strings(cur, n, what)
-    elif item_type == ARRAY:
-        n = cur.count(f"item count of {what}", 12)
-        for i in range(n):
-            _skip_value(cur, ARRAY, f"{what}[{i}]", depth + 1)
-    else:
-        raise _Bad(f"{what} has unknown item type {item_type}")
-    return None
-
-
-def _read_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
-    """Read one value of ``vtype`` with the same bounds checks as ``_skip_value``."""
+def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, depth: int = 0):
+    """Step over one value of ``vtype`` with every bound checked; return it when ``keep``
+    (scalars always: general.alignment is needed either way). Skipping decodes nothing,
+    which keeps the check fast on a vocabulary of ~10^5 strings."""
     if vtype in SCALARS:
         return cur.unpack(*SCALARS[vtype], what)
     if vtype == STRING:
-        return cur.string(what).decode("utf-8", errors="replace")
+        raw = cur.string(what)
+        return raw.decode("utf-8", errors="replace") if keep else None
     if vtype != ARRAY:
         raise _Bad(f"{what} has unknown value type {vtype}")
     if depth >= MAX_ARRAY_NESTING:
@@ -151,14 +125,18 @@ def _read_value(cur: _Cursor, vtype: int, what: str, depth: int = 0):
     if item_type in SCALARS:
         code, size = SCALARS[item_type]
         n = cur.count(f"item count of {what}", size)
-        values = list(struct.unpack_from(f"{cur.endian}{n}{code}", cur.data, cur.pos))
+        values = (
+            list(struct.unpack_from(f"{cur.endian}{n}{code}", cur.data, cur.pos)) if keep else None
+        )
         cur.pos += n * size
         return values
     if item_type == STRING:
-        return _read_strings(cur, cur.count(f"item count of {what}", 8), what)
+        n = cur.count(f"item count of {what}", 8)
+        return _read_strings(cur, n, what) if keep else _skip_strings(cur, n, what)
     if item_type == ARRAY:
         n = cur.count(f"item count of {what}", 12)
-        return [_read_value(cur, ARRAY, f"{what}[{i}]", depth + 1) for i in range(n)]
+        items = [_value(cur, ARRAY, f"{what}[{i}]", keep=keep, depth=depth + 1) for i in range(n)]
+        return items if keep else None
     raise _Bad(f"{what} has unknown item type {item_type}")
 
 
@@ -190,10 +168,9 @@ def _check(data, size: int, values: dict | None = None) -> None:
             raise _Bad(f"key {name!r} appears twice")
         keys.add(key)
         vtype = cur.unpack("I", 4, f"value type of {name!r}")
-        if values is None:
-            value = _skip_value(cur, vtype, f"value of {name!r}")
-        else:
-            value = values[name] = _read_value(cur, vtype, f"value of {name!r}")
+        value = _value(cur, vtype, f"value of {name!r}", keep=values is not None)
+        if values is not None:
+            values[name] = value
         if name == "general.alignment":
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
                 raise _Bad(f"general.alignment {value!r} is not a power of two")

@@ -292,10 +292,9 @@ def _baseline_and_validate(
     from .validation.artifact_eval import ReportRow
     from .validation.session import measure_artifacts
 
-    identity = Plan(
-        num_layers=plan.num_layers,
-        remove=[],
-        keep=list(range(plan.num_layers)),
+    identity = Plan.removing(
+        plan.num_layers,
+        [],
         metric=plan.metric,
         reason="original, nothing removed",
     )

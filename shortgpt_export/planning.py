@@ -29,6 +29,13 @@ class Plan:
     patch_file: str | None = None  # healed weights, relative to plan.json's folder
     root: str | None = field(default=None, compare=False)  # that folder; not saved
 
+    @classmethod
+    def removing(cls, num_layers: int, remove: list[int], **fields) -> Plan:
+        """A plan that removes ``remove`` (sorted) and keeps every other layer, in order."""
+        gone = set(remove)
+        keep = [i for i in range(num_layers) if i not in gone]
+        return cls(num_layers=num_layers, remove=sorted(remove), keep=keep, **fields)
+
     def to_json(self) -> str:
         data = asdict(self)
         del data["root"]
@@ -127,11 +134,9 @@ def make_plan(
         order = sorted(range(num_layers), key=lambda i: (scores[i], i))
         chosen = sorted(order[:remove])
         reason = f"remove {remove} lowest-{metric.upper() if metric == 'bi' else metric} layers"
-    keep = [i for i in range(num_layers) if i not in set(chosen)]
-    return Plan(
-        num_layers=num_layers,
-        remove=chosen,
-        keep=keep,
+    return Plan.removing(
+        num_layers,
+        chosen,
         metric=metric,
         reason=reason,
         scores=list(scores) if scores is not None else None,

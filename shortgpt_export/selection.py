@@ -62,10 +62,9 @@ def block_plan(
         start, distance = block_choice(distances, n)
         remove = list(range(start, start + n))
         selection.update(start=start, distance=distance)
-    return Plan(
-        num_layers=num_layers,
-        remove=remove,
-        keep=[i for i in range(num_layers) if i not in set(remove)],
+    return Plan.removing(
+        num_layers,
+        remove,
         metric="angular",
         reason=f"remove the block of {n} layers with the smallest input-output angular distance",
         scores=scores,
@@ -87,10 +86,9 @@ def greedy_plan(
     """The plan of the first ``len(steps)`` greedy removals."""
     remove = sorted(s.layer for s in steps)
     how = " with a linear patch fitted for each candidate" if heal else ""
-    return Plan(
-        num_layers=num_layers,
-        remove=remove,
-        keep=[i for i in range(num_layers) if i not in set(remove)],
+    return Plan.removing(
+        num_layers,
+        remove,
         metric="loss",
         reason=f"remove {len(steps)} layers greedily by calibration loss{how} (SLEB)",
         scores=scores,
