@@ -74,6 +74,18 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def known_bpe_tokenizer_dir(default_gguf, tmp_path_factory) -> Path:
+    """The default model's byte-level BPE tokenizer (SmolLM2, 49152 tokens), whose
+    pre-tokenizer llama.cpp's converter recognises: for families whose converter reads only
+    tokenizer.json (OLMo 2, Qwen-MoE)."""
+    from shortgpt_export.gguf_tokenizer import tokenizer_from_gguf
+
+    out = tmp_path_factory.mktemp("bpe-tokenizer")
+    tokenizer_from_gguf(default_gguf).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def spm_tokenizer_dir(tmp_path_factory) -> Path:
     """A Gemma-style SentencePiece tokenizer (BPE, byte fallback, vocab 600) trained on the
     built-in calibration text: what llama.cpp's converter needs for Gemma (and Phi-3)."""

@@ -3,6 +3,7 @@ and the builders the session fixtures in conftest.py call."""
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -69,8 +70,17 @@ TINY_CONFIGS: dict[str, dict] = {
         "mlp_only_layers": [1],
         "norm_topk_prob": True,  # as Qwen3-MoE checkpoints (llama.cpp assumes it)
     },
-    "mamba": {"hidden_size": 64, "state_size": 8, "num_hidden_layers": 6, "expand": 2},
+    # llama.cpp pads a Mamba vocabulary to a multiple of 8 (Mamba-2: 16) and expects the
+    # embedding padded too, as the real checkpoints ship it: 608 fits both tokenizers
+    "mamba": {
+        "hidden_size": 64,
+        "state_size": 8,
+        "num_hidden_layers": 6,
+        "expand": 2,
+        "vocab_size": 608,
+    },
     "mamba2": {
+        "vocab_size": 608,
         "hidden_size": 64,
         "state_size": 16,
         "num_hidden_layers": 6,
@@ -141,20 +151,36 @@ def build_tiny_tokenizer(out: Path) -> Path:
     return out
 
 
+# The decoder parameters (regex on names inside a block) the scale-up below multiplies,
+# where not all 2-D ones. Mamba: the scan multiplies x, dt, B and C, so scaling them too
+# sends the out_proj input to 1.6e9 at block 5, past F16's 65504: llama.cpp feeds F16 and
+# quantized matrix products F16 activations, which overflow to NaN (F16, Q8_0, Q4_K_M all
+# NaN; F32 fine). Scaling out_proj alone keeps every linear input under 4 and each block
+# distinct. Mamba-2: unscaled (its blocks differ without it; scaled, the tiny model turns
+# so sensitive that F16 rounding alone flips top-1 on non-tied tokens, in torch too).
+SCALED_PARAMS = {"mamba": r"mixer\.out_proj\.", "mamba2": r"(?!)"}
+
+
 SLIDING_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers")
 
 
 def build_tiny_model(
-    family: str, tokenizer_dir: Path, out: Path, seed: int = 0, full_attention: bool = False
+    family: str,
+    tokenizer_dir: Path,
+    out: Path,
+    seed: int = 0,
+    full_attention: bool = False,
+    **overrides,
 ) -> Path:
     """A tiny random model of ``family``; ``full_attention`` drops its sliding windows
-    (llama.cpp runs these families without them)."""
+    (llama.cpp runs these families without them); ``overrides`` replace config keys."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     extra = {
         k: v for k, v in TINY_CONFIGS[family].items() if not (full_attention and k in SLIDING_KEYS)
     }
+    extra.update(overrides)
     if full_attention and family == "mistral":
         extra["sliding_window"] = None
     from shortgpt_export.architectures import spec_for
@@ -171,11 +197,11 @@ def build_tiny_model(
     model = AutoModelForCausalLM.from_config(config)
     # Random init gives near-identity residual blocks; scale the weights up so each
     # layer changes the hidden state by a different, measurable amount.
+    scaled = re.compile(SCALED_PARAMS.get(family, r".*(?<!A_log)$"))
     with torch.no_grad():
         for index, layer in enumerate(spec_for(family).decoder_layers(model)):
             for name, param in layer.named_parameters():
-                # (Mamba's A_log is a log: scaled, exp(A_log) overflows F16 in a GGUF)
-                if param.dim() == 2 and not name.endswith("A_log"):
+                if param.dim() == 2 and scaled.match(name):
                     param.mul_(1.0 + 2.0 * index)
         # Peaked next-token distributions, like a trained model's: near-ties between the
         # top two tokens would make top-1 agreement measure rounding noise.
