@@ -40,9 +40,6 @@ class ArchitectureSpec:
     # (llama.cpp's convert_hf_to_gguf.py in a subprocess), or None: refused, for ``gguf_note``.
     gguf_converter: str | None = "llama.cpp"
     gguf_note: str = ""
-    # The GGUF every quant type is made from. F16 unless measured wrong: llama.cpp gives
-    # NaN on an F16 Mamba file where the F32 one matches torch (tiny random models).
-    gguf_base_type: str = "F16"
     # llama.cpp derives this family's sliding/global attention pattern from the layer index
     # with this period (layer i is global when i % period == period - 1), unless the GGUF
     # carries ``{arch}.attention.sliding_window_pattern`` and llama.cpp reads it for the
@@ -200,7 +197,6 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "mamba",
             "Mamba",
             gguf_arch="mamba",
-            gguf_base_type="F32",
             layers_path="backbone.layers",
             tensor_layer_pattern=r"^backbone\.layers\.(\d+)\.",
             final_norm_path="backbone.norm_f",
@@ -211,7 +207,6 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "mamba2",
             "Mamba-2",
             gguf_arch="mamba2",
-            gguf_base_type="F32",  # F16 missed the check (top-1 0.972), F32 matched
             layers_path="backbone.layers",
             tensor_layer_pattern=r"^backbone\.layers\.(\d+)\.",
             final_norm_path="backbone.norm_f",

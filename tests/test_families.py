@@ -386,8 +386,9 @@ def test_cli_refuses_an_impossible_format_before_any_work(
 
 
 def test_a_gguf_whose_log_probs_are_nan_fails_verification(monkeypatch, tmp_path):
-    """llama.cpp computes NaN with some files (tiny Mamba, F16 or Q8_0): NaN compares
-    False with every bound, so the check must be written to fail on it."""
+    """llama.cpp computes NaN when an activation overflows F16 (a tiny Mamba with its scan
+    inputs scaled up, F16 or Q8_0): NaN compares False with every bound, so the check must
+    be written to fail on it, and the hint names F32."""
     from contextlib import nullcontext
 
     import shortgpt_export.converters.gguf.verify as verify
@@ -402,11 +403,11 @@ def test_a_gguf_whose_log_probs_are_nan_fails_verification(monkeypatch, tmp_path
         (backend.exact_min_top1, backend.exact_max_kl),  # F32/F16 from safetensors
         (0.0, backend.quantized_max_kl),  # quantized
     ):
-        with pytest.raises(ExportError, match="disagrees with the torch model"):
+        with pytest.raises(ExportError, match="disagrees with the torch model") as error:
             verify.verify_gguf(
                 tmp_path / "x.gguf", reference, None, windows, min_top1=min_top1, max_kl=max_kl
             )
-
+        assert "past F16's range" in error.value.hint and "--quant F32" in error.value.hint
 
 
 # Families through llama.cpp's converter, by the tokenizer their tiny model needs, with the

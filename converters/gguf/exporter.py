@@ -164,8 +164,7 @@ class GGUFConverter:
     ) -> tuple[Path, str]:
         """The pruned GGUF every quant type starts from, and its type name.
 
-        From safetensors that is the family's base type (F16, F32 for Mamba), or F32 when
-        F32 is among the outputs.
+        From safetensors that is F16, or F32 when F32 is among the outputs.
         """
         if ctx.source.kind == "pickle":
             raise ExportError(
@@ -193,7 +192,7 @@ class GGUFConverter:
                 log.info("healed down projections written as F32 into %s", target.name)
             return target, info.file_type or "source"
         wants_f32 = any(q.name == "F32" for q in quants)
-        base_type = "F32" if wants_f32 else ctx.source.spec.gguf_base_type
+        base_type = "F32" if wants_f32 else "F16"
         target = staging / f"pruned-{base_type}.gguf"
         if converter_for(ctx.source.spec, ctx.options.converter) == "llama.cpp":
             from .llama_cpp_converter import convert_with_llama_cpp
