@@ -47,6 +47,12 @@ class ArchitectureSpec:
     # layer's attention type at its new index (converters/gguf/attention_pattern.py).
     gguf_swa_period: int | None = None
     gguf_swa_per_layer: bool = False
+    # llama.cpp runs this family's sliding window (its converter writes it). Where not, a
+    # config with one gets a warning on GGUF export: the GGUF attends to the full context.
+    gguf_sliding_window: bool = False
+    # llama.cpp's graph for this arch has experts in every layer: a pruned model that keeps
+    # a dense-MLP layer (Qwen-MoE ``mlp_only_layers`` / ``decoder_sparse_step``) is refused.
+    gguf_moe_only: bool = False
     # Tensors that sit in a layer's namespace but belong to the stack's first block
     # whichever it is (RWKV's pre_ln in blocks.0): they stay at index 0 when 0 is removed.
     first_block_modules: tuple[str, ...] = ()
@@ -140,6 +146,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ArchitectureSpec(
             "gemma2",
             "Gemma 2",
+            gguf_sliding_window=True,
             gguf_arch="gemma2",
             gguf_swa_period=2,
             gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
@@ -149,6 +156,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ArchitectureSpec(
             "gemma3_text",
             "Gemma 3 (text)",
+            gguf_sliding_window=True,
             gguf_arch="gemma3",
             gguf_swa_period=6,
             gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
@@ -158,6 +166,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ArchitectureSpec(
             "phi3",
             "Phi-3 / 3.5 / 4-mini",
+            gguf_sliding_window=True,
             gguf_arch="phi3",
             examples=("microsoft/Phi-4-mini-instruct",),
         ),
@@ -187,11 +196,17 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "qwen2_moe",
             "Qwen2-MoE",
             gguf_arch="qwen2moe",
+            gguf_moe_only=True,
             **MOE,
             examples=("Qwen/Qwen1.5-MoE-A2.7B",),
         ),
         ArchitectureSpec(
-            "qwen3_moe", "Qwen3-MoE", gguf_arch="qwen3moe", **MOE, examples=("Qwen/Qwen3-30B-A3B",)
+            "qwen3_moe",
+            "Qwen3-MoE",
+            gguf_arch="qwen3moe",
+            gguf_moe_only=True,
+            **MOE,
+            examples=("Qwen/Qwen3-30B-A3B",),
         ),
         ArchitectureSpec(
             "mamba",

@@ -474,3 +474,98 @@ def check_family_gguf(family, tokenizer_dir, overrides, tmp_path, remove=3):
         assert quantized.kl_divergence <= QUANTIZED_MAX_KL, quantized  # NaN fails too
         assert llm("The river", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] > 0
     print(f"\n{family}: F16 {fidelity}\n{family}: Q8_0 {quantized}")
+
+
+def test_moe_only_archs_refuse_kept_dense_layers_before_converting(
+    family_dirs, tmp_path, monkeypatch
+):
+    """llama.cpp's qwen2moe / qwen3moe graphs have experts in every layer (its converter
+    fails on a dense layer: "Can not map tensor 'model.layers.0.mlp.down_proj.weight'",
+    measured on both): a pruned model that keeps one is refused before any conversion,
+    naming the layers and the removal that drops them."""
+    import shortgpt_export.converters.gguf.llama_cpp_converter as llama_cpp_converter
+    from shortgpt_export.converters import ExportContext
+    from shortgpt_export.converters.gguf import GGUFConverter
+    from shortgpt_export.converters.gguf.moe_layers import check_dense_layers
+    from shortgpt_export.export_options import ExportOptions
+
+    def no_conversion(*args, **kwargs):
+        pytest.fail("the converter ran")
+
+    monkeypatch.setattr(llama_cpp_converter, "convert_with_llama_cpp", no_conversion)
+    source = resolve_source(str(family_dirs("qwen2_moe")))  # dense 0, 2, 4 (step 2, [4])
+    ctx = ExportContext(
+        source=source,
+        plan=make_plan(6, layers=[1]),
+        out_dir=tmp_path,
+        options=ExportOptions(formats=["gguf"], verify=False),
+    )
+    with pytest.raises(ExportError, match=r"Qwen2-MoE \(qwen2_moe\) cannot keep dense-MLP "
+                       r"layers \[0, 2, 4\].*qwen2moe graph") as error:  # fmt: skip
+        GGUFConverter().export(ctx)
+    assert "--layers 0,1,2,4" in error.value.hint
+    config = json.loads((family_dirs("qwen2_moe") / "config.json").read_text())
+    assert check_dense_layers(source.spec, config, make_plan(6, layers=[0, 2, 4])) is None
+    qwen3 = {"num_hidden_layers": 6, "num_experts": 4, "mlp_only_layers": [1]}
+    with pytest.raises(ExportError, match=r"Qwen3-MoE .* layers \[1\]"):
+        check_dense_layers(spec_for("qwen3_moe"), qwen3, make_plan(6, layers=[3]))
+    assert check_dense_layers(spec_for("qwen3_moe"), qwen3, make_plan(6, layers=[1])) is None
+    assert check_dense_layers(spec_for("mixtral"), qwen3, make_plan(6, layers=[3])) is None
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_gguf_export_warns_where_llama_cpp_drops_the_sliding_window(family, caplog):
+    """llama.cpp's converter writes no sliding window for the llama arch (Mistral, Mixtral)
+    nor Qwen: such a GGUF attends to the full context, and the export says so. Gemma and
+    Phi-3 GGUFs carry the window: no warning; nor without a window."""
+    from shortgpt_export.converters.gguf.attention_pattern import warn_full_attention
+
+    spec = spec_for(family)
+    config = {"sliding_window": 16, "max_position_embeddings": 256}
+    with caplog.at_level(logging.WARNING):
+        window = warn_full_attention(spec, config)
+    if family in {"gemma2", "gemma3_text", "phi3"}:
+        assert window is None and not caplog.records
+    else:
+        assert window == 16
+        assert (
+            f"llama.cpp runs {spec.display_name} ({family}) without its 16-token sliding "
+            "window: the GGUF attends to the full context"
+        ) in caplog.text
+    caplog.clear()
+    for quiet in (
+        {"sliding_window": None, "max_position_embeddings": 256},
+        {"sliding_window": 16, "use_sliding_window": False, "max_position_embeddings": 256},
+        {"sliding_window": 4096, "max_position_embeddings": 4096},
+        {**config, "layer_types": ["full_attention"] * 4},
+    ):
+        assert warn_full_attention(spec, quiet) is None
+    assert not caplog.records
+
+
+def test_mixtral_gguf_export_with_a_sliding_window_warns(
+    spm_tokenizer_dir, tmp_path, monkeypatch, caplog
+):
+    """The warning comes from the GGUF back-end, before llama.cpp's converter runs."""
+    from tiny_models import build_tiny_model
+
+    import shortgpt_export.converters.gguf.llama_cpp_converter as llama_cpp_converter
+    from shortgpt_export.converters import ExportContext
+    from shortgpt_export.converters.gguf import GGUFConverter
+    from shortgpt_export.export_options import ExportOptions
+
+    class Converted(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Converted
+
+    monkeypatch.setattr(llama_cpp_converter, "convert_with_llama_cpp", stop)
+    folder = build_tiny_model("mixtral", spm_tokenizer_dir, tmp_path / "m", sliding_window=16)
+    source = resolve_source(str(folder))
+    options = ExportOptions(formats=["gguf"], verify=False)
+    ctx = ExportContext(source, make_plan(6, layers=[1]), tmp_path / "out", options=options)
+    ctx.out_dir.mkdir()
+    with caplog.at_level(logging.WARNING), pytest.raises(Converted):
+        GGUFConverter().export(ctx)
+    assert "Mixtral (mixtral) without its 16-token sliding window" in caplog.text

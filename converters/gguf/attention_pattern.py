@@ -12,11 +12,18 @@ shifts the later ones, and the GGUF would silently compute something else. So:
 * for a family with an index-derived pattern where it does not, a plan that moves any
   kept layer onto an index of the other kind is refused, naming the lowest-scored plan
   of the same size that keeps the pattern.
+
+Families whose llama.cpp graph has no sliding window at all (Llama, Mistral, Mixtral,
+Qwen) run the GGUF over the full context: a config with a window gets a warning.
 """
 
 from __future__ import annotations
 
+import logging
+
 from shortgpt_export.errors import ExportError
+
+log = logging.getLogger(__name__)
 
 SLIDING = "sliding_attention"
 
@@ -144,3 +151,24 @@ def add_pattern(path, arch: str, pattern: list[bool]) -> None:
         writer.close()
     del reader
     os.replace(tmp, path)
+
+
+def warn_full_attention(spec, config: dict) -> int | None:
+    """Log that the GGUF attends to the full context when the config has a sliding window
+    llama.cpp does not run for ``spec``'s family (its converter does not write one: Llama,
+    Mistral, Mixtral, Qwen); returns that window, else None."""
+    window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    types = config.get("layer_types")
+    if spec.gguf_sliding_window or not window or (isinstance(types, list) and SLIDING not in types):
+        return None
+    if window >= config.get("max_position_embeddings", window + 1):
+        return None
+    log.warning(
+        "llama.cpp runs %s (%s) without its %d-token sliding window: the GGUF attends to the "
+        "full context, so contexts longer than %d tokens differ from the torch model",
+        spec.display_name,
+        spec.model_type,
+        window,
+        window,
+    )
+    return window

@@ -14,8 +14,9 @@ from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
-from .attention_pattern import add_pattern, check_plan, pattern_key
+from .attention_pattern import add_pattern, check_plan, pattern_key, warn_full_attention
 from .modelfile import render_modelfile, stop_tokens_from_gguf
+from .moe_layers import check_dense_layers
 from .prune_gguf import prune_gguf
 from .quantize import QUANT_TYPES, QuantType, parse_quant_list, quantize_gguf
 
@@ -171,7 +172,8 @@ class GGUFConverter:
                 "GGUF export reads safetensors; this model has only pickle checkpoints",
                 hint="run with --to hf first, then export the hf/ folder it writes",
             )
-        pattern = check_plan(ctx.source.spec, _config_dict(ctx.source), ctx.plan)
+        config = _config_dict(ctx.source)
+        pattern = check_plan(ctx.source.spec, config, ctx.plan)
         if ctx.source.kind == "gguf":
             target = staging / "pruned-source.gguf"
             weights = ctx.plan.patch_weights(ctx.source.spec) or {}
@@ -191,6 +193,8 @@ class GGUFConverter:
             if patches:
                 log.info("healed down projections written as F32 into %s", target.name)
             return target, info.file_type or "source"
+        check_dense_layers(ctx.source.spec, config, ctx.plan)
+        warn_full_attention(ctx.source.spec, config)
         wants_f32 = any(q.name == "F32" for q in quants)
         base_type = "F32" if wants_f32 else "F16"
         target = staging / f"pruned-{base_type}.gguf"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,8 +13,6 @@ from shortgpt_export.safetensors_io import TensorRef, read_tensor_into
 
 from .metadata import add_general_metadata
 from .tokenizer import add_tokenizer
-
-log = logging.getLogger(__name__)
 
 # F32/F16 are the bases the GGUF back-end writes; Q8_0 (gguf-py's own quantizer) lets tests
 # build a quantized GGUF source without llama.cpp.
@@ -121,13 +118,6 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
     name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-    if sliding and sliding < config["max_position_embeddings"]:
-        log.warning(
-            "llama.cpp runs %s without its %d-token sliding window; long contexts differ",
-            spec.gguf_arch,
-            sliding,
-        )
 
     refs: list[tuple[str, TensorRef | None]] = []
     for ref in plan_tensors(source_tensors(folder, plan.patch_path()), spec, plan):
