@@ -569,3 +569,29 @@ def test_mixtral_gguf_export_with_a_sliding_window_warns(
     with caplog.at_level(logging.WARNING), pytest.raises(Converted):
         GGUFConverter().export(ctx)
     assert "Mixtral (mixtral) without its 16-token sliding window" in caplog.text
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite", "olmo2", "phi3"])
+def test_onnx_fp32_of_the_pruned_family_matches_torch(family, pruned_folders, tmp_path):
+    """optimum's decoder export of each pruned family agrees with the pruned torch model on
+    windows longer than the sliding window, and greedy decoding with the KV cache equals
+    decoding without it and torch's."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from shortgpt_export.converters.onnx.build import export_fp32
+    from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
+    from shortgpt_export.onnx_runtime import OnnxDecoder
+
+    _, hf = pruned_folders(family)
+    export_fp32(hf, tmp_path / "onnx")
+    model = load(hf)
+    windows = token_ids(model.config.vocab_size)
+    decoder = OnnxDecoder(tmp_path / "onnx")
+    fidelity = compare_logprobs(torch_logprobs(model, windows), decoder.logprobs(windows))
+    print(f"\n{family} ONNX fp32: {fidelity}")
+    assert fidelity.max_abs_logprob_diff < 1e-4, fidelity
+    assert fidelity.top1_agreement == 1.0, fidelity
+    prompt = windows[0, :10].tolist()
+    cached = decoder.greedy(prompt, 24, use_cache=True)  # 34 tokens: past the 16-token window
+    assert cached == decoder.greedy(prompt, 24, use_cache=False)
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
+    assert cached == want[0, len(prompt) :].tolist()
