@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # build a quantized GGUF source without llama.cpp.
 OUT_TYPES = ("F32", "F16", "Q8_0")
 SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
+SEPARATOR = "\x00"  # joins a string array for packing; one byte in UTF-8
 
 
 def _model_arch(name: str):
@@ -233,22 +234,30 @@ def _fast_writer_class():
 def _pack_strings(strings, order: str) -> bytes:
     """GGUF string array body: each string's UTF-8 byte length (uint64) then its bytes.
 
-    Encoded one C-level ``map`` at a time and interleaved by numpy scatter, with no
-    Python-level loop over the strings.
+    The strings are joined and encoded in one call each; numpy finds the byte lengths
+    from the separators and interleaves them with the text, so no Python-level loop runs
+    over the strings. A separator inside a string falls back to encoding one at a time.
     """
     import numpy as np
 
     count = len(strings)
-    encoded = list(map(str.encode, strings))
-    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=count)
-    blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    text = SEPARATOR.join(strings)
+    if text.count(SEPARATOR) == count - 1:
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        cuts = np.flatnonzero(raw == ord(SEPARATOR))
+        lengths = np.diff(cuts, prepend=-1, append=raw.size) - 1
+        blob = np.delete(raw, cuts)
+    else:
+        encoded = list(map(str.encode, strings))
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=count)
+        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     body = np.empty(8 * count + blob.size, dtype=np.uint8)
     prefix = np.arange(count) * 8 + np.cumsum(lengths) - lengths  # where each length goes
     prefix_bytes = (prefix[:, None] + np.arange(8)).ravel()
     body[prefix_bytes] = lengths.astype(f"{order}u8").view(np.uint8)
-    text = np.ones(body.size, dtype=bool)
-    text[prefix_bytes] = False
-    body[text] = blob
+    text_bytes = np.ones(body.size, dtype=bool)
+    text_bytes[prefix_bytes] = False
+    body[text_bytes] = blob
     return body.tobytes()
 
 

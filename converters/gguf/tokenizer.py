@@ -32,7 +32,9 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     vocab = model.get("vocab", {})
     # C-level scans (filter, map, zip, set) over the ~50k-100k entries: a Python-level
     # loop per token costs tens of milliseconds each, most of a small model's export
-    byte_tokens = any(t.endswith(">") for t in filter(methodcaller("startswith", "<0x"), vocab))
+    byte_tokens = "<0x" in "\n".join(vocab) and any(
+        t.endswith(">") for t in filter(methodcaller("startswith", "<0x"), vocab)
+    )
     if model.get("type") != "BPE" or byte_tokens:
         # SentencePiece-style vocabularies (byte tokens <0xNN>) need llama.cpp's converter
         raise ExportError(
