@@ -14,11 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from shortgpt_export.converters import ExportContext
 from shortgpt_export.converters.gguf import hf_to_gguf, tokenizer
-from shortgpt_export.converters.gguf.hf_to_gguf import (
-    _fast_writer_class,
-    _pack_strings,
-    convert_pruned,
-)
+from shortgpt_export.converters.gguf.hf_to_gguf import _fast_writer_class, convert_pruned
+from shortgpt_export.converters.gguf.packing import pack_strings
 from shortgpt_export.converters.gguf.tokenizer import _special_vocab, merge_strings
 from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import plan_tensors, source_tensors
@@ -166,6 +163,6 @@ def test_special_vocab_without_links_reads_the_folder(tiny_llama_dir, monkeypatc
 )
 def test_pack_strings_matches_gguf_per_string_packing(strings):
     expected = b"".join(struct.pack("<Q", len(s.encode())) + s.encode() for s in strings)
-    assert _pack_strings(strings, "<") == expected
+    assert pack_strings(strings, "<") == expected
     big = b"".join(struct.pack(">Q", len(s.encode())) + s.encode() for s in strings)
-    assert _pack_strings(strings, ">") == big
+    assert pack_strings(strings, ">") == big

@@ -14,6 +14,7 @@ from shortgpt_export.pruning import plan_tensors, prune_config_dict, source_tens
 from shortgpt_export.safetensors_io import TensorRef, read_tensor_into
 
 from .metadata import add_general_metadata
+from .packing import PackedStrings, pack_strings
 from .tokenizer import add_tokenizer
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,6 @@ log = logging.getLogger(__name__)
 # build a quantized GGUF source without llama.cpp.
 OUT_TYPES = ("F32", "F16", "Q8_0")
 SKIP_SUFFIXES = ("rotary_emb.inv_freq",)
-SEPARATOR = "\x00"  # joins a string array for packing; one byte in UTF-8
 
 
 def _model_arch(name: str):
@@ -211,15 +211,18 @@ def _fast_writer_class():
 
     class FastGGUFWriter(gguf.GGUFWriter):
         def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-            if vtype != vt.ARRAY or not isinstance(val, (list, tuple)) or len(val) < 2:
+            if (
+                vtype != vt.ARRAY
+                or not isinstance(val, (list, tuple, PackedStrings))
+                or len(val) < 2
+            ):
                 return super()._pack_val(val, vtype, add_vtype, sub_type)
             order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
-            kinds = set(map(type, val))  # C-level scans; a per-item check costs 0.1 s
-            if sub_type in (None, vt.STRING) and kinds == {str}:
-                body = _pack_strings(val, order)
-                ltype = vt.STRING
+            strings = isinstance(val, PackedStrings) or set(map(type, val)) == {str}
+            if sub_type in (None, vt.STRING) and strings:
+                body, ltype = pack_strings(val, order), vt.STRING
             elif sub_type in (None, vt.INT32) and all(
-                issubclass(k, int) and not issubclass(k, bool) for k in kinds
+                issubclass(k, int) and not issubclass(k, bool) for k in set(map(type, val))
             ):
                 body = struct.pack(f"{order}{len(val)}i", *val)
                 ltype = vt.INT32
@@ -229,36 +232,6 @@ def _fast_writer_class():
             return head + struct.pack(f"{order}IQ", ltype, len(val)) + body
 
     return FastGGUFWriter
-
-
-def _pack_strings(strings, order: str) -> bytes:
-    """GGUF string array body: each string's UTF-8 byte length (uint64) then its bytes.
-
-    The strings are joined and encoded in one call each; numpy finds the byte lengths
-    from the separators and interleaves them with the text, so no Python-level loop runs
-    over the strings. A separator inside a string falls back to encoding one at a time.
-    """
-    import numpy as np
-
-    count = len(strings)
-    text = SEPARATOR.join(strings)
-    if text.count(SEPARATOR) == count - 1:
-        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-        cuts = np.flatnonzero(raw == ord(SEPARATOR))
-        lengths = np.diff(cuts, prepend=-1, append=raw.size) - 1
-        blob = np.delete(raw, cuts)
-    else:
-        encoded = list(map(str.encode, strings))
-        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=count)
-        blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    body = np.empty(8 * count + blob.size, dtype=np.uint8)
-    prefix = np.arange(count) * 8 + np.cumsum(lengths) - lengths  # where each length goes
-    prefix_bytes = (prefix[:, None] + np.arange(8)).ravel()
-    body[prefix_bytes] = lengths.astype(f"{order}u8").view(np.uint8)
-    text_bytes = np.ones(body.size, dtype=bool)
-    text_bytes[prefix_bytes] = False
-    body[text_bytes] = blob
-    return body.tobytes()
 
 
 @contextmanager

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from itertools import chain, repeat
+from collections.abc import Sequence
+from itertools import repeat
 from operator import methodcaller
 from pathlib import Path
 
 from shortgpt_export.errors import ExportError
 from shortgpt_export.pretokenizers import llama_cpp_name, signature
+
+from .packing import joined_pairs
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def _special_vocab(folder: Path, data: dict, size: int):
         return gguf.SpecialVocab(folder, load_merges=False, n_vocab=size)
 
 
-def merge_strings(merges) -> list[str] | None:
+def merge_strings(merges) -> Sequence[str] | None:
     """tokenizer.json merges as GGUF's ``"a b"`` strings (spaces in a part become U+0120,
     as gguf.SpecialVocab writes them); None when absent or in another format."""
     if not isinstance(merges, list) or not merges:
@@ -124,16 +127,9 @@ def merge_strings(merges) -> list[str] | None:
     if isinstance(merges[0], str):
         return merges if all(isinstance(m, str) for m in merges) else None
     space = chr(0x120)
-    parts = list(chain.from_iterable(merges)) if set(map(type, merges)) == {list} else []
-    if (
-        len(parts) == 2 * len(merges)
-        and set(map(len, merges)) == {2}
-        and set(map(type, parts)) == {str}
-    ):
-        # all [a, b] string pairs: no Python-level loop
-        firsts = map(str.replace, parts[0::2], repeat(" "), repeat(space))
-        seconds = map(str.replace, parts[1::2], repeat(" "), repeat(space))
-        return list(map(" ".join, zip(firsts, seconds, strict=True)))
+    packed = joined_pairs(merges, space)  # no Python-level loop over the pairs
+    if packed is not None:
+        return packed
     try:
         return [f"{a.replace(' ', space)} {b.replace(' ', space)}" for a, b in merges]
     except (TypeError, ValueError, AttributeError):  # not [a, b] string pairs
