@@ -11,10 +11,16 @@ import gguf
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import TINY_CONFIGS
 
+from shortgpt_export.architectures import spec_for
 from shortgpt_export.converters import ExportContext
 from shortgpt_export.converters.gguf import hf_to_gguf, tokenizer
-from shortgpt_export.converters.gguf.hf_to_gguf import _fast_writer_class, convert_pruned
+from shortgpt_export.converters.gguf.hf_to_gguf import (
+    BlockNameMap,
+    _fast_writer_class,
+    convert_pruned,
+)
 from shortgpt_export.converters.gguf.packing import pack_strings
 from shortgpt_export.converters.gguf.tokenizer import _special_vocab, merge_strings
 from shortgpt_export.planning import make_plan
@@ -166,3 +172,26 @@ def test_pack_strings_matches_gguf_per_string_packing(strings):
     assert pack_strings(strings, "<") == expected
     big = b"".join(struct.pack(">Q", len(s.encode())) + s.encode() for s in strings)
     assert pack_strings(strings, ">") == big
+
+
+GGUF_FAMILIES = sorted(
+    f for f in TINY_CONFIGS if spec_for(f).gguf_arch in gguf.MODEL_ARCH_NAMES.values()
+)
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_block_name_map_names_every_tensor_as_the_full_map(family, family_dirs):
+    folder = family_dirs(family)
+    spec = spec_for(family)
+    config = json.loads((folder / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    arch = hf_to_gguf._model_arch(spec.gguf_arch)
+    full = gguf.get_tensor_name_map(arch, layers)
+    names = BlockNameMap(arch, layers, spec)
+    tensors = [*source_tensors(folder), "model.layers.99.self_attn.q_proj.weight", "no.such"]
+    found = 0
+    for name in tensors:
+        expected = full.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert names.get_name(name) == expected, name
+        found += expected is not None
+    assert found > layers  # real names resolve (per-expert MoE tensors may not, in both)

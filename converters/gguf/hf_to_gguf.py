@@ -84,6 +84,42 @@ def llama3_rope_factors(config: dict):
     return factors.astype(np.float32)
 
 
+class BlockNameMap:
+    """gguf's tensor names, looked up in a one-block ``TensorNameMap``.
+
+    gguf-py builds its map by walking every tensor table once per block (17 ms for 30
+    layers, more for deeper models); a layer's tensor is looked up as layer 0 and its
+    ``blk.0.`` renumbered. Names that do not resolve that way go to the full map.
+    """
+
+    SUFFIXES = (".weight", ".bias")
+
+    def __init__(self, arch, n_blocks: int, spec):
+        import gguf
+
+        self.arch, self.n_blocks, self.spec = arch, n_blocks, spec
+        self.one = gguf.get_tensor_name_map(arch, 1)
+        self._full = None
+
+    def get_name(self, name: str) -> str | None:
+        layer = self.spec.layer_of(name)
+        if layer is None:
+            found = self.one.get_name(name, try_suffixes=self.SUFFIXES)
+        elif layer < self.n_blocks:
+            found = self.one.get_name(self.spec.renumber(name, 0), try_suffixes=self.SUFFIXES)
+            found = f"blk.{layer}.{found[6:]}" if found and found.startswith("blk.0.") else None
+        else:
+            found = None
+        return found if found is not None else self.full().get_name(name, self.SUFFIXES)
+
+    def full(self):
+        import gguf
+
+        if self._full is None:
+            self._full = gguf.get_tensor_name_map(self.arch, self.n_blocks)
+        return self._full
+
+
 def _target_type(shape: tuple[int, ...], out_type: str):
     import gguf
 
@@ -120,7 +156,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
         json.loads((folder / "config.json").read_text(encoding="utf-8")), spec, plan.keep
     )
     arch = _model_arch(spec.gguf_arch)
-    name_map = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    name_map = BlockNameMap(arch, config["num_hidden_layers"], spec)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
@@ -135,7 +171,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
     for ref in plan_tensors(source_tensors(folder, plan.patch_path()), spec, plan):
         if ref.name.endswith(SKIP_SUFFIXES):
             continue
-        gguf_name = name_map.get_name(ref.name, try_suffixes=(".weight", ".bias"))
+        gguf_name = name_map.get_name(ref.name)
         if gguf_name is None:
             raise ExportError(f"no GGUF name for tensor {ref.name} ({spec.gguf_arch})")
         refs.append((gguf_name, ref))
