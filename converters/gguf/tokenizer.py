@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Sequence
 from itertools import repeat
@@ -107,7 +108,7 @@ def _special_vocab(folder: Path, data: dict, size: int):
 
     slim = {**data, "model": {k: v for k, v in data["model"].items() if k not in SLIMMED}}
     try:
-        with tempfile.TemporaryDirectory(prefix="shortgpt-vocab-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="shortgpt-vocab-", dir=_memory_tmp()) as tmp:
             view = Path(tmp)
             for entry in folder.iterdir():
                 if entry.name != "tokenizer.json":
@@ -117,6 +118,13 @@ def _special_vocab(folder: Path, data: dict, size: int):
     except OSError as exc:  # no symlinks on this file system
         log.debug("reading %s as it is (%s)", folder, exc)
         return gguf.SpecialVocab(folder, load_merges=False, n_vocab=size)
+
+
+def _memory_tmp() -> str | None:
+    """/dev/shm where it is a writable folder (Linux): creating and deleting a few files
+    there costs microseconds, against ~15 ms on an ext4 disk mounted with ``discard``."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
 
 
 def merge_strings(merges) -> Sequence[str] | None:
