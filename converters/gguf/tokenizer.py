@@ -31,11 +31,11 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
             f"{folder} has no tokenizer.json (only byte-level BPE tokenizers are converted)",
             hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
         )
-    data = json.loads(path.read_bytes())
+    data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
-    vocab = model.get("vocab", {})
     # C-level scans (filter, map, zip, set) over the ~50k-100k entries: a Python-level
     # loop per token costs tens of milliseconds each, most of a small model's export
+    vocab = model.get("vocab", {})
     byte_tokens = "<0x" in "\n".join(vocab) and any(
         t.endswith(">") for t in filter(methodcaller("startswith", "<0x"), vocab)
     )
@@ -54,6 +54,7 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
             "to reproduce",
             hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
         )
+    vocab = model["vocab"]
     tokens: dict[int, str] = dict(zip(vocab.values(), vocab.keys(), strict=True))
     types: dict[int, int] = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
     added_tokens = data.get("added_tokens", [])
