@@ -129,6 +129,7 @@ def export_throughput(reps: int) -> dict:
         runs["gguf_loop"].append(time.perf_counter() - began)
 
     hf_to_gguf._write_tensors = timed_loop
+    load_before = os.getloadavg()[0]
     try:
         for _ in range(reps):
             # each export writes a new file, as the copy does (and as the exporter's
@@ -148,6 +149,7 @@ def export_throughput(reps: int) -> dict:
     finally:
         hf_to_gguf._write_tensors = write_tensors
     result = {k: statistics.median(v) for k, v in runs.items()}
+    result["load"] = (load_before, os.getloadavg()[0])
     result["gguf_bytes"] = gguf_out.stat().st_size
     result["hf_bytes"] = sum(p.stat().st_size for p in hf_out.iterdir() if p.is_file())
     result["hf_weight_bytes"] = sum(w.stat().st_size for w in weights)
@@ -212,7 +214,8 @@ def report(reps: int = 5) -> str:
         f"Exports from the bf16 safetensors copy of the default model, median of {reps}, "
         "each rep writing a new file (the last rep's output deleted before the clock starts, "
         "as the copy's is) and followed by a plain copy (`shutil.copyfile`) of the bytes it "
-        "wrote:",
+        f"wrote; 1-minute load average {t['load'][0]:.1f} before the reps, "
+        f"{t['load'][1]:.1f} after:",
         "",
         "| export | MB written | median s | MB/s | plain copy MB/s | vs. copy |",
         "|---|---:|---:|---:|---:|---:|",
