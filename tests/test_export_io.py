@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
-import gguf
-import torch
+import json
+import shutil
+import struct
+from pathlib import Path
 
-from shortgpt_export.converters.gguf.hf_to_gguf import _fast_writer_class
-from shortgpt_export.converters.gguf.tokenizer import merge_strings
-from shortgpt_export.safetensors_io import read_header, read_tensor_into
+import gguf
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import TINY_CONFIGS
+
+from shortgpt_export.architectures import spec_for
+from shortgpt_export.converters import ExportContext
+from shortgpt_export.converters.gguf import hf_to_gguf, tokenizer
+from shortgpt_export.converters.gguf.hf_to_gguf import (
+    BlockNameMap,
+    _fast_writer_class,
+    convert_pruned,
+)
+from shortgpt_export.converters.gguf.packing import pack_strings
+from shortgpt_export.converters.gguf.tokenizer import _special_vocab, merge_strings
+from shortgpt_export.planning import make_plan
+from shortgpt_export.pruning import plan_tensors, source_tensors
+from shortgpt_export.safetensors_io import load_tensor, read_header, read_tensor_into
+from shortgpt_export.source import resolve_source
 
 TOKENS = ["<|endoftext|>", "Ġthe", "héllo wörld", "", "日本", "a b", *(f"t{i}" for i in range(300))]
 
@@ -40,8 +59,6 @@ def test_fast_writer_packs_the_same_bytes_as_gguf(tmp_path):
 
 
 def test_merge_strings_match_gguf_special_vocab(tmp_path):
-    import json
-
     pairs = [["Ġ", "t"], ["a b", "c"], ["h", "e  "]]
     (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"merges": pairs}}))
     expected = gguf.SpecialVocab(tmp_path, load_merges=True).merges
@@ -52,8 +69,6 @@ def test_merge_strings_match_gguf_special_vocab(tmp_path):
 
 def test_read_tensor_into_reuses_one_buffer(tiny_llama_dir):
     refs, _ = read_header(tiny_llama_dir / "model.safetensors")
-    from safetensors.torch import load_file
-
     expected = load_file(tiny_llama_dir / "model.safetensors")
     buffer = bytearray(max(r.nbytes for r in refs.values()))
     files: dict = {}
@@ -64,3 +79,119 @@ def test_read_tensor_into_reuses_one_buffer(tiny_llama_dir):
     assert len(files) == 1
     for fh in files.values():
         fh.close()
+
+
+def _bf16_copy(folder, target):
+    """``folder`` with its weights re-saved as bfloat16 (the default model's dtype)."""
+    shutil.copytree(folder, target)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, target / "model.safetensors")
+    return target
+
+
+def _export(folder, target, out_type):
+    source = resolve_source(str(folder))
+    plan = make_plan(source.num_layers, layers=[2])
+    convert_pruned(
+        ExportContext(source=source, plan=plan, out_dir=target.parent), target, out_type=out_type
+    )
+    return target.read_bytes()
+
+
+@pytest.mark.parametrize("out_type", ["F16", "F32"])
+def test_chunked_tensor_stream_writes_the_torch_casts(
+    tiny_llama_dir, tmp_path, monkeypatch, out_type
+):
+    folder = _bf16_copy(tiny_llama_dir, tmp_path / "bf16")
+    whole = _export(folder, tmp_path / "whole.gguf", out_type)
+    # q is 4 heads of 1024 elements, k 2: 1000 puts one head in a chunk, 2500 two heads
+    # (and splits the 8192-element MLP matrices unevenly)
+    for chunk in (1000, 2500):
+        monkeypatch.setattr(hf_to_gguf, "CHUNK_ELEMENTS", chunk)
+        assert _export(folder, tmp_path / f"chunk{chunk}.gguf", out_type) == whole
+
+    config = json.loads((folder / "config.json").read_text())
+    source = resolve_source(str(folder))
+    refs = [
+        r
+        for r in plan_tensors(source_tensors(folder), source.spec, make_plan(6, layers=[2]))
+        if not r.name.endswith("inv_freq")
+    ]
+    reader = gguf.GGUFReader(tmp_path / "whole.gguf")
+    assert len(reader.tensors) == len(refs)
+    wide = {"F16": torch.float16, "F32": torch.float32}[out_type]
+    for ref, tensor in zip(refs, reader.tensors, strict=True):
+        expected = load_tensor(ref)
+        for part, heads in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
+            if ref.name.endswith(f"{part}.weight"):
+                n = config[heads]
+                expected = expected.view(n, 2, -1, expected.shape[1]).transpose(1, 2)
+        expected = expected.to(wide if len(ref.shape) > 1 else torch.float32).contiguous()
+        assert bytes(tensor.data.tobytes()) == expected.numpy().tobytes(), ref.name
+    assert reader.data_offset % 32 == 0 and len(whole) % 32 == 0
+
+
+def test_fast_tokenizer_path_writes_what_stock_gguf_writes(tiny_llama_dir, tmp_path, monkeypatch):
+    """One tokenizer.json parse, a slim SpecialVocab folder, numpy packing: the same file as
+    gguf-py's own writer, SpecialVocab and merge parsing on the source folder."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}<|im_end|>")
+    fast = _export(folder, tmp_path / "fast.gguf", "F16")
+    monkeypatch.setattr(hf_to_gguf, "_fast_writer_class", lambda: gguf.GGUFWriter)
+    monkeypatch.setattr(tokenizer, "merge_strings", lambda merges: None)
+    stock = _export(folder, tmp_path / "stock.gguf", "F16")
+    assert fast == stock
+    reader = gguf.GGUFReader(tmp_path / "fast.gguf")
+    assert "tokenizer.chat_template" in reader.fields
+
+
+def test_special_vocab_without_links_reads_the_folder(tiny_llama_dir, monkeypatch):
+    data = json.loads((tiny_llama_dir / "tokenizer.json").read_text())
+    linked = _special_vocab(tiny_llama_dir, data, 512)
+
+    def refuse(self, target):
+        raise OSError("no symlinks here")
+
+    monkeypatch.setattr(Path, "symlink_to", refuse)
+    unlinked = _special_vocab(tiny_llama_dir, data, 512)
+    stock = gguf.SpecialVocab(tiny_llama_dir, n_vocab=512)
+    for vocab in (linked, unlinked):
+        assert vocab.special_token_ids == stock.special_token_ids != {}
+        assert vocab.add_special_token == stock.add_special_token
+        assert vocab.chat_template == stock.chat_template
+
+
+@pytest.mark.parametrize(
+    "strings",
+    [["a", "", "héllo wörld", "日本", "Ġ t"] * 20, ["nul\x00inside", "b", "", "ü"]],
+    ids=["joined", "separator-inside"],
+)
+def test_pack_strings_matches_gguf_per_string_packing(strings):
+    expected = b"".join(struct.pack("<Q", len(s.encode())) + s.encode() for s in strings)
+    assert pack_strings(strings, "<") == expected
+    big = b"".join(struct.pack(">Q", len(s.encode())) + s.encode() for s in strings)
+    assert pack_strings(strings, ">") == big
+
+
+GGUF_FAMILIES = sorted(
+    f for f in TINY_CONFIGS if spec_for(f).gguf_arch in gguf.MODEL_ARCH_NAMES.values()
+)
+
+
+@pytest.mark.parametrize("family", GGUF_FAMILIES)
+def test_block_name_map_names_every_tensor_as_the_full_map(family, family_dirs):
+    folder = family_dirs(family)
+    spec = spec_for(family)
+    config = json.loads((folder / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    arch = hf_to_gguf._model_arch(spec.gguf_arch)
+    full = gguf.get_tensor_name_map(arch, layers)
+    names = BlockNameMap(arch, layers, spec)
+    tensors = [*source_tensors(folder), "model.layers.99.self_attn.q_proj.weight", "no.such"]
+    found = 0
+    for name in tensors:
+        expected = full.get_name(name, try_suffixes=(".weight", ".bias"))
+        assert names.get_name(name) == expected, name
+        found += expected is not None
+    assert found > layers  # real names resolve (per-expert MoE tensors may not, in both)

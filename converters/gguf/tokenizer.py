@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from itertools import repeat
+from operator import methodcaller
 from pathlib import Path
 
 from shortgpt_export.errors import ExportError
 from shortgpt_export.pretokenizers import llama_cpp_name, signature
 
+from .packing import joined_pairs
+
 log = logging.getLogger(__name__)
+
+SLIMMED = ("vocab", "merges")  # the parts of tokenizer.json's model SpecialVocab never reads
 
 
 def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
@@ -24,7 +33,12 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
         )
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data.get("model", {})
-    byte_tokens = any(t.startswith("<0x") and t.endswith(">") for t in model.get("vocab", {}))
+    # C-level scans (filter, map, zip, set) over the ~50k-100k entries: a Python-level
+    # loop per token costs tens of milliseconds each, most of a small model's export
+    vocab = model.get("vocab", {})
+    byte_tokens = "<0x" in "\n".join(vocab) and any(
+        t.endswith(">") for t in filter(methodcaller("startswith", "<0x"), vocab)
+    )
     if model.get("type") != "BPE" or byte_tokens:
         # SentencePiece-style vocabularies (byte tokens <0xNN>) need llama.cpp's converter
         raise ExportError(
@@ -40,18 +54,20 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
             "to reproduce",
             hint="set LLAMA_CPP_DIR and pass --converter llama.cpp",
         )
-    tokens: dict[int, str] = {i: t for t, i in model["vocab"].items()}
+    vocab = model["vocab"]
+    tokens: dict[int, str] = dict(zip(vocab.values(), vocab.keys(), strict=True))
     types: dict[int, int] = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
     added_tokens = data.get("added_tokens", [])
     # ids size the token arrays written below: bound them by the vocabulary
     limit = max(vocab_size, len(tokens) + len(added_tokens))
-    bad = [i for i in [*tokens, *(a.get("id") for a in added_tokens)]
-           if not isinstance(i, int) or not 0 <= i < limit]  # fmt: skip
-    if bad:
-        raise ExportError(
-            f"{path} has token ids outside the vocabulary of {limit} ({bad[0]!r})",
-            hint="re-save the tokenizer",
-        )
+    ids = [*tokens, *(a.get("id") for a in added_tokens)]
+    if set(map(type, ids)) - {int} or (ids and not 0 <= min(ids) <= max(ids) < limit):
+        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < limit]
+        if bad:
+            raise ExportError(
+                f"{path} has token ids outside the vocabulary of {limit} ({bad[0]!r})",
+                hint="re-save the tokenizer",
+            )
     for added in added_tokens:
         tokens[added["id"]] = added["content"]
         types[added["id"]] = (
@@ -60,13 +76,18 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     size = max(vocab_size, max(tokens) + 1)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(size)])
-    writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(size)])
+    if len(tokens) == size:  # every id in 0 .. size - 1 has a token
+        writer.add_token_list(list(map(tokens.__getitem__, range(size))))
+    else:
+        writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(size)])
+    writer.add_token_types(list(map(types.get, range(size), repeat(gguf.TokenType.UNUSED))))
     merges = merge_strings(model.get("merges"))
     # gguf's own merge parsing walks every character in Python (most of the export time
     # of a small model); the merges parsed above are the same strings
-    special = gguf.SpecialVocab(folder, load_merges=merges is None, n_vocab=size)
-    if merges is not None:
+    if merges is None:
+        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=size)
+    else:
+        special = _special_vocab(folder, data, size)
         special.merges, special.load_merges = merges, True
     special.add_to_gguf(writer, quiet=True)
     eos = special.special_token_ids.get("eos")
@@ -75,7 +96,39 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     log.info("tokenizer: %d tokens, pre-tokenizer %s, %d merges", size, pre, len(special.merges))
 
 
-def merge_strings(merges) -> list[str] | None:
+def _special_vocab(folder: Path, data: dict, size: int):
+    """``gguf.SpecialVocab(folder)`` (special ids, add-BOS/EOS flags, chat template) without
+    parsing tokenizer.json a second time.
+
+    SpecialVocab reads the folder's files itself; it is pointed at a temporary folder that
+    links every file of ``folder`` but tokenizer.json, which is written there without the
+    model's vocabulary and merges (the only parts it does not read when not loading
+    merges). Where links cannot be made, the source folder is read as it is.
+    """
+    import gguf
+
+    slim = {**data, "model": {k: v for k, v in data["model"].items() if k not in SLIMMED}}
+    try:
+        with tempfile.TemporaryDirectory(prefix="shortgpt-vocab-", dir=_memory_tmp()) as tmp:
+            view = Path(tmp)
+            for entry in folder.iterdir():
+                if entry.name != "tokenizer.json":
+                    (view / entry.name).symlink_to(entry.resolve())
+            (view / "tokenizer.json").write_text(json.dumps(slim), encoding="utf-8")
+            return gguf.SpecialVocab(view, load_merges=False, n_vocab=size)
+    except OSError as exc:  # no symlinks on this file system
+        log.debug("reading %s as it is (%s)", folder, exc)
+        return gguf.SpecialVocab(folder, load_merges=False, n_vocab=size)
+
+
+def _memory_tmp() -> str | None:
+    """/dev/shm where it is a writable folder (Linux): creating and deleting a few files
+    there costs microseconds, against ~15 ms on an ext4 disk mounted with ``discard``."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
+def merge_strings(merges) -> Sequence[str] | None:
     """tokenizer.json merges as GGUF's ``"a b"`` strings (spaces in a part become U+0120,
     as gguf.SpecialVocab writes them); None when absent or in another format."""
     if not isinstance(merges, list) or not merges:
@@ -83,6 +136,9 @@ def merge_strings(merges) -> list[str] | None:
     if isinstance(merges[0], str):
         return merges if all(isinstance(m, str) for m in merges) else None
     space = chr(0x120)
+    packed = joined_pairs(merges, space)  # no Python-level loop over the pairs
+    if packed is not None:
+        return packed
     try:
         return [f"{a.replace(' ', space)} {b.replace(' ', space)}" for a, b in merges]
     except (TypeError, ValueError, AttributeError):  # not [a, b] string pairs
