@@ -40,10 +40,8 @@ ACTIVATIONS_FRACTION = 0.5
 class SafetensorsWeights:
     """Tensors of a safetensors folder by checkpoint name, read one at a time."""
 
-    def __init__(self, folder: Path):
-        from .pruning import source_tensors
-
-        self.refs = source_tensors(Path(folder))
+    def __init__(self, source):
+        self.refs = source.tensors()  # a multimodal checkpoint's: its text model's names
 
     def tensor(self, name: str, shape):
         """The tensor over a private memory map of its bytes (unmapped when it is freed):
@@ -99,7 +97,7 @@ class SafetensorsWeights:
 def open_weights(source):
     """The per-tensor reader for a resolved source (safetensors folder or GGUF file)."""
     if source.kind == "hf":
-        return SafetensorsWeights(source.path)
+        return SafetensorsWeights(source)
     if source.kind == "gguf":
         from .gguf_layers import GGUFWeights
 
