@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import logits_of, random_calibration, run_cli
 from test_families import check_folder_gguf, hand_pruned, load, token_ids
-from tiny_models import build_tiny_gemma3_multimodal
+from tiny_models import TINY_TEXT_MODELS
 
 from shortgpt_export.architectures import TEXT_MODELS
 from shortgpt_export.planning import make_plan
@@ -25,7 +25,8 @@ SEQ = 40  # longer than the tiny text model's 16-token sliding window
 
 @pytest.fixture(scope="module")
 def multimodal_dir(spm_tokenizer_dir, tmp_path_factory):
-    return build_tiny_gemma3_multimodal(spm_tokenizer_dir, tmp_path_factory.mktemp("gemma3-mm"))
+    build = TINY_TEXT_MODELS["gemma3"]
+    return build(spm_tokenizer_dir, tmp_path_factory.mktemp("gemma3-mm"))
 
 
 def original_text_model(folder):

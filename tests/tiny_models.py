@@ -250,5 +250,8 @@ def build_tiny_gemma3_multimodal(tokenizer_dir: Path, out: Path, seed: int = 0) 
     return out
 
 
+# A tiny checkpoint builder per multimodal wrapper in architectures.TEXT_MODELS.
+TINY_TEXT_MODELS = {"gemma3": build_tiny_gemma3_multimodal}
+
 # Every export back-end in shortgpt_export.converters.BACKENDS and its test module.
 BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}
