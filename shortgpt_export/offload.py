@@ -157,11 +157,13 @@ def choose_offload(mode: str, source, device: str, dtype) -> bool:
 
 
 def skeleton(config, dtype):
-    """The causal LM of ``config`` on the meta device: modules and shapes, no weights."""
-    import torch
+    """The causal LM of ``config`` with its parameters on the meta device (modules and
+    shapes, no weights) and its computed buffers real, on the CPU: each module computes its
+    own (Gemma 3's local rotary embedding its own base, Gemma's embedding scale)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
@@ -234,13 +236,11 @@ def _module_path(root, module) -> str:
     return next(name for name, m in root.named_modules() if m is module)
 
 
-def _rebuild_meta_buffers(base, layers, config, device) -> None:
-    """Modules with computed buffers (rotary embeddings) rebuilt for real on ``device``."""
-    for name, child in list(base.named_children()):
-        if child is layers:
-            continue
-        if any(b.is_meta for b in child.buffers()) and not any(True for _ in child.parameters()):
-            setattr(base, name, type(child)(config=config, device=device))
+def _buffers_to(base, layers, device) -> None:
+    """Modules holding only computed buffers (rotary embeddings) moved to ``device``."""
+    for child in base.children():
+        if child is not layers and not any(True for _ in child.parameters()):
+            child.to(device)
 
 
 class Activations:
@@ -325,7 +325,7 @@ def stream_scores(
         lookup = row_embedder(embed, embed_prefix + "weight", weights, dev, dtype)
         if lookup is None:
             materialize(embed, embed_prefix, weights, dev, dtype)
-        _rebuild_meta_buffers(base, layers, model.config, dev)
+        _buffers_to(base, layers, dev)
         recorder = Stack(model, spec, device=dev)
         batches = []
         with torch.inference_mode(), progress("embedding calibration windows", None):

@@ -146,3 +146,18 @@ def test_the_in_memory_tensor_layout_loads_too_and_missing_text_tensors_are_refu
         else:
             with pytest.raises(CorruptModelError, match="model.layers.2.mlp.up_proj.weight"):
                 load_model(source)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "gemma3_text"])
+def test_offload_layers_scores_equal_in_memory(kind, multimodal_dir, family_dirs):
+    """--offload layers on Gemma 3 (it crashed before: the embedding scale and the local
+    rotary embedding are computed buffers, and Gemma 3's loop reads ``block(h)[0]``)."""
+    from test_offload import assert_close, both
+
+    source = resolve_source(str(multimodal_dir if kind == "gemma3" else family_dirs(kind)))
+    calib = random_calibration(source.config.vocab_size, 5, SEQ, pad_last=5)
+    (scores, blocks), (s_scores, s_blocks) = both(source, calib)
+    assert len(set(scores)) == len(scores)
+    assert_close(s_scores, scores)
+    for row, s_row in zip(blocks, s_blocks, strict=True):
+        assert_close(s_row, row)
