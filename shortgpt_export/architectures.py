@@ -258,3 +258,50 @@ def spec_for(model_type: str | None) -> ArchitectureSpec:
             hint=f"supported families: {', '.join(supported_families())}",
         )
     return spec
+
+
+@dataclass(frozen=True)
+class TextModelOf:
+    """A multimodal checkpoint whose language model is what gets pruned: where its text
+    config and text-model tensors sit. The text model is loaded, pruned and exported as a
+    plain causal LM of its own family; the other towers are left behind."""
+
+    model_type: str  # the checkpoint's config.json model_type
+    text_config_key: str  # config key that holds the text model's config
+    text_architecture: str  # the causal-LM class the text model is written as
+    # checkpoint tensor-name prefix -> the text model's prefix; tensors matching none
+    # (vision tower, projector) are dropped. First match wins.
+    tensor_prefixes: tuple[tuple[str, str], ...]
+    dropped: str  # what is left behind, for the log line
+    # companion files that describe the dropped towers (image processor), not copied
+    dropped_files: tuple[str, ...] = ("preprocessor_config.json", "processor_config.json")
+
+    def text_tensor_name(self, name: str) -> str | None:
+        """The text model's name for a checkpoint tensor, or None when it is not the text
+        model's."""
+        for old, new in self.tensor_prefixes:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return None
+
+
+TEXT_MODELS: dict[str, TextModelOf] = {
+    row.model_type: row
+    for row in (
+        # Gemma3ForConditionalGeneration: transformers 4.5x saves (and the hub checkpoints
+        # hold) language_model.model.* and, untied, language_model.lm_head; the in-memory
+        # layout, which later versions may save, is model.language_model.* and lm_head.
+        TextModelOf(
+            "gemma3",
+            text_config_key="text_config",
+            text_architecture="Gemma3ForCausalLM",
+            tensor_prefixes=(
+                ("language_model.model.", "model."),
+                ("model.language_model.", "model."),
+                ("language_model.lm_head.", "lm_head."),
+                ("lm_head.", "lm_head."),
+            ),
+            dropped="vision tower and multimodal projector",
+        ),
+    )
+}

@@ -35,6 +35,10 @@ class Batch:
         return int(self.mask.sum())
 
 
+class _Recorded(tuple):
+    """A recorder's output: the block input, passed on to the next recorder."""
+
+
 def _block_output(output):
     return output[0] if isinstance(output, tuple) else output
 
@@ -75,10 +79,15 @@ class Stack:
 
             def forward(self, *args, **kwargs):
                 hidden = args[0] if args else kwargs.pop("hidden_states")
+                if isinstance(hidden, _Recorded):
+                    hidden = hidden[0]
                 seen[self.index] = (hidden if self.index == 0 else None, dict(kwargs))
                 if self.last:
                     raise _Stop
-                return hidden
+                # A 1-tuple passes either way a model loop reads block outputs: Llama's
+                # `h = block(h)` hands it to the next recorder (unwrapped above), Gemma 3's
+                # `h = block(h)[0]` takes the tensor.
+                return _Recorded((hidden,))
 
         original = self.layers
         n = len(original)

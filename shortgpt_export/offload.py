@@ -40,10 +40,8 @@ ACTIVATIONS_FRACTION = 0.5
 class SafetensorsWeights:
     """Tensors of a safetensors folder by checkpoint name, read one at a time."""
 
-    def __init__(self, folder: Path):
-        from .pruning import source_tensors
-
-        self.refs = source_tensors(Path(folder))
+    def __init__(self, source):
+        self.refs = source.tensors()  # a multimodal checkpoint's: its text model's names
 
     def tensor(self, name: str, shape):
         """The tensor over a private memory map of its bytes (unmapped when it is freed):
@@ -99,7 +97,7 @@ class SafetensorsWeights:
 def open_weights(source):
     """The per-tensor reader for a resolved source (safetensors folder or GGUF file)."""
     if source.kind == "hf":
-        return SafetensorsWeights(source.path)
+        return SafetensorsWeights(source)
     if source.kind == "gguf":
         from .gguf_layers import GGUFWeights
 
@@ -159,11 +157,13 @@ def choose_offload(mode: str, source, device: str, dtype) -> bool:
 
 
 def skeleton(config, dtype):
-    """The causal LM of ``config`` on the meta device: modules and shapes, no weights."""
-    import torch
+    """The causal LM of ``config`` with its parameters on the meta device (modules and
+    shapes, no weights) and its computed buffers real, on the CPU: each module computes its
+    own (Gemma 3's local rotary embedding its own base, Gemma's embedding scale)."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
@@ -236,13 +236,11 @@ def _module_path(root, module) -> str:
     return next(name for name, m in root.named_modules() if m is module)
 
 
-def _rebuild_meta_buffers(base, layers, config, device) -> None:
-    """Modules with computed buffers (rotary embeddings) rebuilt for real on ``device``."""
-    for name, child in list(base.named_children()):
-        if child is layers:
-            continue
-        if any(b.is_meta for b in child.buffers()) and not any(True for _ in child.parameters()):
-            setattr(base, name, type(child)(config=config, device=device))
+def _buffers_to(base, layers, device) -> None:
+    """Modules holding only computed buffers (rotary embeddings) moved to ``device``."""
+    for child in base.children():
+        if child is not layers and not any(True for _ in child.parameters()):
+            child.to(device)
 
 
 class Activations:
@@ -327,7 +325,7 @@ def stream_scores(
         lookup = row_embedder(embed, embed_prefix + "weight", weights, dev, dtype)
         if lookup is None:
             materialize(embed, embed_prefix, weights, dev, dtype)
-        _rebuild_meta_buffers(base, layers, model.config, dev)
+        _buffers_to(base, layers, dev)
         recorder = Stack(model, spec, device=dev)
         batches = []
         with torch.inference_mode(), progress("embedding calibration windows", None):

@@ -266,11 +266,10 @@ def _patch_dtype(source: ModelSource):
 
     if source.kind != "hf":
         return torch.float32
-    from .pruning import source_tensors
     from .safetensors_io import TORCH_DTYPES
 
     some = next(
-        (r for name, r in source_tensors(source.path).items() if source.spec.layer_of(name) == 0),
+        (r for name, r in source.tensors().items() if source.spec.layer_of(name) == 0),
         None,
     )
     return getattr(torch, TORCH_DTYPES.get(some.dtype, "float32")) if some else torch.float32

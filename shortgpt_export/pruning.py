@@ -223,14 +223,23 @@ def index_shards(folder: Path) -> list[Path] | None:
     return shards
 
 
-def source_tensors(folder: Path, patch_file: str | Path | None = None) -> dict[str, TensorRef]:
-    """Tensor locations of a safetensors folder; ``patch_file`` (healing) overrides some."""
+def source_tensors(
+    folder: Path, patch_file: str | Path | None = None, *, rename=None
+) -> dict[str, TensorRef]:
+    """Tensor locations of a safetensors folder; ``patch_file`` (healing) overrides some.
+
+    ``rename`` (a multimodal checkpoint's text model, ``TextModelOf.text_tensor_name``)
+    maps each checkpoint name to the name used from here on, or to None to leave it out.
+    """
     files = index_shards(folder)
     if files is None:
         files = sorted(folder.glob("*.safetensors"))
     tensors: dict[str, TensorRef] = {}
     for file in files:
-        tensors.update(read_header(file)[0])
+        for name, ref in read_header(file)[0].items():
+            new = name if rename is None else rename(name)
+            if new is not None:
+                tensors[new] = ref if new == name else ref.renamed(new)
     if patch_file is not None:
         for name, ref in read_header(Path(patch_file))[0].items():
             if name not in tensors or tensors[name].shape != ref.shape:
@@ -273,7 +282,7 @@ def _shard(refs: list[TensorRef], max_bytes: int) -> list[list[TensorRef]]:
 
 
 def write_pruned_safetensors(
-    folder: Path,
+    tensors: dict[str, TensorRef],
     spec: ArchitectureSpec,
     plan: Plan,
     out_dir: Path,
@@ -281,8 +290,9 @@ def write_pruned_safetensors(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: ProgressFactory = no_progress,
 ) -> int:
-    """Stream the kept tensors of ``folder`` into shards in ``out_dir``; returns bytes written."""
-    refs = plan_tensors(source_tensors(folder, plan.patch_path()), spec, plan)
+    """Stream the kept ``tensors`` (:func:`source_tensors`) into shards in ``out_dir``;
+    returns bytes written."""
+    refs = plan_tensors(tensors, spec, plan)
     shards = _shard(refs, max_shard_bytes)
     names = (
         ["model.safetensors"]
@@ -305,8 +315,9 @@ def write_pruned_safetensors(
     return written
 
 
-def copy_companions(folder: Path, out_dir: Path) -> list[str]:
-    """Copy tokenizer and generation files into ``out_dir``; returns the names copied.
+def copy_companions(folder: Path, out_dir: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Copy tokenizer and generation files (but not those named in ``skip``) into
+    ``out_dir``; returns the names copied.
 
     A companion that is a link leading outside ``folder`` is skipped with a warning, so a
     crafted folder cannot pull an arbitrary file into the output.
@@ -314,6 +325,8 @@ def copy_companions(folder: Path, out_dir: Path) -> list[str]:
     copied = []
     for path in sorted(folder.iterdir()):
         if not (path.is_file() and any(fnmatch(path.name, p) for p in COMPANION_FILES)):
+            continue
+        if path.name in skip:
             continue
         if not inside_folder(path, folder):
             log.warning(
@@ -339,21 +352,27 @@ def write_pruned_model(
 ) -> Path:
     """Write the pruned Hugging Face folder for ``source`` into the (new) folder ``out_dir``.
 
-    Safetensors folders are streamed from disk; GGUF and pickle sources are written from
-    the ``loaded`` model with a pruned view.
+    Safetensors folders are streamed from disk (a multimodal checkpoint's text model
+    alone, renamed on the fly: a plain causal LM of its family); GGUF and pickle sources
+    are written from the ``loaded`` model with a pruned view.
     """
     spec = source.spec
     out_dir.mkdir(parents=True, exist_ok=True)
     if source.kind == "hf":
-        config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
         write_pruned_safetensors(
-            source.path, spec, plan, out_dir, max_shard_bytes=max_shard_bytes, progress=progress
+            source.tensors(plan.patch_path()),
+            spec,
+            plan,
+            out_dir,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
         )
         (out_dir / "config.json").write_text(
             # as transformers writes it: Mamba-2's time_step_limit holds Infinity
-            json.dumps(prune_config_dict(config, spec, plan.keep), indent=2) + "\n"
+            json.dumps(prune_config_dict(source.config_dict(), spec, plan.keep), indent=2) + "\n"
         )
-        copy_companions(source.path, out_dir)
+        skip = source.text_of.dropped_files if source.text_of else ()
+        copy_companions(source.path, out_dir, skip)
     else:
         if loaded is None:
             raise ValueError("a GGUF or pickle source is pruned from the loaded model")

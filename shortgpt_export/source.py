@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import default_model
-from .architectures import ArchitectureSpec, spec_for
+from .architectures import TEXT_MODELS, ArchitectureSpec, TextModelOf, spec_for
 from .errors import (
     CorruptModelError,
     ModelNotFoundError,
@@ -33,8 +34,9 @@ class ModelSource:
     ref: str  # what the user typed, or the default model's name
     kind: str  # "hf" (safetensors folder), "pickle" (allowed .bin folder) or "gguf"
     path: Path  # the folder, or the .gguf file
-    config: object  # transformers PretrainedConfig
+    config: object  # transformers PretrainedConfig (the text model's, for ``text_of``)
     spec: ArchitectureSpec
+    text_of: TextModelOf | None = None  # set when only a multimodal checkpoint's LM is used
 
     @property
     def name(self) -> str:
@@ -47,7 +49,29 @@ class ModelSource:
         return int(getattr(self.config, self.spec.num_layers_key))
 
     def describe(self) -> dict:
-        return {"source": self.ref, "architecture": self.spec.model_type, "format": self.kind}
+        info = {"source": self.ref, "architecture": self.spec.model_type, "format": self.kind}
+        if self.text_of is not None:
+            info["text_model_of"] = self.text_of.model_type
+        return info
+
+    def config_dict(self) -> dict:
+        """The (text) model's config as a plain dict: config.json for a folder, the text
+        config of a multimodal one (complete, as the causal LM's config.json), the GGUF's."""
+        if self.kind == "gguf":
+            return self.config.to_dict()
+        if self.text_of is not None:
+            text = self.config.to_dict()
+            text["architectures"] = [self.text_of.text_architecture]
+            return text
+        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+
+    def tensors(self, patch_file=None) -> dict:
+        """Tensor locations of a safetensors source by the (text) model's tensor names;
+        ``patch_file`` (healing) overrides some."""
+        from .pruning import source_tensors
+
+        rename = self.text_of.text_tensor_name if self.text_of else None
+        return source_tensors(self.path, patch_file, rename=rename)
 
 
 def _check_gguf(path: Path) -> None:
@@ -190,8 +214,28 @@ def resolve_source(
         config = cached_source_config(path)  # reading a GGUF's metadata takes seconds
     if config is None:
         config = _load_config(path, kind, trust_remote_code)
+    config, text_of = _text_model(config, ref)
     spec = _check_causal(config, ref)
-    return ModelSource(ref=ref, kind=kind, path=path, config=config, spec=spec)
+    return ModelSource(ref=ref, kind=kind, path=path, config=config, spec=spec, text_of=text_of)
+
+
+def _text_model(config, ref: str) -> tuple[object, TextModelOf | None]:
+    """A multimodal checkpoint listed in TEXT_MODELS stands for its text model: its text
+    config (the other towers are dropped); any other config stays as it is."""
+    text_of = TEXT_MODELS.get(getattr(config, "model_type", None) or "")
+    text = getattr(config, text_of.text_config_key, None) if text_of else None
+    if text is None:
+        return config, None
+    log.info(
+        "%s is a multimodal %s checkpoint: pruning its text model (%s), dropping its %s",
+        ref,
+        text_of.model_type,
+        text.model_type,
+        text_of.dropped,
+    )
+    if getattr(text, "dtype", None) is None and getattr(config, "dtype", None) is not None:
+        text.dtype = config.dtype
+    return text, text_of
 
 
 def pick_device(requested: str | None = None) -> str:
@@ -275,21 +319,44 @@ def _load_error(source: ModelSource, exc: Exception) -> CorruptModelError:
 
 
 def _load_folder(source: ModelSource, torch_dtype, trust_remote_code: bool):
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_class, path, weights = AutoModelForCausalLM, source.path, {}
+    if source.text_of is not None:  # a multimodal checkpoint: its text model's tensors only
+        model_class = getattr(transformers, source.text_of.text_architecture)
+        path, weights = None, {"config": source.config, "state_dict": _text_state(source)}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path,
+        model, info = model_class.from_pretrained(
+            path,
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=source.kind == "hf",
+            output_loading_info=True,
+            **weights,
         )
+        if source.text_of is not None and info["missing_keys"]:
+            missing = sorted(info["missing_keys"])
+            raise CorruptModelError(
+                f"{source.ref}: the text model's tensors are incomplete "
+                f"({len(missing)} missing, e.g. {missing[0]})",
+                hint="check that the weight files are complete",
+            )
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except ShortGPTError:
         raise
     except Exception as exc:
         raise _load_error(source, exc) from exc
     return model, tokenizer
+
+
+def _text_state(source: ModelSource) -> dict:
+    """The text model's state dict, by its own tensor names, over memory maps of the
+    checkpoint (no heap copy; the other towers are never read)."""
+    from .offload import SafetensorsWeights
+
+    weights = SafetensorsWeights(source)
+    return {name: weights.tensor(name, ref.shape) for name, ref in weights.refs.items()}
 
 
 def _load_gguf(source: ModelSource, torch_dtype):

@@ -447,15 +447,21 @@ def check_family_gguf(family, tokenizer_dir, overrides, tmp_path, remove=3):
     pytest.importorskip("llama_cpp")
     from tiny_models import build_tiny_model
 
+    folder = build_tiny_model(family, tokenizer_dir, tmp_path / family, **overrides)
+    if family in NO_TOKENIZER_JSON:
+        (folder / "tokenizer.json").unlink()
+    check_folder_gguf(folder, tmp_path, remove)
+
+
+def check_folder_gguf(folder, tmp_path, remove):
+    """check_family_gguf's checks on the model in ``folder`` with layer ``remove`` removed;
+    returns the source, the plan and the F16 file."""
     from shortgpt_export.converters import ExportContext
     from shortgpt_export.converters.gguf import GGUFConverter
     from shortgpt_export.export_options import ExportOptions
     from shortgpt_export.fidelity import QUANTIZED_MAX_KL, compare_logprobs, torch_logprobs
     from shortgpt_export.llama_runtime import llama_logprobs, llama_model
 
-    folder = build_tiny_model(family, tokenizer_dir, tmp_path / family, **overrides)
-    if family in NO_TOKENIZER_JSON:
-        (folder / "tokenizer.json").unlink()
     source = resolve_source(str(folder))
     plan = make_plan(source.num_layers, layers=[remove])
     options = ExportOptions(formats=["gguf"], quants="F16,Q8_0", verify=False)
@@ -473,7 +479,9 @@ def check_family_gguf(family, tokenizer_dir, overrides, tmp_path, remove=3):
         quantized = compare_logprobs(reference, llama_logprobs(llm, windows))
         assert quantized.kl_divergence <= QUANTIZED_MAX_KL, quantized  # NaN fails too
         assert llm("The river", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] > 0
+    family = source.spec.model_type
     print(f"\n{family}: F16 {fidelity}\n{family}: Q8_0 {quantized}")
+    return source, plan, f16
 
 
 def test_moe_only_archs_refuse_kept_dense_layers_before_converting(

@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from tiny_models import BACKEND_TESTS, TINY_CONFIGS
+from tiny_models import BACKEND_TESTS, TINY_CONFIGS, TINY_TEXT_MODELS
 
-from shortgpt_export.architectures import ARCHITECTURES
+from shortgpt_export.architectures import ARCHITECTURES, TEXT_MODELS
 from shortgpt_export.converters import BACKENDS, get_converter
 
 
 def test_every_architecture_has_a_tiny_model_fixture():
     assert set(TINY_CONFIGS) == set(ARCHITECTURES)
+    assert set(TINY_TEXT_MODELS) == set(TEXT_MODELS)  # multimodal wrappers' text models
 
 
 def test_every_backend_has_a_test_module():
@@ -81,7 +82,7 @@ def test_readme_families_table_matches_the_architecture_table():
         for line in readme.splitlines()
         if line.startswith("| ") and line.count("|") >= 7 and "`" in line.split("|")[2]
     }
-    assert set(ARCHITECTURES) <= set(rows)
+    assert set(ARCHITECTURES) | set(TEXT_MODELS) <= set(rows)
     for name, spec in ARCHITECTURES.items():
         for example in spec.examples:
             assert example in rows[name], (name, example)

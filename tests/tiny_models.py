@@ -195,21 +195,63 @@ def build_tiny_model(
     config = AutoConfig.for_model(family, **{**ids, **base, **extra})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    # Random init gives near-identity residual blocks; scale the weights up so each
-    # layer changes the hidden state by a different, measurable amount.
-    scaled = re.compile(SCALED_PARAMS.get(family, r".*(?<!A_log)$"))
+    spread_layers(model, spec_for(family).decoder_layers(model), SCALED_PARAMS.get(family))
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def spread_layers(model, layers, scaled_params: str | None = None) -> None:
+    """Random init gives near-identity residual blocks; scale the weights up so each
+    layer changes the hidden state by a different, measurable amount."""
+    scaled = re.compile(scaled_params or r".*(?<!A_log)$")
     with torch.no_grad():
-        for index, layer in enumerate(spec_for(family).decoder_layers(model)):
+        for index, layer in enumerate(layers):
             for name, param in layer.named_parameters():
                 if param.dim() == 2 and scaled.match(name):
                     param.mul_(1.0 + 2.0 * index)
         # Peaked next-token distributions, like a trained model's: near-ties between the
         # top two tokens would make top-1 agreement measure rounding noise.
         model.get_output_embeddings().weight.mul_(8.0)
+
+
+def build_tiny_gemma3_multimodal(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma3ForConditionalGeneration: the tiny ``gemma3_text`` row as its
+    text model (7 layers, 16-token sliding window) and a one-layer SigLIP vision tower,
+    saved with save_pretrained (transformers 4.57: ``language_model.model.*`` names)."""
+    from transformers import AutoTokenizer, Gemma3Config, Gemma3ForConditionalGeneration
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = len(tokenizer)
+    text = {**TINY_COMMON, **TINY_CONFIGS["gemma3_text"], "vocab_size": vocab}
+    text.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "image_size": 28, "patch_size": 14,
+    }  # fmt: skip
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=4,
+        boi_token_index=vocab - 3,
+        eoi_token_index=vocab - 2,
+        image_token_index=vocab - 1,
+    )
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(config)
+    spread_layers(model, model.model.language_model.layers)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text('{"image_processor_type": "Gemma3Image"}')
     return out
 
+
+# A tiny checkpoint builder per multimodal wrapper in architectures.TEXT_MODELS.
+TINY_TEXT_MODELS = {"gemma3": build_tiny_gemma3_multimodal}
 
 # Every export back-end in shortgpt_export.converters.BACKENDS and its test module.
 BACKEND_TESTS = {"hf": "test_pruning.py", "gguf": "test_gguf.py", "onnx": "test_onnx.py"}

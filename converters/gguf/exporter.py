@@ -59,15 +59,6 @@ def converter_for(spec, requested: str | None) -> str:
     return requested
 
 
-def _config_dict(source) -> dict:
-    """The source's config as a plain dict (config.json for folders)."""
-    import json
-
-    if source.kind != "gguf":
-        return json.loads((source.path / "config.json").read_text(encoding="utf-8"))
-    return source.config.to_dict()
-
-
 class GGUFConverter:
     name = "gguf"
     # Verification against the torch model: exact types (F32/F16 from safetensors) must
@@ -172,7 +163,7 @@ class GGUFConverter:
                 "GGUF export reads safetensors; this model has only pickle checkpoints",
                 hint="run with --to hf first, then export the hf/ folder it writes",
             )
-        config = _config_dict(ctx.source)
+        config = ctx.source.config_dict()
         pattern = check_plan(ctx.source.spec, config, ctx.plan)
         if ctx.source.kind == "gguf":
             target = staging / "pruned-source.gguf"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from shortgpt_export.errors import CorruptModelError, ExportError
-from shortgpt_export.pruning import plan_tensors, prune_config_dict, source_tensors
+from shortgpt_export.pruning import plan_tensors, prune_config_dict
 from shortgpt_export.safetensors_io import TensorRef, read_tensor_into
 
 from .metadata import add_general_metadata
@@ -149,16 +148,14 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
         raise ExportError(f"the built-in converter writes {', '.join(OUT_TYPES)}, not {out_type}")
     source, plan, spec = ctx.source, ctx.plan, ctx.source.spec
     folder = source.path
-    config = prune_config_dict(
-        json.loads((folder / "config.json").read_text(encoding="utf-8")), spec, plan.keep
-    )
+    config = prune_config_dict(source.config_dict(), spec, plan.keep)
     arch = _model_arch(spec.gguf_arch)
     name_map = BlockNameMap(arch, config["num_hidden_layers"], spec)
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
 
     refs: list[tuple[str, TensorRef | None]] = []
-    for ref in plan_tensors(source_tensors(folder, plan.patch_path()), spec, plan):
+    for ref in plan_tensors(source.tensors(plan.patch_path()), spec, plan):
         if ref.name.endswith(SKIP_SUFFIXES):
             continue
         gguf_name = name_map.get_name(ref.name)
