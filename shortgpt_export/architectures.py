@@ -56,6 +56,10 @@ class ArchitectureSpec:
     # Tensors that sit in a layer's namespace but belong to the stack's first block
     # whichever it is (RWKV's pre_ln in blocks.0): they stay at index 0 when 0 is removed.
     first_block_modules: tuple[str, ...] = ()
+    # What a block returns after its hidden state, where the model's layer loop unpacks
+    # more than one output (RWKV: ``hidden, state, attentions = block(...)``): the recording
+    # pass (layerwise.py) hands back, per entry, that keyword argument of the call or None.
+    block_extra_outputs: tuple[str | None, ...] = ()
     examples: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -235,6 +239,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             layers_path="rwkv.blocks",
             tensor_layer_pattern=r"^rwkv\.blocks\.(\d+)\.",
             final_norm_path="rwkv.ln_out",
+            block_extra_outputs=("state", None),
             first_block_modules=("pre_ln",),
             gguf_converter=None,
             gguf_note="transformers reads RWKV-4 checkpoints, and llama.cpp runs only RWKV-6/7",

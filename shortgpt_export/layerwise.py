@@ -84,13 +84,16 @@ class Stack:
                 seen[self.index] = (hidden if self.index == 0 else None, dict(kwargs))
                 if self.last:
                     raise _Stop
-                # A 1-tuple passes either way a model loop reads block outputs: Llama's
+                # A tuple passes either way a model loop reads block outputs: Llama's
                 # `h = block(h)` hands it to the next recorder (unwrapped above), Gemma 3's
-                # `h = block(h)[0]` takes the tensor.
-                return _Recorded((hidden,))
+                # `h = block(h)[0]` takes the tensor, RWKV's `h, state, _ = block(h)` its
+                # extra outputs (ArchitectureSpec.block_extra_outputs).
+                extra = tuple(kwargs.get(k) if k else None for k in extras)
+                return _Recorded((hidden, *extra))
 
         original = self.layers
         n = len(original)
+        extras = self.spec.block_extra_outputs
         setattr(container, attr, torch.nn.ModuleList(Recorder(i, i == n - 1) for i in range(n)))
         try:
             with torch.inference_mode():

@@ -603,3 +603,29 @@ def test_onnx_fp32_of_the_pruned_family_matches_torch(family, pruned_folders, tm
     assert cached == decoder.greedy(prompt, 24, use_cache=False)
     want = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
     assert cached == want[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", ["rwkv", "mamba"])
+def test_layerwise_runs_of_recurrent_blocks(family, family_dirs):
+    """The recording pass (greedy, healing, --offload layers) drives blocks whose loop
+    unpacks several outputs (RWKV) or none (Mamba): the streamed scores equal the in-memory
+    ones, and a block-by-block run of the pruned stack equals the HF forward."""
+    from shortgpt_export import offload
+    from shortgpt_export.layerwise import Stack
+    from shortgpt_export.source import load_model
+
+    source = resolve_source(str(family_dirs(family)))
+    calib = random_calibration(source.config.vocab_size, 4, 24)
+    loaded = load_model(source, dtype="float32")
+    memory = score_layers(loaded.model, source.spec, calib, batch_size=2)
+    streamed = offload.stream_scores(source, calib, dtype=torch.float32, batch_size=2)
+    assert streamed == pytest.approx(memory, rel=1e-6)
+    keep = [i for i in range(6) if i not in REMOVE]
+    stack = Stack(loaded.model, source.spec)
+    with torch.inference_mode():
+        batch = stack.record(calib, 4)[0]
+        hidden = stack.run_many(keep, batch.embeds, batch)
+        logits = stack.head(stack.norm(hidden))
+        with pruned_view(loaded.model, source.spec, keep) as pruned:
+            want = pruned(input_ids=calib.input_ids).logits
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
