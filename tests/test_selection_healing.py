@@ -16,9 +16,21 @@ from shortgpt_export.healing import check_healable, heal_linear, load_patches, r
 from shortgpt_export.layerwise import Stack
 from shortgpt_export.planning import Plan, make_plan
 from shortgpt_export.pruning import healed, pruned_view
-from shortgpt_export.recipe import Recipe, choose, held_out_perplexity, split_calibration
+from shortgpt_export.recipe import (
+    Recipe,
+    choose,
+    held_out_perplexity,
+    split_calibration,
+    subset,
+)
 from shortgpt_export.scoring import LayerScores, score_layers
-from shortgpt_export.selection import block_plan, greedy_plan, greedy_steps
+from shortgpt_export.selection import (
+    block_plan,
+    closest_blocks,
+    greedy_plan,
+    greedy_steps,
+    healed_block_plan,
+)
 from shortgpt_export.source import load_model, resolve_source
 
 
@@ -133,6 +145,39 @@ def test_block_distances_match_hidden_states(tiny_llama_dir):
             cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
             want = float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean())
             assert distances[n - 1][s] == pytest.approx(want, abs=1e-5)
+
+
+def test_healed_block_choice_ranks_candidates_by_held_out_loss(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    spec = loaded.source.spec
+    calib = calib_for(loaded, tokens=2048)
+    scores = scores_of(loaded, calib)
+    plan, heal = healed_block_plan(
+        loaded.model, spec, calib, scores.block_distances, 2, scores.scores, candidates=3
+    )
+    candidates = plan.selection["candidates"]
+    starts = [c["start"] for c in candidates]
+    assert sorted(starts) == sorted(closest_blocks(scores.block_distances, 2, 3))
+    # each candidate's loss, measured again through the pruned, healed HF model on the
+    # guard's held-out windows (every 4th batch of 4 windows)
+    rows = calib.input_ids.shape[0]
+    held = [r for r in range(rows) if (r // 4) % 4 == 3]
+    windows = subset(calib, held)
+    for c in candidates:
+        remove = list(range(c["start"], c["start"] + 2))
+        keep = [i for i in range(6) if i not in remove]
+        weights = heal_linear(loaded.model, spec, calib, remove).weights
+        ppl = held_out_perplexity(loaded, windows, keep, weights, batch_size=4)
+        assert c["held_out_loss"] == pytest.approx(math.log(ppl), rel=1e-4)
+    best = min(candidates, key=lambda c: c["held_out_loss"])
+    assert plan.remove == [best["start"], best["start"] + 1] and plan.strategy == "block"
+    assert sorted(heal.weights) == ([best["start"] - 1] if heal.weights else [])
+    # through the recipe: the plan's heal is the one made while choosing, not a second fit
+    choice = choose(
+        loaded, calib, scores, Recipe(select="block", heal="linear", block_candidates=3), remove=2
+    )
+    assert choice.plan.remove == plan.remove
+    assert choice.heal.runs == heal.runs
 
 
 def _run_end_error(loaded, calib, keep, run, weights):
