@@ -98,11 +98,16 @@ def healed_block_plan(
     candidates: int = BLOCK_CANDIDATES,
     heal_options: dict | None = None,
     batch_size: int = 4,
+    batches: list[Batch] | None = None,
+    original_states: list | None = None,
     progress: ProgressFactory = no_progress,
 ) -> tuple[Plan, HealResult]:
     """Of the ``candidates`` closest blocks of ``n`` layers, heal each (guarded
     :func:`healing.heal_linear`) and keep the one whose pruned, healed model has the lowest
-    next-token loss on the guard's held-out calibration windows."""
+    next-token loss on the guard's held-out calibration windows.
+
+    ``batches`` and ``original_states`` (every block's input) may be passed in, as to
+    :func:`healing.heal_linear`, when several plans are made on one model."""
     import torch
 
     num_layers = len(spec.decoder_layers(model))
@@ -115,13 +120,16 @@ def healed_block_plan(
     starts = closest_blocks(distances, n, candidates)
     rows = calib.input_ids.shape[0]
     with torch.inference_mode():
-        batches = stack.record(calib, min(batch_size, max(1, rows // 2)))
-        # per candidate: the state entering it, entering the layer before it, and the
-        # original output of its last layer (the patch's target); all for a refit
-        needed = {i for s in starts for i in (max(s - 1, 0), s, s + n)}
-        if options.get("refit"):
-            needed = None
-        states = record_original_states(stack, batches, progress, needed)
+        if batches is None:
+            batches = stack.record(calib, min(batch_size, max(1, rows // 2)))
+        states = original_states
+        if states is None:
+            # per candidate: the state entering it, entering the layer before it, and the
+            # original output of its last layer (the patch's target); all for a refit
+            needed = {i for s in starts for i in (max(s - 1, 0), s, s + n)}
+            if options.get("refit"):
+                needed = None
+            states = record_original_states(stack, batches, progress, needed)
     held = guard_split(len(batches))[1]
     if not held:
         raise PlanError(
