@@ -157,7 +157,13 @@ class _Planner:
             )
         while len(self.steps) < n:
             self.steps.append(next(self._greedy))
-        return greedy_plan(num_layers, self.steps[:n], self.scores.scores, self._in_loop)
+        return greedy_plan(
+            num_layers,
+            self.steps[:n],
+            self.scores.scores,
+            self._in_loop,
+            shortlist=self.recipe.greedy_candidates,
+        )
 
     def _heal_in_loop(self, windows: CalibrationSet) -> bool:
         """Fit patches inside the greedy loop only with enough tokens for a hidden x hidden

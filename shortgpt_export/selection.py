@@ -182,7 +182,11 @@ class GreedyStep:
 
 
 def greedy_plan(
-    num_layers: int, steps: list[GreedyStep], scores: list[float] | None, heal: bool
+    num_layers: int,
+    steps: list[GreedyStep],
+    scores: list[float] | None,
+    heal: bool,
+    shortlist: int | None = None,
 ) -> Plan:
     """The plan of the first ``len(steps)`` greedy removals."""
     remove = sorted(s.layer for s in steps)
@@ -196,6 +200,7 @@ def greedy_plan(
         strategy="greedy",
         selection={
             "heal_in_loop": heal,
+            "shortlist": shortlist,  # None: every kept layer was tried at each step
             "steps": [
                 {"layer": s.layer, "loss": round(s.loss, 6), "seconds": round(s.seconds, 3)}
                 for s in steps

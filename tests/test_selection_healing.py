@@ -508,6 +508,27 @@ def test_cli_select_heal_and_auto(tiny_llama_dir, tmp_path):
     assert sorted(steps) == plan["remove"]
 
 
+def test_cli_greedy_shortlist(tiny_llama_dir, tmp_path):
+    out = export_with_cli(
+        tiny_llama_dir,
+        tmp_path,
+        "--remove",
+        "2",
+        "--select",
+        "greedy",
+        "--greedy-candidates",
+        "2",
+        "--heal",
+        "none",
+        "--dry-run",
+    )
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["selection"]["shortlist"] == 2
+    scores = plan["scores"]
+    first = plan["selection"]["steps"][0]["layer"]
+    assert first in sorted(range(6), key=lambda i: (scores[i], i))[:2]
+
+
 def test_cli_heal_refit_records_the_refit(tiny_llama_dir, tmp_path):
     out = export_with_cli(tiny_llama_dir, tmp_path, "--layers", "2,3", "--heal", "refit")
     plan = json.loads((out / "plan.json").read_text())
