@@ -37,6 +37,7 @@ RIDGES = (1e-3, 1e-2, 1e-1)  # tried when the ridge is chosen by held-out loss
 WEIGHTINGS = ("none", "token")
 DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
 PATCH_FILE = "heal.safetensors"
+FEW_TOKENS_PER_DIM = 16  # fitting tokens per hidden dimension below which a heal warns
 
 
 class HealingError(ShortGPTError):
@@ -207,6 +208,22 @@ def candidates(ridge: float | None, weighting: str | None) -> list[tuple[str, fl
     return [(w, r) for w in weightings for r in ridges]
 
 
+def _warn_if_few_tokens(tokens: int, stack: Stack) -> None:
+    """A patch is hidden x hidden: with few tokens per dimension it fits the calibration
+    text's noise (the guard then rejects it, or it helps less than it could)."""
+    hidden = getattr(stack.model.config, "hidden_size", None)
+    if hidden and tokens < FEW_TOKENS_PER_DIM * hidden:
+        log.warning(
+            "healing fits %d x %d patches on %d calibration tokens (< %d per dimension): "
+            "expect a weaker heal; pass more text (--calib FILE --calib-tokens N, "
+            "benchmarks/RESULTS.md: 49,152 tokens healed best)",
+            hidden,
+            hidden,
+            tokens,
+            FEW_TOKENS_PER_DIM,
+        )
+
+
 def heal_linear(
     model,
     spec: ArchitectureSpec,
@@ -313,6 +330,7 @@ def heal_linear(
                         targets[k] = wanted
                         advance(1)
             result.held_out_tokens = sum(batches[k].tokens for k in held)
+            _warn_if_few_tokens(sum(batches[k].tokens for k in fitting), stack)
             unhealed_loss = None
             # the pruned model's state per batch (entering keep[position]), front to back
             with progress("healing: fitting patches", len(todo)) as advance:

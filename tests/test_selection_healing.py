@@ -180,6 +180,16 @@ def test_healed_block_choice_ranks_candidates_by_held_out_loss(tiny_llama_dir):
     assert choice.heal.runs == heal.runs
 
 
+def test_healing_on_few_tokens_per_dimension_warns(tiny_llama_dir, caplog):
+    loaded = load(tiny_llama_dir)
+    hidden = loaded.model.config.hidden_size
+    for tokens, warned in ((hidden * 8, True), (hidden * 32, False)):
+        caplog.clear()
+        calib = calib_for(loaded, tokens=tokens)
+        heal_linear(loaded.model, loaded.source.spec, calib, [2, 3])
+        assert ("calibration tokens (< 16 per dimension)" in caplog.text) is warned, tokens
+
+
 def _run_end_error(loaded, calib, keep, run, weights):
     """|pruned output entering the block after ``run`` - original| / |original|, measured."""
     spec = loaded.source.spec
