@@ -33,13 +33,18 @@ from pathlib import Path
 
 import torch
 
-from shortgpt_export.architectures import submodule
 from shortgpt_export.calibration import CalibrationSet
-from shortgpt_export.healing import heal_linear
+from shortgpt_export.healing import heal_linear, patched_loss
 from shortgpt_export.layerwise import Stack
 from shortgpt_export.planning import make_plan
 from shortgpt_export.scoring import score_layers
-from shortgpt_export.selection import GreedyStep, block_plan, greedy_plan, greedy_steps
+from shortgpt_export.selection import (
+    GreedyStep,
+    block_plan,
+    greedy_plan,
+    greedy_steps,
+    healed_block_plan,
+)
 from shortgpt_export.source import load_model, resolve_source
 
 HERE = Path(__file__).resolve().parent
@@ -48,20 +53,22 @@ RAW = HERE / "results" / "recipes.json"
 NS = (4, 7, 8)
 EVAL_WINDOWS, EVAL_LEN = 40, 512
 EVAL_WINDOWS = int(os.environ.get("BENCH_EVAL_WINDOWS", EVAL_WINDOWS))
-CALIB_TOKENS = int(os.environ.get("BENCH_CALIB_TOKENS", 12288))
+CALIB_TOKENS = int(os.environ.get("BENCH_CALIB_TOKENS", 49152))
 SELECT_TOKENS = int(os.environ.get("BENCH_GREEDY_TOKENS", 512))
 QA_QUESTIONS = int(os.environ.get("BENCH_QA", 20))
-SEQ_LEN, BATCH = 256, 4
+SEQ_LEN = int(os.environ.get("BENCH_SEQ_LEN", 512))
+BATCH = 4
 ORDER = (7, 4, 8)  # N = 7 first: the issue's headline figure
 STRATEGIES = ("score-bi", "score-angular", "block", "greedy")
 RUN_ORDER = ("score-bi", "block", "greedy", "score-angular")  # angular: one more scoring pass
 GREEDY_CANDIDATES = int(os.environ.get("BENCH_GREEDY_CANDIDATES", 0)) or None
 # heal name -> heal_linear keyword arguments (None: no healing)
-HEALS = {
+ALL_HEALS = {
     "none": None,
     "linear": {"guard": True},
     "linear+refit": {"guard": True, "refit": True},
 }
+HEALS = {k: ALL_HEALS[k] for k in os.environ.get("BENCH_HEALS", "none,linear").split(",") if k}
 
 
 def windows(ids: list[int], rows: int, length: int) -> CalibrationSet:
@@ -92,26 +99,7 @@ class Evaluator(Cached):
     patched) layer on."""
 
     def perplexity(self, keep: list[int], weights: dict | None = None) -> float:
-        n = len(self.stack.layers)
-        weights = weights or {}
-        touched = (set(range(n)) - set(keep)) | set(weights)
-        start = min(touched) if touched else n
-        saved = {}
-        total, count = 0.0, 0
-        try:
-            with torch.inference_mode():
-                for p, w in weights.items():
-                    linear = submodule(self.stack.layers[p], self.spec.down_proj_path)
-                    saved[p] = linear.weight.data
-                    linear.weight.data = w.to(saved[p].dtype)
-                for h, batch in zip(self.states[start], self.batches, strict=True):
-                    h = self.stack.run_many([i for i in keep if i >= start], h, batch)
-                    s, c = self.stack.loss_sums(h, batch)
-                    total, count = total + s, count + c
-        finally:
-            for p, data in saved.items():
-                submodule(self.stack.layers[p], self.spec.down_proj_path).weight.data = data
-        return math.exp(total / count)
+        return math.exp(patched_loss(self.stack, self.batches, self.states, keep, weights))
 
 
 def save(results: dict) -> None:
@@ -124,6 +112,7 @@ def config() -> dict:
     return extra | {
         "eval": f"{EVAL_WINDOWS} windows of {EVAL_LEN} from the head",
         "calibration_tokens": CALIB_TOKENS,
+        "calibration_window": SEQ_LEN,
         "greedy_tokens": SELECT_TOKENS,
         "qa_questions": QA_QUESTIONS,
         "heals": {k: v for k, v in HEALS.items() if v is not None},
@@ -207,17 +196,36 @@ def measure() -> dict:
 
     fitset: dict = {}
 
-    def heal(plan, kwargs):
+    def cached() -> Cached:
         if "cached" not in fitset:
             fitset["cached"] = Cached(loaded, calib)
-        cached = fitset["cached"]
+        return fitset["cached"]
+
+    def healed_block(n: int, kwargs: dict):
+        """The tool's --select block with healing: the closest blocks healed, best kept."""
+        values, distances, seconds = scores("bi")
+        began = time.perf_counter()
+        plan, result = healed_block_plan(
+            model,
+            spec,
+            calib,
+            distances,
+            n,
+            values,
+            heal_options=kwargs,
+            batches=cached().batches,
+            original_states=cached().states,
+        )
+        return plan, result, seconds + time.perf_counter() - began
+
+    def heal(plan, kwargs):
         return heal_linear(
             model,
             spec,
             calib,
             plan.remove,
-            batches=cached.batches,
-            original_states=cached.states,
+            batches=cached().batches,
+            original_states=cached().states,
             **kwargs,
         )
 
@@ -225,8 +233,12 @@ def measure() -> dict:
         for name, kwargs in HEALS.items():
             if (strategy, n, name) in done:
                 continue
-            plan, seconds = plan_for(strategy, n)
-            result = heal(plan, kwargs) if kwargs is not None else None
+            if strategy == "block" and kwargs is not None:
+                plan, result, seconds = healed_block(n, kwargs)
+            else:
+                plan, seconds = plan_for(strategy, n)
+                result = heal(plan, kwargs) if kwargs is not None else None
+                seconds += result.seconds if result else 0.0
             weights = result.weights if result else None
             row = {
                 "strategy": strategy,
@@ -234,8 +246,10 @@ def measure() -> dict:
                 "heal": name,
                 "remove": plan.remove,
                 "perplexity": evaluator.perplexity(plan.keep, weights),
-                "seconds": round(seconds + (result.seconds if result else 0.0), 2),
+                "seconds": round(seconds, 2),
             }
+            if plan.selection and "candidates" in plan.selection:
+                row["candidates"] = plan.selection["candidates"]
             if result:
                 row["fits"] = result.runs
                 row["refit"] = result.refit
@@ -274,14 +288,27 @@ def render(results: dict) -> str:
         "",
         f"Default model (SmolLM2-135M-Instruct, fp32 torch, CPU). Evaluation: {cfg['eval']} of "
         f"the WikiText-2 test split; calibration: its last {cfg['calibration_tokens']:,} tokens "
-        f"(windows of 256, disjoint from the evaluation); greedy selection (SLEB, next-token "
-        f"loss) on the first {cfg['greedy_tokens']:,} of them, its picks healed afterwards. "
+        f"(windows of {cfg.get('calibration_window', 256)}, disjoint from the evaluation); "
+        f"greedy selection (SLEB, next-token loss) on the first {cfg['greedy_tokens']:,} of "
+        "them"
+        + (
+            f", trying the {cfg['greedy_candidates']} lowest-BI kept layers at each step"
+            if cfg.get("greedy_candidates")
+            else ""
+        )
+        + ", its picks healed afterwards. "
         "Heals: `linear` is one ridge least-squares patch per removed run, merged into the "
         "down projection of the kept layer before it, kept only if it lowers the next-token "
-        "loss on held-out calibration windows (every 4th batch, not used for the fit); "
-        "`linear+refit` (`--heal refit`) also refits the down projection of every kept layer "
-        "after the first "
-        "cut against the original's hidden state at the matching depth (same guard). "
+        "loss on held-out calibration windows (every 4th batch, not used for the fit)"
+        + (
+            "; `linear+refit` (`--heal refit`) also refits the down projection of every kept "
+            "layer after the first cut against the original's hidden state at the matching "
+            "depth (same guard)"
+            if "linear+refit" in cfg["heals"]
+            else ""
+        )
+        + ". `block` with a heal is what `--select block` does then: the 4 closest blocks "
+        "are each healed and the one with the lowest held-out loss after healing is removed. "
         f"Original model: perplexity {base['perplexity']:.2f} on these windows"
         + (f", QA {base['qa_correct']}/{qa_total}" if qa_total else "")
         + ". QA: exact match on the first "

@@ -37,6 +37,7 @@ RIDGES = (1e-3, 1e-2, 1e-1)  # tried when the ridge is chosen by held-out loss
 WEIGHTINGS = ("none", "token")
 DEFAULT_WEIGHTING = "token"  # measured better on the default model (benchmarks)
 PATCH_FILE = "heal.safetensors"
+FEW_TOKENS_PER_DIM = 16  # fitting tokens per hidden dimension below which a heal warns
 
 
 class HealingError(ShortGPTError):
@@ -207,6 +208,22 @@ def candidates(ridge: float | None, weighting: str | None) -> list[tuple[str, fl
     return [(w, r) for w in weightings for r in ridges]
 
 
+def _warn_if_few_tokens(tokens: int, stack: Stack) -> None:
+    """A patch is hidden x hidden: with few tokens per dimension it fits the calibration
+    text's noise (the guard then rejects it, or it helps less than it could)."""
+    hidden = getattr(stack.model.config, "hidden_size", None)
+    if hidden and tokens < FEW_TOKENS_PER_DIM * hidden:
+        log.warning(
+            "healing fits %d x %d patches on %d calibration tokens (< %d per dimension): "
+            "expect a weaker heal; pass more text (--calib FILE --calib-tokens N, "
+            "benchmarks/RESULTS.md: 49,152 tokens healed best)",
+            hidden,
+            hidden,
+            tokens,
+            FEW_TOKENS_PER_DIM,
+        )
+
+
 def heal_linear(
     model,
     spec: ArchitectureSpec,
@@ -287,7 +304,7 @@ def heal_linear(
             # entering it is the original's
             position = first = max(min(remove) - 1, 0)
             if original_states is None and refit:
-                original_states = _original_states(stack, batches, progress)
+                original_states = record_original_states(stack, batches, progress)
             if original_states is not None:
                 targets = {
                     k: {b: original_states[b + 1][k][batches[k].mask] for _, b in todo}
@@ -313,6 +330,7 @@ def heal_linear(
                         targets[k] = wanted
                         advance(1)
             result.held_out_tokens = sum(batches[k].tokens for k in held)
+            _warn_if_few_tokens(sum(batches[k].tokens for k in fitting), stack)
             unhealed_loss = None
             # the pruned model's state per batch (entering keep[position]), front to back
             with progress("healing: fitting patches", len(todo)) as advance:
@@ -415,15 +433,23 @@ def heal_linear(
     return result
 
 
-def _original_states(stack: Stack, batches: list[Batch], progress) -> list[list]:
-    """The original model's state entering every block (and the final one), per batch."""
-    states = [[b.embeds for b in batches]]
-    with progress("healing: original hidden states", len(stack.layers)) as advance:
-        for index in range(len(stack.layers)):
-            states.append(
-                [stack.run(index, h, b) for h, b in zip(states[-1], batches, strict=True)]
-            )
-            advance(1)
+def record_original_states(
+    stack: Stack, batches: list[Batch], progress, indices: set[int] | None = None
+) -> list:
+    """The original model's state entering every block (and the final one), per batch;
+    with ``indices``, only those entries are kept (the others are ``None``)."""
+    n = len(stack.layers)
+    wanted = set(range(n + 1)) if indices is None else set(indices)
+    last = max(wanted, default=0)
+    states: list = [None] * (n + 1)
+    current = [b.embeds for b in batches]
+    with progress("healing: original hidden states", last) as advance:
+        for index in range(last + 1):
+            if index in wanted:
+                states[index] = current
+            if index < last:
+                current = [stack.run(index, h, b) for h, b in zip(current, batches, strict=True)]
+                advance(1)
     return states
 
 
@@ -524,6 +550,43 @@ def _refit_kept(
         "held_out_loss_after": round(loss, 6),
         "layers": layers,
     }
+
+
+def patched_loss(
+    stack: Stack,
+    batches: list[Batch],
+    states: list,
+    keep: list[int],
+    weights: dict[int, object] | None = None,
+    which: list[int] | None = None,
+) -> float:
+    """Mean next-token loss of the model that keeps ``keep`` with the patched down
+    projections ``weights`` (by original layer), on batches ``which`` (default: all).
+
+    ``states[i][k]`` is the original model's state entering block ``i`` for batch ``k``;
+    the blocks before the first removed or patched one are the original's, so the pruned
+    model runs only from there (``states`` may hold ``None`` at the indices not needed).
+    """
+    import torch
+
+    n = len(stack.layers)
+    weights = weights or {}
+    touched = (set(range(n)) - set(keep)) | set(weights)
+    start = min(touched) if touched else n
+    which = range(len(batches)) if which is None else which
+    saved = {}
+    try:
+        with torch.inference_mode():
+            for p, w in weights.items():
+                linear = down_proj(stack, p)
+                saved[p] = linear.weight.data
+                linear.weight.data = w.to(saved[p].dtype)
+            after = [i for i in keep if i >= start]
+            finals = [stack.run_many(after, states[start][k], batches[k]) for k in which]
+            return mean_loss(stack, finals, [batches[k] for k in which])
+    finally:
+        for p, data in saved.items():
+            down_proj(stack, p).weight.data = data
 
 
 def save_patches(

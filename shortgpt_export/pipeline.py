@@ -67,6 +67,7 @@ class PlanOptions:
     heal: str = DEFAULT_HEAL  # none | linear (healing.py)
     auto: bool = False  # --remove auto / --ratio auto: the most layers within the budget
     select_tokens: int = DEFAULT_SELECT_TOKENS  # calibration tokens greedy selection uses
+    greedy_candidates: int | None = None  # greedy tries only this many lowest-scored layers
 
     def recipe(self, max_ppl_increase: float | None, batch_size: int) -> Recipe:
         return Recipe(
@@ -75,6 +76,7 @@ class PlanOptions:
             auto=self.auto,
             max_ppl_increase=max_ppl_increase,
             select_tokens=self.select_tokens,
+            greedy_candidates=self.greedy_candidates,
             batch_size=batch_size,
         )
 

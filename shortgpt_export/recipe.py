@@ -23,7 +23,14 @@ from .healing import (
 )
 from .planning import Plan, make_plan
 from .progress import ProgressFactory, no_progress
-from .selection import block_plan, check_strategy, greedy_plan, greedy_steps
+from .selection import (
+    BLOCK_CANDIDATES,
+    block_plan,
+    check_strategy,
+    greedy_plan,
+    greedy_steps,
+    healed_block_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class Recipe:
     ridge: float | None = DEFAULT_RIDGE  # None: chosen by held-out loss
     weighting: str | None = DEFAULT_WEIGHTING
     greedy_candidates: int | None = None  # greedy tries only this many lowest-scored
+    block_candidates: int = BLOCK_CANDIDATES  # closest blocks compared after healing
     batch_size: int = 4
 
     def check(self, spec=None) -> None:
@@ -107,15 +115,32 @@ class _Planner:
         self.steps = []
         self._greedy = None
         self._in_loop = False
+        self._healed: dict[tuple[int, ...], HealResult] = {}  # heals done while choosing
 
     def plan(self, n: int) -> Plan:
         num_layers = self.scores.num_layers
         if self.recipe.select == "score":
             return make_plan(num_layers, self.scores.scores, remove=n, metric=self.scores.metric)
         if self.recipe.select == "block":
-            if self.scores.block_distances is None:
+            distances = self.scores.block_distances
+            if distances is None:
                 raise PlanError("block selection needs block distances from the scoring pass")
-            return block_plan(num_layers, self.scores.block_distances, n, self.scores.scores)
+            if self.recipe.heal == "none" or n == 0 or self.recipe.block_candidates < 2:
+                return block_plan(num_layers, distances, n, self.scores.scores)
+            plan, heal = healed_block_plan(
+                self.loaded.model,
+                self.loaded.source.spec,
+                self.calib,
+                distances,
+                n,
+                self.scores.scores,
+                candidates=self.recipe.block_candidates,
+                heal_options=self._heal_options(),
+                batch_size=self.recipe.batch_size,
+                progress=self.progress,
+            )
+            self._healed[tuple(plan.remove)] = heal
+            return plan
         if self._greedy is None:
             windows = selection_windows(self.calib, self.recipe.select_tokens)
             self._in_loop = self._heal_in_loop(windows)
@@ -132,7 +157,13 @@ class _Planner:
             )
         while len(self.steps) < n:
             self.steps.append(next(self._greedy))
-        return greedy_plan(num_layers, self.steps[:n], self.scores.scores, self._in_loop)
+        return greedy_plan(
+            num_layers,
+            self.steps[:n],
+            self.scores.scores,
+            self._in_loop,
+            shortlist=self.recipe.greedy_candidates,
+        )
 
     def _heal_in_loop(self, windows: CalibrationSet) -> bool:
         """Fit patches inside the greedy loop only with enough tokens for a hidden x hidden
@@ -153,19 +184,26 @@ class _Planner:
         if self._greedy is not None:
             self._greedy.close()  # restores any weights patched during the search
 
+    def _heal_options(self) -> dict:
+        return {
+            "ridge": self.recipe.ridge,
+            "weighting": self.recipe.weighting,
+            "refit": self.recipe.heal == "refit",
+        }
+
     def heal(self, plan: Plan) -> HealResult | None:
         if self.recipe.heal == "none" or not plan.remove:
             return None
+        if tuple(plan.remove) in self._healed:
+            return self._healed[tuple(plan.remove)]
         return heal_linear(
             self.loaded.model,
             self.loaded.source.spec,
             self.calib,
             plan.remove,
-            ridge=self.recipe.ridge,
-            weighting=self.recipe.weighting,
-            refit=self.recipe.heal == "refit",
             batch_size=self.recipe.batch_size,
             progress=self.progress,
+            **self._heal_options(),
         )
 
 

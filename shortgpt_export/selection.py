@@ -7,7 +7,10 @@
   blocks after it; with healing in the loop, a candidate's loss is measured after fitting
   the patch its removal would get (healing.py).
 - ``block``: the contiguous run of N layers whose input and output are closest in angular
-  distance (Gromov et al. 2024), from the scoring pass's block distances.
+  distance (Gromov et al. 2024), from the scoring pass's block distances. With healing, the
+  few closest blocks are each healed and the one with the lowest next-token loss on the
+  held-out calibration windows is removed: the distance says how much a block changes the
+  hidden state, the loss after patching how much of that change a patch cannot restore.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ from .healing import (
     DEFAULT_RIDGE,
     DEFAULT_WEIGHTING,
     GramFit,
+    HealResult,
     check_healable,
     down_proj,
+    guard_split,
+    heal_linear,
     mlp_parts,
+    patched_loss,
     patched_weight,
+    record_original_states,
 )
 from .layerwise import Batch, Stack
 from .planning import Plan
@@ -36,6 +44,7 @@ from .progress import ProgressFactory, no_progress
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("score", "greedy", "block")
+BLOCK_CANDIDATES = 4  # closest blocks healed and compared by held-out loss (benchmarks)
 
 
 def check_strategy(name: str) -> None:
@@ -45,9 +54,8 @@ def check_strategy(name: str) -> None:
 
 def block_choice(distances: list[list[float]], n: int) -> tuple[int, float]:
     """(first layer, distance) of the closest block of ``n`` layers."""
-    row = distances[n - 1]
-    start = min(range(len(row)), key=lambda s: (row[s], s))
-    return start, row[start]
+    start = closest_blocks(distances, n, 1)[0]
+    return start, distances[n - 1][start]
 
 
 def block_plan(
@@ -73,6 +81,99 @@ def block_plan(
     )
 
 
+def closest_blocks(distances: list[list[float]], n: int, k: int) -> list[int]:
+    """First layers of the ``k`` blocks of ``n`` layers with the smallest distance."""
+    row = distances[n - 1]
+    return sorted(range(len(row)), key=lambda s: (row[s], s))[:k]
+
+
+def healed_block_plan(
+    model,
+    spec: ArchitectureSpec,
+    calib: CalibrationSet,
+    distances: list[list[float]],
+    n: int,
+    scores: list[float] | None = None,
+    *,
+    candidates: int = BLOCK_CANDIDATES,
+    heal_options: dict | None = None,
+    batch_size: int = 4,
+    batches: list[Batch] | None = None,
+    original_states: list | None = None,
+    progress: ProgressFactory = no_progress,
+) -> tuple[Plan, HealResult]:
+    """Of the ``candidates`` closest blocks of ``n`` layers, heal each (guarded
+    :func:`healing.heal_linear`) and keep the one whose pruned, healed model has the lowest
+    next-token loss on the guard's held-out calibration windows.
+
+    ``batches`` and ``original_states`` (every block's input) may be passed in, as to
+    :func:`healing.heal_linear`, when several plans are made on one model."""
+    import torch
+
+    num_layers = len(spec.decoder_layers(model))
+    if not 0 < n < num_layers:
+        raise PlanError(f"cannot remove a block of {n} of {num_layers} layers")
+    options = {"guard": True} | (heal_options or {})
+    if not options["guard"]:
+        raise PlanError("choosing a block by held-out loss needs the heal guard's windows")
+    stack = Stack(model, spec)
+    starts = closest_blocks(distances, n, candidates)
+    rows = calib.input_ids.shape[0]
+    with torch.inference_mode():
+        if batches is None:
+            batches = stack.record(calib, min(batch_size, max(1, rows // 2)))
+        states = original_states
+        if states is None:
+            # per candidate: the state entering it, entering the layer before it, and the
+            # original output of its last layer (the patch's target); all for a refit
+            needed = {i for s in starts for i in (max(s - 1, 0), s, s + n)}
+            if options.get("refit"):
+                needed = None
+            states = record_original_states(stack, batches, progress, needed)
+    held = guard_split(len(batches))[1]
+    if not held:
+        raise PlanError(
+            f"choosing a block by held-out loss needs at least 2 calibration windows, got {rows}",
+            hint="pass more --calib-tokens or a shorter --seq-len",
+        )
+    tried = []
+    with progress(f"block: healing the {len(starts)} closest blocks", len(starts)) as advance:
+        for start in starts:
+            remove = list(range(start, start + n))
+            keep = [i for i in range(num_layers) if i not in set(remove)]
+            heal = heal_linear(
+                model, spec, calib, remove, batches=batches, original_states=states, **options
+            )
+            loss = patched_loss(stack, batches, states, keep, heal.weights, held)
+            log.info("block %d..%d: held-out loss %.4f after healing", start, start + n - 1, loss)
+            tried.append((loss, start, heal))
+            advance(1)
+    loss, start, heal = min(tried, key=lambda t: (t[0], t[1]))
+    row = distances[n - 1]
+    plan = Plan.removing(
+        num_layers,
+        list(range(start, start + n)),
+        metric="angular",
+        reason=(
+            f"remove the block of {n} layers that, of the {len(starts)} with the smallest "
+            "input-output angular distance, has the lowest held-out loss after healing"
+        ),
+        scores=scores,
+        strategy="block",
+        selection={
+            "block_distances": row,
+            "start": start,
+            "distance": row[start],
+            "chosen_by": "held-out next-token loss after healing",
+            "candidates": [
+                {"start": s, "distance": row[s], "held_out_loss": round(c, 6)}
+                for c, s, _ in sorted(tried, key=lambda t: t[1])
+            ],
+        },
+    )
+    return plan, heal
+
+
 @dataclass
 class GreedyStep:
     layer: int  # original index of the layer removed at this step
@@ -81,7 +182,11 @@ class GreedyStep:
 
 
 def greedy_plan(
-    num_layers: int, steps: list[GreedyStep], scores: list[float] | None, heal: bool
+    num_layers: int,
+    steps: list[GreedyStep],
+    scores: list[float] | None,
+    heal: bool,
+    shortlist: int | None = None,
 ) -> Plan:
     """The plan of the first ``len(steps)`` greedy removals."""
     remove = sorted(s.layer for s in steps)
@@ -95,6 +200,7 @@ def greedy_plan(
         strategy="greedy",
         selection={
             "heal_in_loop": heal,
+            "shortlist": shortlist,  # None: every kept layer was tried at each step
             "steps": [
                 {"layer": s.layer, "loss": round(s.loss, 6), "seconds": round(s.seconds, 3)}
                 for s in steps

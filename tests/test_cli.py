@@ -158,6 +158,8 @@ def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, ca
         (["--kl-windows", "1", "--max-tokens", "64"], "--max-tokens, --kl-windows would be"),
         (["--validate", "--dry-run"], "--validate has nothing to measure with --dry-run"),
         (["--max-ppl-increase", "2"], "--max-ppl-increase needs --validate"),
+        (["--greedy-candidates", "3"], "--greedy-candidates only apply to --select greedy"),
+        (["--greedy-candidates", "0", "--select", "greedy"], "--greedy-candidates"),
     ],
 )
 def test_bad_options(capsys, tiny_llama_dir, tmp_path, calib_file, args, message):

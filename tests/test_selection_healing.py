@@ -16,9 +16,21 @@ from shortgpt_export.healing import check_healable, heal_linear, load_patches, r
 from shortgpt_export.layerwise import Stack
 from shortgpt_export.planning import Plan, make_plan
 from shortgpt_export.pruning import healed, pruned_view
-from shortgpt_export.recipe import Recipe, choose, held_out_perplexity, split_calibration
+from shortgpt_export.recipe import (
+    Recipe,
+    choose,
+    held_out_perplexity,
+    split_calibration,
+    subset,
+)
 from shortgpt_export.scoring import LayerScores, score_layers
-from shortgpt_export.selection import block_plan, greedy_plan, greedy_steps
+from shortgpt_export.selection import (
+    block_plan,
+    closest_blocks,
+    greedy_plan,
+    greedy_steps,
+    healed_block_plan,
+)
 from shortgpt_export.source import load_model, resolve_source
 
 
@@ -133,6 +145,49 @@ def test_block_distances_match_hidden_states(tiny_llama_dir):
             cos = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
             want = float((torch.arccos(cos.clamp(-1, 1)) / math.pi).mean())
             assert distances[n - 1][s] == pytest.approx(want, abs=1e-5)
+
+
+def test_healed_block_choice_ranks_candidates_by_held_out_loss(tiny_llama_dir):
+    loaded = load(tiny_llama_dir)
+    spec = loaded.source.spec
+    calib = calib_for(loaded, tokens=2048)
+    scores = scores_of(loaded, calib)
+    plan, heal = healed_block_plan(
+        loaded.model, spec, calib, scores.block_distances, 2, scores.scores, candidates=3
+    )
+    candidates = plan.selection["candidates"]
+    starts = [c["start"] for c in candidates]
+    assert sorted(starts) == sorted(closest_blocks(scores.block_distances, 2, 3))
+    # each candidate's loss, measured again through the pruned, healed HF model on the
+    # guard's held-out windows (every 4th batch of 4 windows)
+    rows = calib.input_ids.shape[0]
+    held = [r for r in range(rows) if (r // 4) % 4 == 3]
+    windows = subset(calib, held)
+    for c in candidates:
+        remove = list(range(c["start"], c["start"] + 2))
+        keep = [i for i in range(6) if i not in remove]
+        weights = heal_linear(loaded.model, spec, calib, remove).weights
+        ppl = held_out_perplexity(loaded, windows, keep, weights, batch_size=4)
+        assert c["held_out_loss"] == pytest.approx(math.log(ppl), rel=1e-4)
+    best = min(candidates, key=lambda c: c["held_out_loss"])
+    assert plan.remove == [best["start"], best["start"] + 1] and plan.strategy == "block"
+    assert sorted(heal.weights) == ([best["start"] - 1] if heal.weights else [])
+    # through the recipe: the plan's heal is the one made while choosing, not a second fit
+    choice = choose(
+        loaded, calib, scores, Recipe(select="block", heal="linear", block_candidates=3), remove=2
+    )
+    assert choice.plan.remove == plan.remove
+    assert choice.heal.runs == heal.runs
+
+
+def test_healing_on_few_tokens_per_dimension_warns(tiny_llama_dir, caplog):
+    loaded = load(tiny_llama_dir)
+    hidden = loaded.model.config.hidden_size
+    for tokens, warned in ((hidden * 8, True), (hidden * 32, False)):
+        caplog.clear()
+        calib = calib_for(loaded, tokens=tokens)
+        heal_linear(loaded.model, loaded.source.spec, calib, [2, 3])
+        assert ("calibration tokens (< 16 per dimension)" in caplog.text) is warned, tokens
 
 
 def _run_end_error(loaded, calib, keep, run, weights):
@@ -461,6 +516,27 @@ def test_cli_select_heal_and_auto(tiny_llama_dir, tmp_path):
     assert all(c["perplexity"] <= plan["budget"]["limit"] for c in plan["budget"]["curve"][:-1])
     steps = [s["layer"] for s in plan["selection"]["steps"]]
     assert sorted(steps) == plan["remove"]
+
+
+def test_cli_greedy_shortlist(tiny_llama_dir, tmp_path):
+    out = export_with_cli(
+        tiny_llama_dir,
+        tmp_path,
+        "--remove",
+        "2",
+        "--select",
+        "greedy",
+        "--greedy-candidates",
+        "2",
+        "--heal",
+        "none",
+        "--dry-run",
+    )
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["selection"]["shortlist"] == 2
+    scores = plan["scores"]
+    first = plan["selection"]["steps"][0]["layer"]
+    assert first in sorted(range(6), key=lambda i: (scores[i], i))[:2]
 
 
 def test_cli_heal_refit_records_the_refit(tiny_llama_dir, tmp_path):

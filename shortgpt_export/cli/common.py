@@ -175,6 +175,13 @@ def add_plan_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"calibration tokens greedy selection uses (default {DEFAULT_SELECT_TOKENS})",
     )
+    group.add_argument(
+        "--greedy-candidates",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="greedy tries only the K lowest-scored kept layers at each step (default: all)",
+    )
     exclusive.add_argument(
         "--layers",
         type=layer_list,
@@ -374,6 +381,7 @@ def plan_options(args) -> PlanOptions:
         heal=args.heal,
         auto=auto,
         select_tokens=args.select_tokens,
+        greedy_candidates=args.greedy_candidates,
     )
 
 

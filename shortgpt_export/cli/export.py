@@ -44,6 +44,14 @@ def check_combinations(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"without --validate, {flags} would be ignored; add --validate or drop it")
     if args.validate and args.dry_run:
         parser.error("--validate has nothing to measure with --dry-run; drop one of them")
+    greedy_only = [
+        d
+        for d in ("select_tokens", "greedy_candidates")
+        if getattr(args, d) != parser.get_default(d)
+    ]
+    if greedy_only and args.select != "greedy":
+        flags = ", ".join("--" + d.replace("_", "-") for d in greedy_only)
+        parser.error(f"{flags} only apply to --select greedy; add it or drop them")
     auto = "auto" in (args.remove, args.ratio)
     if args.max_ppl_increase is not None and not (args.validate or auto):
         parser.error(
