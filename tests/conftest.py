@@ -92,6 +92,45 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def _onnx_fp32_store(tmp_path_factory) -> dict:
+    return {"root": tmp_path_factory.mktemp("onnx-fp32-store"), "exports": {}}
+
+
+@pytest.fixture
+def shared_onnx_fp32(monkeypatch, _onnx_fp32_store) -> dict:
+    """The ONNX back-end's optimum export, run once per HF folder content in the session.
+
+    Runs that write the same pruned HF folder (the same bytes) get a copy of the first
+    run's fp32 ONNX folder; everything after it (int8/int4 derivation, verification, model
+    cards) runs as usual. Returns ``{"exported": n, "reused": n}`` for this test.
+    """
+    import shutil
+
+    from helpers import folder_digest
+
+    import shortgpt_export.converters.onnx.exporter as exporter
+
+    real = exporter.export_fp32
+    store, counts = _onnx_fp32_store, {"exported": 0, "reused": 0}
+
+    def export_fp32(hf_dir, out):
+        key = folder_digest(hf_dir)
+        cached = store["exports"].get(key)
+        if cached is None:
+            real(hf_dir, out)
+            cached = store["root"] / key
+            shutil.copytree(out, cached)
+            store["exports"][key] = cached
+            counts["exported"] += 1
+        else:
+            shutil.copytree(cached, out, dirs_exist_ok=True)
+            counts["reused"] += 1
+
+    monkeypatch.setattr(exporter, "export_fp32", export_fp32)
+    return counts
+
+
 def pytest_collection_modifyitems(items):
     """Mark every test that needs the default model (directly or through a fixture), so
     that `make test-fast` can skip them with ``-m "not default_model"``."""
