@@ -74,6 +74,28 @@ def default_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_gguf_reader(default_gguf):
+    """A ``gguf.GGUFReader`` of the default model, read once (that takes seconds: it maps
+    every string of the 49k vocabulary); tests only read from it."""
+    from shortgpt_export.gguf_file import open_gguf
+
+    return open_gguf(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def pruned_default_gguf(default_gguf, tmp_path_factory):
+    """(plan, source info, path): the default GGUF pruned GGUF -> GGUF without layers
+    12, 13, 14 and 17."""
+    from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
+    from shortgpt_export.planning import make_plan
+
+    plan = make_plan(30, layers=[12, 13, 14, 17])
+    out = tmp_path_factory.mktemp("pruned-default") / "pruned.gguf"
+    info = prune_gguf(default_gguf, plan, out)
+    return plan, info, out
+
+
+@pytest.fixture(scope="session")
 def spm_tokenizer_dir(tmp_path_factory) -> Path:
     """A Gemma-style SentencePiece tokenizer (BPE, byte fallback, vocab 600) trained on the
     built-in calibration text: what llama.cpp's converter needs for Gemma (and Phi-3)."""
