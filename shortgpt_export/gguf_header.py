@@ -140,8 +140,9 @@ def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, depth: int = 0):
     raise _Bad(f"{what} has unknown item type {item_type}")
 
 
-def _check(data, size: int, values: dict | None = None) -> None:
-    """Check the whole header; with ``values``, also collect every key's value into it."""
+def _check(data, size: int, values: dict | None = None, shapes: dict | None = None) -> None:
+    """Check the whole header; with ``values``, also collect every key's value into it,
+    with ``shapes`` every tensor's dimensions (ggml order) by name."""
     if size < 4 or bytes(data[:4]) != MAGIC:
         raise _Bad("the file does not start with the GGUF magic")
     version = struct.unpack_from("<I", data, 4)[0] if size >= 8 else None
@@ -191,6 +192,8 @@ def _check(data, size: int, values: dict | None = None) -> None:
         ggml_type = cur.unpack("I", 4, f"type of tensor #{index}")
         offset = cur.unpack("Q", 8, f"offset of tensor #{index}")
         infos.append((index, dims, ggml_type, offset))
+        if shapes is not None:
+            shapes[name.decode("utf-8", "replace")] = dims
     data_start = -(-cur.pos // alignment) * alignment
     _check_tensor_data(infos, size - data_start, alignment)
 
@@ -231,14 +234,22 @@ def read_gguf_kv(path: Path) -> dict:
     return values
 
 
-def _parse(path: Path, values: dict | None) -> None:
+def read_gguf_tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's dimensions (ggml order) by name, the header checked in the same pass;
+    no ``gguf.GGUFReader`` (see :func:`read_gguf_kv`)."""
+    shapes: dict[str, list[int]] = {}
+    _parse(Path(path), None, shapes)
+    return shapes
+
+
+def _parse(path: Path, values: dict | None, shapes: dict | None = None) -> None:
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
             if size == 0:
                 raise _Bad("the file is empty")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                _check(data, size, values)
+                _check(data, size, values, shapes)
     except _Bad as exc:
         raise CorruptModelError(
             f"cannot read GGUF file {path}: {exc}",

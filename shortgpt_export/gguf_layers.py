@@ -95,9 +95,6 @@ class GGUFWeights:
         array = gguf.quants.dequantize(info.data[ids.numpy()], info.tensor_type)
         return torch.from_numpy(np.array(array, dtype=np.float32, copy=True).reshape(-1, shape[1]))
 
-    def parameter_count(self) -> int:
-        return sum(int(t.n_elements) for t in self.reader.tensors)
-
     def close(self) -> None:
         self.tensors = {}
         self.reader = None

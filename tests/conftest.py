@@ -86,6 +86,28 @@ def known_bpe_tokenizer_dir(default_gguf, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def default_gguf_reader(default_gguf):
+    """A ``gguf.GGUFReader`` of the default model, read once (that takes seconds: it maps
+    every string of the 49k vocabulary); tests only read from it."""
+    from shortgpt_export.gguf_file import open_gguf
+
+    return open_gguf(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def pruned_default_gguf(default_gguf, tmp_path_factory):
+    """(plan, source info, path): the default GGUF pruned GGUF -> GGUF without layers
+    12, 13, 14 and 17."""
+    from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
+    from shortgpt_export.planning import make_plan
+
+    plan = make_plan(30, layers=[12, 13, 14, 17])
+    out = tmp_path_factory.mktemp("pruned-default") / "pruned.gguf"
+    info = prune_gguf(default_gguf, plan, out)
+    return plan, info, out
+
+
+@pytest.fixture(scope="session")
 def spm_tokenizer_dir(tmp_path_factory) -> Path:
     """A Gemma-style SentencePiece tokenizer (BPE, byte fallback, vocab 600) trained on the
     built-in calibration text: what llama.cpp's converter needs for Gemma (and Phi-3)."""
@@ -102,6 +124,45 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     out = work / "tokenizer-folder"
     GemmaTokenizer(vocab_file=str(work / "tokenizer.model")).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def _onnx_fp32_store(tmp_path_factory) -> dict:
+    return {"root": tmp_path_factory.mktemp("onnx-fp32-store"), "exports": {}}
+
+
+@pytest.fixture
+def shared_onnx_fp32(monkeypatch, _onnx_fp32_store) -> dict:
+    """The ONNX back-end's optimum export, run once per HF folder content in the session.
+
+    Runs that write the same pruned HF folder (the same bytes) get a copy of the first
+    run's fp32 ONNX folder; everything after it (int8/int4 derivation, verification, model
+    cards) runs as usual. Returns ``{"exported": n, "reused": n}`` for this test.
+    """
+    import shutil
+
+    from helpers import folder_digest
+
+    import shortgpt_export.converters.onnx.exporter as exporter
+
+    real = exporter.export_fp32
+    store, counts = _onnx_fp32_store, {"exported": 0, "reused": 0}
+
+    def export_fp32(hf_dir, out):
+        key = folder_digest(hf_dir)
+        cached = store["exports"].get(key)
+        if cached is None:
+            real(hf_dir, out)
+            cached = store["root"] / key
+            shutil.copytree(out, cached)
+            store["exports"][key] = cached
+            counts["exported"] += 1
+        else:
+            shutil.copytree(cached, out, dirs_exist_ok=True)
+            counts["reused"] += 1
+
+    monkeypatch.setattr(exporter, "export_fp32", export_fp32)
+    return counts
 
 
 def pytest_collection_modifyitems(items):

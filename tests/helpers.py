@@ -104,3 +104,19 @@ def torch_perplexity(model, windows) -> float:
             total += float(torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum"))
             count += len(window) - 1
     return math.exp(total / count)
+
+
+def folder_digest(folder) -> str:
+    """sha256 of every file in ``folder`` (names and bytes), the model card aside."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        if path.name == "README.md":
+            continue
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()

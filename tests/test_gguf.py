@@ -80,12 +80,13 @@ def test_every_file_loads_generates_and_was_verified(exported):
     assert "top-1" in card and "Q4_K_M" in card
 
 
-def test_default_model_gguf_to_gguf_keeps_tensors_byte_identical(default_gguf, tmp_path):
-    plan = make_plan(30, layers=[12, 13, 14, 17])
-    out = tmp_path / "pruned.gguf"
-    info = prune_gguf(default_gguf, plan, out)
+def test_default_model_gguf_to_gguf_keeps_tensors_byte_identical(
+    pruned_default_gguf, default_gguf_reader
+):
+    plan, info, out = pruned_default_gguf
+    assert plan.remove == [12, 13, 14, 17]
     assert info.file_type == "Q4_1" and info.block_count == 30
-    src, dst = open_gguf(default_gguf), open_gguf(out)
+    src, dst = default_gguf_reader, open_gguf(out)
     assert field_value(dst, "llama.block_count") == 26
     source = {t.name: t for t in src.tensors}
     new_to_old = {new: old for new, old in enumerate(plan.keep)}

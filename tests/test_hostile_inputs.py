@@ -786,9 +786,7 @@ def test_modelfile_from_a_hostile_gguf_parses_to_the_intended_directives(tmp_pat
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         writer.close()
-        from shortgpt_export.gguf_file import open_gguf
-
-        stops += stop_tokens_from_gguf(open_gguf(path))
+        stops += stop_tokens_from_gguf(path)
     assert stops == HOSTILE_STOPS
     text = render_modelfile("m.gguf", stops, ["other.gguf"])
     parsed = parse_ollama_modelfile(text)

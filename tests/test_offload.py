@@ -99,6 +99,11 @@ def test_gguf_streamed_agrees_with_the_gguf_loaded_whole(
     folder = build_tiny_model(family, tiny_tokenizer_dir, tmp_path / "hf", full_attention=True)
     source = _tiny_gguf(folder, tmp_path / f"tiny-{out_type}.gguf", out_type)
     assert source.kind == "gguf"
+    # the memory estimate reads the header alone; gguf's own reader counts the same
+    from gguf import GGUFReader
+
+    elements = sum(int(t.n_elements) for t in GGUFReader(source.path).tensors)
+    assert offload.model_bytes(source, torch.float32) == 4 * elements
     calib = random_calibration(source.config.vocab_size, 5, 16, pad_last=4)
     (scores, _), (streamed, _) = both(source, calib)
     assert_close(streamed, scores)

@@ -94,7 +94,9 @@ def test_folders_load_with_optimum_and_generate(exported):
 
 
 @pytest.mark.parametrize(("mode", "max_kl"), [("dynamic", 1.0), ("weight-only", 0.01)])
-def test_default_model_int8(capsys, default_gguf, tmp_path, mode, max_kl):
+def test_default_model_int8(capsys, default_gguf, shared_onnx_fp32, tmp_path, mode, max_kl):
+    """Both modes plan the same 26 layers, so the second derives its int8 model from the
+    first one's optimum export (shared_onnx_fp32); the rest of the run is its own."""
     from optimum.onnxruntime import ORTModelForCausalLM
 
     out = tmp_path / "smol"

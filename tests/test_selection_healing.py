@@ -423,7 +423,9 @@ def test_healed_exports_agree_with_the_healed_torch_model(healed_exports):
     assert "Healing" in card and "| 2..3 | 1 |" in card
 
 
-def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf, tmp_path):
+def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(
+    default_gguf, default_gguf_reader, tmp_path
+):
     from shortgpt_export.gguf_file import open_gguf
 
     # enough calibration tokens for a 576 x 576 fit: on 512 (256 fitted) the held-out guard
@@ -440,7 +442,7 @@ def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(default_gguf,
     assert 11 in weights and sorted(weights) == kept
     if 19 not in weights:
         assert runs[(20, 20)]["skipped"].startswith("guard:")
-    src = {t.name: t for t in open_gguf(default_gguf).tensors}
+    src = {t.name: t for t in default_gguf_reader.tensors}
     dst = open_gguf(next(out.glob("*.gguf")))
     new_to_old = dict(enumerate(plan.keep))
     patched = 0

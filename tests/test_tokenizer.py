@@ -6,6 +6,7 @@ that llama.cpp's own converter makes from it) must give the same ids.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from shortgpt_export.converters.gguf.modelfile import stop_tokens_from_gguf
 from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
 from shortgpt_export.errors import ExportError
 from shortgpt_export.gguf_file import open_gguf
-from shortgpt_export.gguf_header import read_gguf_kv
+from shortgpt_export.gguf_header import read_gguf_kv, read_gguf_tensor_shapes
 from shortgpt_export.gguf_tokenizer import read_tokenizer_meta
 from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import write_pruned_model
@@ -74,11 +75,9 @@ def builtin_f16(default_hf, tmp_path_factory):
     return out / "builtin-F16.gguf"
 
 
-def test_metadata_reader_matches_gguf_reader(default_gguf):
-    from gguf import GGUFReader
-
+def test_metadata_reader_matches_gguf_reader(default_gguf, default_gguf_reader):
     ours = read_gguf_kv(default_gguf)
-    reader = GGUFReader(default_gguf)
+    reader = default_gguf_reader  # gguf.GGUFReader
     names = [n for n in reader.fields if not n.startswith("GGUF.")]
     assert sorted(ours) == sorted(names)
     for name in names:
@@ -138,7 +137,7 @@ def test_gguf_written_from_that_folder_tokenizes_like_the_source(builtin_f16, tr
     check_artifact(truth, builtin_f16)  # raises on any difference
     meta = read_tokenizer_meta(builtin_f16)
     assert (meta.eos, meta.bos, meta.add_bos) == (2, 1, False)
-    assert stop_tokens_from_gguf(open_gguf(builtin_f16)) == ["<|im_end|>"]
+    assert stop_tokens_from_gguf(builtin_f16) == ["<|im_end|>"]
 
 
 def test_onnx_written_from_that_folder_tokenizes_and_stops_like_the_source(
@@ -192,22 +191,22 @@ def test_chat_replies_stop_at_the_end_of_turn(
         check_reply(truth, ["Paris", "<|im_start|>"], "broken")
 
 
-def test_pruned_gguf_size_label_and_general_fields(default_gguf, tmp_path):
-    out = tmp_path / "pruned.gguf"
-    prune_gguf(default_gguf, make_plan(30, layers=[12, 13, 14, 17]), out)
+def test_pruned_gguf_size_label_and_general_fields(default_gguf, pruned_default_gguf):
+    plan, _, out = pruned_default_gguf
+    assert plan.remove == [12, 13, 14, 17]
     source, pruned = read_gguf_kv(default_gguf), read_gguf_kv(out)
-    params = sum(int(t.n_elements) for t in open_gguf(out).tensors)
+    params = sum(math.prod(dims) for dims in read_gguf_tensor_shapes(out).values())
     assert source["general.size_label"] == "135M"
     assert pruned["general.size_label"] == size_label(params) == "120M"
     assert pruned["general.license"] == source["general.license"] == "apache-2.0"
 
 
-def test_llama_cpp_abort_is_one_error(default_gguf, tmp_path):
+def test_llama_cpp_abort_is_one_error(default_gguf_reader, tmp_path):
     """A byte-level vocabulary declared as SentencePiece makes llama.cpp abort in
     byte_to_token on plain text; that becomes an ExportError, not the end of pytest."""
     import gguf
 
-    reader = gguf.GGUFReader(default_gguf)
+    reader = default_gguf_reader
     broken = tmp_path / "spm-vocab.gguf"
     writer = gguf.GGUFWriter(broken, "llama")
     for field in reader.fields.values():
@@ -287,7 +286,7 @@ def test_llama_cpp_converter_from_the_cache(default_hf, tmp_path, monkeypatch):
     )  # fmt: skip
     path = next(out.glob("*-pruned29L-F16.gguf"))
     assert read_gguf_kv(path)["llama.block_count"] == 29
-    assert stop_tokens_from_gguf(open_gguf(path)) == ["<|im_end|>"]
+    assert stop_tokens_from_gguf(path) == ["<|im_end|>"]
 
 
 def test_llama_cpp_converter_failure_is_one_line(

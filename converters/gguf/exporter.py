@@ -10,7 +10,6 @@ from shortgpt_export.artifacts import Artifact
 from shortgpt_export.errors import ExportError
 from shortgpt_export.export_options import ExportOptions
 from shortgpt_export.fidelity import QUANTIZED_MAX_KL
-from shortgpt_export.gguf_file import open_gguf
 from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
@@ -233,8 +232,9 @@ class GGUFConverter:
             art.extra["verify"] = fidelity.as_dict()
 
     def _write_modelfile(self, ctx: ExportContext, paths: list[Path]) -> None:
-        reader = open_gguf(ctx.out_dir / paths[0])
         text = render_modelfile(
-            paths[0].name, stop_tokens_from_gguf(reader), [p.name for p in paths[1:]]
+            paths[0].name,
+            stop_tokens_from_gguf(ctx.out_dir / paths[0]),
+            [p.name for p in paths[1:]],
         )
         (ctx.out_dir / "Modelfile").write_text(text, encoding="utf-8")

@@ -41,21 +41,24 @@ def render_modelfile(gguf_name: str, stop_tokens: list[str], others: list[str] =
     return "\n".join(lines) + "\n"
 
 
-def stop_tokens_from_gguf(reader) -> list[str]:
-    """The end-of-generation set named in the GGUF tokenizer metadata: EOS, end of turn
-    and end of message (the source's, which every export path carries into the GGUF)."""
-    from shortgpt_export.gguf_file import field_value
+def stop_tokens_from_gguf(path) -> list[str]:
+    """The end-of-generation set named in the GGUF tokenizer metadata of ``path``: EOS, end
+    of turn and end of message (the source's, which every export path carries into the
+    GGUF). Read with the header walker, not ``gguf.GGUFReader`` (seconds on a large
+    vocabulary)."""
+    from shortgpt_export.gguf_header import read_gguf_kv
 
-    tokens = reader.get_field("tokenizer.ggml.tokens")
+    kv = read_gguf_kv(path)
+    tokens = kv.get("tokenizer.ggml.tokens")
     stops: list[str] = []
     for key in (
         "tokenizer.ggml.eos_token_id",
         "tokenizer.ggml.eot_token_id",
         "tokenizer.ggml.eom_token_id",
     ):
-        index = field_value(reader, key)
-        if tokens is not None and index is not None and 0 <= index < len(tokens.data):
-            token = tokens.contents(index)
+        index = kv.get(key)
+        if tokens is not None and index is not None and 0 <= index < len(tokens):
+            token = tokens[index]
             if token not in stops:
                 stops.append(token)
     return stops

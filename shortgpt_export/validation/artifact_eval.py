@@ -45,15 +45,22 @@ def worker_job(path: Path, evaluation: Evaluation) -> dict:
     }
 
 
+def check_tokenizer(path: Path, evaluation: Evaluation) -> None:
+    """Raise ValidationError when ``path`` tokenizes (plain text, special tokens, chat)
+    differently from the reference; llama.cpp runs in a subprocess."""
+    if evaluation.truth is None:
+        return
+    why = mismatch(evaluation.truth, artifact_fingerprint(path))
+    if why:
+        raise ValidationError(
+            f"the tokenizer of {path} works differently from the reference's: {why}",
+            hint="validate artifacts against the model they were made from (--reference)",
+        )
+
+
 def evaluate_artifact(path: Path, evaluation: Evaluation) -> dict:
-    """Run one artifact in a worker process; raises ValidationError on its failure."""
-    if evaluation.truth is not None:  # special tokens and chat too, llama.cpp in a subprocess
-        why = mismatch(evaluation.truth, artifact_fingerprint(path))
-        if why:
-            raise ValidationError(
-                f"the tokenizer of {path} works differently from the reference's: {why}",
-                hint="validate artifacts against the model they were made from (--reference)",
-            )
+    """Run one artifact in a worker process; raises ValidationError on its failure.
+    Check its tokenizer first (``check_tokenizer``)."""
     job = worker_job(path, evaluation)
     job_file = evaluation.workdir / "job.json"
     job_file.write_text(json.dumps(job))

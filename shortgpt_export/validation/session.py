@@ -10,7 +10,7 @@ from ..default_model import cache_dir
 from ..errors import QualityGateError
 from ..progress import ProgressFactory, no_progress
 from ..tokenizer_check import chat_stop_record
-from .artifact_eval import ReportRow, evaluate_artifact, torch_record
+from .artifact_eval import ReportRow, check_tokenizer, evaluate_artifact, torch_record
 from .evaluators import artifact_kind
 from .reference import EvalOptions, new_workdir, prepare
 
@@ -60,6 +60,10 @@ def measure_artifacts(
         with progress("reference log-probabilities", None):
             evaluation = prepare(loaded, opts, cache_dir() / "reference", workdir)
         source = loaded.source
+        paths = [(root / entry.path) if root else Path(entry.path) for entry in entries]
+        with progress("checking the artifacts' tokenizers", None):
+            for path in paths:  # a mismatch fails before any slow measurement
+                check_tokenizer(path, evaluation)
         records = []
         with progress("original (torch)", None):
             records.append(
@@ -87,9 +91,8 @@ def measure_artifacts(
                         layers=len(keep),
                     )
                 )
-        for entry in entries:
-            with progress(f"validating {Path(entry.path).name}", None):
-                path = (root / entry.path) if root else Path(entry.path)
+        for entry, path in zip(entries, paths, strict=True):
+            with progress(f"validating {path.name}", None):
                 record = entry.to_dict() | evaluate_artifact(path, evaluation)
                 if not entry.pruned and evaluation.truth is not None:
                     record["chat_stop"] = chat_stop_record(evaluation.truth, path)
