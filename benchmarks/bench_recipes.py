@@ -358,6 +358,7 @@ def render(results: dict) -> str:
             f"(order {[s['layer'] for s in steps]}); seconds per removed layer: "
             + ", ".join(format(s["seconds"], ".0f") for s in steps)
             + "."
+            + (f" ({results['greedy_note']}.)" if results.get("greedy_note") else "")
         )
     rejected = []
     for (strategy, n, heal), row in sorted(rows.items()):
