@@ -189,6 +189,12 @@ class HealResult:
         }
 
 
+def guard_batch_size(batch_size: int, rows: int) -> int:
+    """Batch size for ``rows`` calibration windows that leaves at least 2 batches whenever
+    there are 2 windows, so that :func:`guard_split` has one to hold out."""
+    return min(batch_size, max(1, rows // 2))
+
+
 def guard_split(count: int) -> tuple[list[int], list[int]]:
     """(fitting, held-out) batch indices: every 4th batch is held out (at least one)."""
     if count < 2:
@@ -287,8 +293,7 @@ def heal_linear(
         with torch.inference_mode():
             if batches is None:
                 rows = calib.input_ids.shape[0]
-                # at least 2 batches whenever there are 2 windows, so that one is held out
-                size = min(batch_size, max(1, rows // 2)) if guard else batch_size
+                size = guard_batch_size(batch_size, rows) if guard else batch_size
                 batches = stack.record(calib, size)
             fitting, held = guard_split(len(batches)) if guard else (list(range(len(batches))), [])
             if guard and not held:

@@ -30,6 +30,7 @@ from .healing import (
     HealResult,
     check_healable,
     down_proj,
+    guard_batch_size,
     guard_split,
     heal_linear,
     mlp_parts,
@@ -121,7 +122,7 @@ def healed_block_plan(
     rows = calib.input_ids.shape[0]
     with torch.inference_mode():
         if batches is None:
-            batches = stack.record(calib, min(batch_size, max(1, rows // 2)))
+            batches = stack.record(calib, guard_batch_size(batch_size, rows))
         states = original_states
         if states is None:
             # per candidate: the state entering it, entering the layer before it, and the
