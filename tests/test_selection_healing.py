@@ -255,11 +255,11 @@ def test_later_fits_see_earlier_patches(tiny_llama_dir):
 
 def _held_loss(loaded, calib, keep, weights, batch_size):
     """Mean next-token loss on the windows heal_linear holds out (every 4th batch)."""
-    from shortgpt_export.healing import guard_split
+    from shortgpt_export.healing import guard_batch_size, guard_split
     from shortgpt_export.recipe import subset
 
     rows = calib.input_ids.shape[0]
-    size = min(batch_size, max(1, rows // 2))
+    size = guard_batch_size(batch_size, rows)
     starts = range(0, rows, size)
     _, held = guard_split(len(starts))
     windows = [i for k in held for i in range(starts[k], min(starts[k] + size, rows))]
