@@ -9,8 +9,10 @@ in-memory pass (scoring._LayerAccumulator), and goes back to the meta device. Th
 outputs replace the inputs in one activation buffer (windows x tokens x hidden, in the
 scoring dtype), which is a memory-mapped temporary file when it does not fit in memory.
 
-Batches are the in-memory pass's batches and each block sees the same inputs, so the
-scores are the in-memory scores, bit for bit on the same device and dtype.
+Each block sees the in-memory pass's inputs, so the scores are the in-memory scores to
+rounding. Batches are the in-memory pass's, made smaller where one batch's forward pass
+would allocate more than a quarter of a layer's weights (layer_batch_size), so that the
+peak stays near one layer plus the activations.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ OFFLOAD_MODES = ("auto", "none", "layers")
 FIT_FRACTION = 0.8
 # activations are kept in memory when they take at most this share of the free memory
 ACTIVATIONS_FRACTION = 0.5
+# a layer's forward pass over one batch may allocate at most this share of its weights
+WORKING_FRACTION = 0.25
 
 
 class SafetensorsWeights:
@@ -238,6 +242,25 @@ def row_embedder(embed, name: str, weights, device, dtype):
     return lookup
 
 
+def window_working_bytes(config, seq: int, itemsize: int) -> int:
+    """Rough bytes a decoder layer allocates to run one window of ``seq`` tokens: the MLP's
+    intermediates (gate, up, activation, product), the attention's projections and
+    residuals, and its score matrix when it is materialised."""
+    hidden = int(config.hidden_size)
+    inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", None) or 0)
+    return itemsize * seq * (4 * inner + 8 * hidden + 2 * heads * seq)
+
+
+def layer_batch_size(batch_size: int, layer, config, seq: int, itemsize: int) -> int:
+    """``batch_size``, made smaller so that a layer's working memory for one batch stays
+    within :data:`WORKING_FRACTION` of the layer's weights (at least 1 window): streamed
+    peak memory is then about one layer plus the activations, whatever ``--batch-size``."""
+    weights = sum(p.numel() for p in layer.parameters()) * itemsize
+    per_window = max(window_working_bytes(config, seq, itemsize), 1)
+    return max(1, min(batch_size, int(WORKING_FRACTION * weights // per_window)))
+
+
 def _module_path(root, module) -> str:
     return next(name for name, m in root.named_modules() if m is module)
 
@@ -315,6 +338,16 @@ def stream_scores(
     embed = model.get_input_embeddings()
     windows, seq = calib.input_ids.shape
     hidden = int(model.config.hidden_size)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
+    if size < batch_size:
+        log.info(
+            "layer by layer: batches of %d windows instead of %d, so that one layer's working "
+            "memory stays within %d%% of its weights",
+            size,
+            batch_size,
+            round(100 * WORKING_FRACTION),
+        )
     with ExitStack() as stack:
         weights = open_weights(source)
         stack.callback(weights.close)
@@ -335,8 +368,8 @@ def stream_scores(
         recorder = Stack(model, spec, device=dev)
         batches = []
         with torch.inference_mode(), progress("embedding calibration windows", None):
-            for index, batch in enumerate(recorder.record_batches(calib, batch_size, lookup)):
-                start = index * batch_size
+            for index, batch in enumerate(recorder.record_batches(calib, size, lookup)):
+                start = index * size
                 states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
                 batch.embeds = None
                 batches.append(batch)
@@ -349,7 +382,7 @@ def stream_scores(
             for index, layer in enumerate(layers):
                 materialize(layer, f"{prefix}.{index}.", weights, dev, dtype)
                 for b, batch in enumerate(batches):
-                    rows = slice(b * batch_size, b * batch_size + batch.input_ids.shape[0])
+                    rows = slice(b * size, b * size + batch.input_ids.shape[0])
                     x = states.data[rows].to(dev)
                     out = recorder.run(index, x, batch)
                     acc.mask = batch.mask
