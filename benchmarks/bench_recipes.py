@@ -2,13 +2,14 @@
 
 Default model (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32 torch), CPU.
 Calibration: the TAIL of the WikiText-2 test split (49,152 tokens in windows of 512);
-evaluation: 40 windows of 512 from its HEAD, disjoint from the calibration tokens. For
-N = 4, 7, 8 removed layers: perplexity of score (bi), score (angular), block and greedy, each with every heal
-in HEALS, the seconds each recipe took (selection + healing, not the evaluation) and the
-exact match of the built-in QA (shortgpt_export/validation/qa.py, first BENCH_QA questions)
-on the pruned torch model. Greedy's picks for smaller N are prefixes of N = 8's, so one
-greedy run serves all N (its seconds for N: the sum of its first N steps); greedy picks are
-healed afterwards, as the tool does with its default --select-tokens.
+evaluation: 40 windows of 512 from its HEAD, disjoint from the calibration tokens. For N =
+4, 7, 8 removed layers: perplexity of score (bi), score (angular), block and greedy, each
+with every heal in HEALS, the seconds each recipe took (selection + healing, not the
+evaluation) and the exact match of the built-in QA (shortgpt_export/validation/qa.py,
+first BENCH_QA questions) on the pruned torch model. Greedy's picks for smaller N are
+prefixes of N = 8's, so one greedy run serves all N (its seconds for N: the sum of its
+first N steps); greedy picks are healed afterwards, as the tool does with its default
+--select-tokens.
 
 The run can be done in pieces: every finished row is written to results/recipes.json at
 once and a rerun skips the rows (and greedy steps) already there; delete the file (or set
