@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,6 +300,110 @@ class Activations:
             self.path.unlink(missing_ok=True)
 
 
+class LayerStream:
+    """What a layer-by-layer pass over a source needs: its model on the meta device, its
+    per-tensor weights, and every calibration batch recorded (block keyword arguments).
+
+    The embeddings are computed once (reading only the rows the windows use, where the
+    embedding is a plain one) and handed to ``keep_embeds(rows, embeds)``; batches are the
+    requested size, made smaller by :func:`layer_batch_size`. Close it to drop the weights.
+    """
+
+    def __init__(
+        self,
+        source,
+        calib: CalibrationSet,
+        *,
+        device: str,
+        dtype,
+        batch_size: int,
+        keep_embeds,
+        progress: ProgressFactory = no_progress,
+    ):
+        import torch
+
+        from .layerwise import Stack
+
+        if batch_size < 1:
+            raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+        fix_mmap_threshold()
+        self.spec, self.dtype, self.dev = source.spec, dtype, torch.device(device)
+        self.model = model = skeleton(source.config, dtype)
+        base = getattr(model, model.base_model_prefix, model)
+        self.layers = layers = self.spec.decoder_layers(model)
+        embed = model.get_input_embeddings()
+        seq = calib.input_ids.shape[1]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.size = size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
+        if size < batch_size:
+            log.info(
+                "layer by layer: batches of %d windows instead of %d, so that one layer's "
+                "working memory stays within %d%% of its weights",
+                size,
+                batch_size,
+                round(100 * WORKING_FRACTION),
+            )
+        self.weights = open_weights(source)
+        try:
+            self.embed_name = _module_path(model, embed) + ".weight"
+            lookup = row_embedder(embed, self.embed_name, self.weights, self.dev, dtype)
+            if lookup is None:
+                materialize(embed, self.embed_name[: -len("weight")], self.weights, self.dev, dtype)
+            _buffers_to(base, layers, self.dev)
+            self.recorder = Stack(model, self.spec, device=self.dev)
+            self.batches = []
+            with torch.inference_mode(), progress("embedding calibration windows", None):
+                for index, batch in enumerate(self.recorder.record_batches(calib, size, lookup)):
+                    keep_embeds(self.rows(index, batch), batch.embeds)
+                    batch.embeds = None
+                    self.batches.append(batch)
+            if lookup is None:
+                release(embed)
+        except BaseException:
+            self.close()
+            raise
+
+    def rows(self, index: int, batch=None) -> slice:
+        """The calibration windows of batch ``index``."""
+        batch = self.batches[index] if batch is None else batch
+        return slice(index * self.size, index * self.size + batch.input_ids.shape[0])
+
+    @contextmanager
+    def layer(self, index: int):
+        """Decoder layer ``index`` with its weights, released (back to meta) after."""
+        layer = self.layers[index]
+        materialize(layer, f"{self.spec.layers_path}.{index}.", self.weights, self.dev, self.dtype)
+        try:
+            yield layer
+        finally:
+            release(layer)
+
+    def load_output(self) -> None:
+        """Give the final norm and the LM head their weights (kept until closed); a head
+        tied to the embeddings reads the embedding matrix."""
+        stack = self.recorder
+        for module in (stack.norm, stack.head):
+            prefix = _module_path(self.model, module) + "."
+            weights = self.weights
+            tied = module is stack.head and module.weight is self.model.get_input_embeddings().weight
+            if tied:
+                weights = _Renamed(self.weights, {prefix + "weight": self.embed_name})
+            materialize(module, prefix, weights, self.dev, self.dtype)
+
+    def close(self) -> None:
+        self.weights.close()
+
+
+class _Renamed:
+    """A weights reader under other names (a tied LM head reads the embeddings)."""
+
+    def __init__(self, weights, names: dict[str, str]):
+        self.weights, self.names = weights, names
+
+    def tensor(self, name: str, shape):
+        return self.weights.tensor(self.names.get(name, name), shape)
+
+
 def stream_scores(
     source,
     calib: CalibrationSet,
@@ -313,7 +417,7 @@ def stream_scores(
     spill_dir: Path | None = None,
     progress: ProgressFactory = no_progress,
 ):
-    """:func:`scoring.score_layers`, one decoder layer in memory at a time.
+    """:func:`scoring.score_layers`, one decoder layer in memory at a time (one pass).
 
     ``spill`` forces (True) or forbids (False) the memory-mapped activation file; None
     decides from the free memory. With ``blocks``, every layer's unit-normalized inputs
@@ -321,36 +425,13 @@ def stream_scores(
     """
     import torch
 
-    from .layerwise import Stack
-
     if metric not in METRICS:
         raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
-    if batch_size < 1:
-        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
     dtype = dtype or torch.float32
-    fix_mmap_threshold()
-    spec = source.spec
-    dev = torch.device(device)
-    model = skeleton(source.config, dtype)
-    base = getattr(model, model.base_model_prefix, model)
-    layers = spec.decoder_layers(model)
-    n_layers = len(layers)
-    embed = model.get_input_embeddings()
+    n_layers = source.num_layers
     windows, seq = calib.input_ids.shape
-    hidden = int(model.config.hidden_size)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
-    if size < batch_size:
-        log.info(
-            "layer by layer: batches of %d windows instead of %d, so that one layer's working "
-            "memory stays within %d%% of its weights",
-            size,
-            batch_size,
-            round(100 * WORKING_FRACTION),
-        )
+    hidden = int(source.config.hidden_size)
     with ExitStack() as stack:
-        weights = open_weights(source)
-        stack.callback(weights.close)
         states = Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
         stack.callback(states.close)
         units = None
@@ -359,46 +440,42 @@ def stream_scores(
                                 folder=spill_dir)  # fmt: skip
             stack.callback(units.close)
 
-        # embeddings and the keyword arguments of every block, per batch
-        embed_prefix = _module_path(model, embed) + "."
-        lookup = row_embedder(embed, embed_prefix + "weight", weights, dev, dtype)
-        if lookup is None:
-            materialize(embed, embed_prefix, weights, dev, dtype)
-        _buffers_to(base, layers, dev)
-        recorder = Stack(model, spec, device=dev)
-        batches = []
-        with torch.inference_mode(), progress("embedding calibration windows", None):
-            for index, batch in enumerate(recorder.record_batches(calib, size, lookup)):
-                start = index * size
-                states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
-                batch.embeds = None
-                batches.append(batch)
-        if lookup is None:
-            release(embed)
+        def keep_embeds(rows, embeds):
+            states.data[rows] = embeds.cpu()
 
+        stream = LayerStream(
+            source,
+            calib,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            keep_embeds=keep_embeds,
+            progress=progress,
+        )
+        stack.callback(stream.close)
+        dev, recorder = stream.dev, stream.recorder
+        n_layers = len(stream.layers)
         acc = _LayerAccumulator(n_layers, metric, blocks=blocks)
-        prefix = spec.layers_path
         with torch.inference_mode(), progress("scoring layers", n_layers) as advance:
-            for index, layer in enumerate(layers):
-                materialize(layer, f"{prefix}.{index}.", weights, dev, dtype)
-                for b, batch in enumerate(batches):
-                    rows = slice(b * size, b * size + batch.input_ids.shape[0])
-                    x = states.data[rows].to(dev)
-                    out = recorder.run(index, x, batch)
-                    acc.mask = batch.mask
-                    if blocks:
-                        acc._units = {
-                            s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)
-                        }
-                    acc.pre_hook(index)(layer, (x,), {})
-                    acc.post_hook(index)(layer, (), {}, out)
-                    if blocks:
-                        # stored unmasked; rows of padding are never read back
-                        full = torch.zeros(x.shape, dtype=torch.float32, device=dev)
-                        full[batch.mask] = acc._units[index]
-                        units.data[index, rows] = full.cpu()
-                    states.data[rows] = out.cpu()
-                release(layer)
+            for index in range(n_layers):
+                with stream.layer(index) as layer:
+                    for b, batch in enumerate(stream.batches):
+                        rows = stream.rows(b)
+                        x = states.data[rows].to(dev)
+                        out = recorder.run(index, x, batch)
+                        acc.mask = batch.mask
+                        if blocks:
+                            acc._units = {
+                                s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)
+                            }
+                        acc.pre_hook(index)(layer, (x,), {})
+                        acc.post_hook(index)(layer, (), {}, out)
+                        if blocks:
+                            # stored unmasked; rows of padding are never read back
+                            full = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+                            full[batch.mask] = acc._units[index]
+                            units.data[index, rows] = full.cpu()
+                        states.data[rows] = out.cpu()
                 advance(1)
         acc._units = {}
     return (acc.scores(), acc.block_distances()) if blocks else acc.scores()
