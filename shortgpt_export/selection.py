@@ -337,21 +337,30 @@ def _candidate(
     weight = down_proj(stack, p).weight
     current = weight.detach().clone()
     original = originals.get(p)  # p may carry the patch of an earlier, shorter run
-    fit = GramFit(weight.shape[0])
-    parts = []
     try:
         if original is not None:
             weight.data.copy_(original)
-        for h, b, y in zip(states[j - 1], batches, targets[y_index], strict=True):
-            out, m = mlp_parts(stack, p, h, b)
-            fit.add(m[b.mask], (out - m)[b.mask], y[b.mask], weighting)
-            parts.append((out - m, m))
+        t, parts = fit_patch(stack, p, states[j - 1], batches, targets[y_index], ridge, weighting)
     finally:
         weight.data.copy_(current)
-    t = fit.solve(ridge).float()
     total, count = 0.0, 0
     for (r, m), b in zip(parts, batches, strict=True):
         h = r + m @ t
         s, c = stack.loss_sums(stack.run_many(after, h, b), b)
         total, count = total + s, count + c
     return total / max(count, 1), t.double()
+
+
+def fit_patch(
+    stack: Stack, p: int, inputs, batches: list[Batch], targets, ridge: float, weighting: str
+):
+    """The patch of block ``p`` (as it is now) fitted on the states ``inputs`` entering it
+    to the states ``targets`` (one per batch), and per batch ``(r, m)``: its output without
+    and with the MLP's part, so that ``r + m @ t`` is the patched block's output."""
+    fit = GramFit(down_proj(stack, p).weight.shape[0])
+    parts = []
+    for h, b, y in zip(inputs, batches, targets, strict=True):
+        out, m = mlp_parts(stack, p, h, b)
+        fit.add(m[b.mask], (out - m)[b.mask], y[b.mask], weighting)
+        parts.append((out - m, m))
+    return fit.solve(ridge).float(), parts
