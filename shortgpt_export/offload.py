@@ -332,6 +332,11 @@ class LayerStream:
         base = getattr(model, model.base_model_prefix, model)
         self.layers = layers = self.spec.decoder_layers(model)
         embed = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        tie = head is not None and (
+            head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", 0))
+        )
+        self.tied = tie  # the LM head reads the embedding matrix
         seq = calib.input_ids.shape[1]
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.size = size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
@@ -385,8 +390,7 @@ class LayerStream:
         for module in (stack.norm, stack.head):
             prefix = _module_path(self.model, module) + "."
             weights = self.weights
-            tied = module is stack.head and module.weight is self.model.get_input_embeddings().weight
-            if tied:
+            if module is stack.head and self.tied:
                 weights = _Renamed(self.weights, {prefix + "weight": self.embed_name})
             materialize(module, prefix, weights, self.dev, self.dtype)
 

@@ -193,12 +193,12 @@ def _load(
 
 
 def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, validate, progress):
-    """After layer-by-layer scoring: the whole model when a later step needs it (greedy
-    selection, healing, the budget, validation, verification, export from memory)."""
+    """After layer-by-layer scoring: the whole model when a later step needs it (healing,
+    the budget, validation, verification, export from memory); greedy selection streams
+    too (streamed_greedy.py)."""
     needs = [
         why
         for why, yes in (
-            ("--select greedy", plan_opts.select == "greedy"),
             (f"--heal {plan_opts.heal}", plan_opts.heal != "none"),
             ("--remove auto", plan_opts.auto),
             ("validation", validate is not None),

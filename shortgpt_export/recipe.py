@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 from .calibration import CalibrationSet
 from .errors import PlanError
@@ -144,9 +145,12 @@ class _Planner:
         if self._greedy is None:
             windows = selection_windows(self.calib, self.recipe.select_tokens)
             self._in_loop = self._heal_in_loop(windows)
-            self._greedy = greedy_steps(
-                self.loaded.model,
-                self.loaded.source.spec,
+            steps = partial(greedy_steps, self.loaded.model, self.loaded.source.spec)
+            if self.loaded.model is None:  # offload.StreamedModel: one layer at a time
+                from .streamed_greedy import streamed_greedy_steps
+
+                steps = partial(streamed_greedy_steps, self.loaded)
+            self._greedy = steps(
                 windows,
                 heal=self._in_loop,
                 ridge=self.recipe.ridge if self.recipe.ridge is not None else DEFAULT_RIDGE,
@@ -169,7 +173,8 @@ class _Planner:
         """Fit patches inside the greedy loop only with enough tokens for a hidden x hidden
         map: on 512 tokens of the default model (hidden 576) the in-loop fits overfit and
         chose badly (benchmarks/RESULTS.md); then the plain picks are healed afterwards."""
-        hidden = int(getattr(self.loaded.model.config, "hidden_size", 0))
+        config = getattr(self.loaded.model, "config", None) or self.loaded.source.config
+        hidden = int(getattr(config, "hidden_size", 0))
         enough = windows.tokens >= IN_LOOP_TOKENS_PER_DIM * hidden
         if self.recipe.heal != "none" and not enough:
             log.warning(
