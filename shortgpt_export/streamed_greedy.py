@@ -20,6 +20,7 @@ one more before the first, for the original model's states (the fits' targets).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterator
@@ -27,16 +28,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .calibration import CalibrationSet
-from .healing import (
-    DEFAULT_RIDGE,
-    DEFAULT_WEIGHTING,
-    check_healable,
-    down_proj,
-    patched_weight,
-)
+from .healing import check_healable, down_proj, patched_weight
 from .offload import Activations, LayerStream
-from .progress import ProgressFactory, no_progress
-from .selection import GreedyStep, _shortlist, fit_patch
+from .selection import GreedyStep, _shortlist, fit_patch, greedy_steps
 
 log = logging.getLogger(__name__)
 
@@ -45,26 +39,28 @@ def streamed_greedy_steps(
     streamed,
     calib: CalibrationSet,
     *,
-    heal: bool = False,
-    ridge: float = DEFAULT_RIDGE,
-    weighting: str = DEFAULT_WEIGHTING,
-    batch_size: int = 4,
-    scores: list[float] | None = None,
-    max_candidates: int | None = None,
     spill: bool | None = None,
     spill_dir: Path | None = None,
-    progress: ProgressFactory = no_progress,
+    **options,
 ) -> Iterator[GreedyStep]:
     """:func:`selection.greedy_steps` for an ``offload.StreamedModel`` (source, device,
     dtype): the same removals and losses, one decoder layer in memory at a time.
 
-    ``spill`` / ``spill_dir`` as for :func:`offload.stream_scores`: the cached states, the
-    branches and (``heal``) the targets are each ``(layers + 1) x windows x tokens x
-    hidden`` at most, in memory-mapped files when they do not fit.
+    ``options`` are greedy_steps' keyword options (heal, ridge, weighting, batch_size,
+    scores, max_candidates, progress), with its defaults. ``spill`` / ``spill_dir`` as for
+    :func:`offload.stream_scores`: the cached states, the branches and (heal) the targets
+    each take up to ``(layers + 1) x windows x tokens x hidden``, in memory-mapped files
+    when they do not fit.
     """
     import torch
 
     source = streamed.source
+    bound = inspect.signature(greedy_steps).bind(None, source.spec, calib, **options)
+    bound.apply_defaults()
+    o = bound.arguments
+    heal, scores, max_candidates, progress = (
+        o[k] for k in ("heal", "scores", "max_candidates", "progress")
+    )
     if heal:
         check_healable(source.spec, "linear")
     dtype = streamed.dtype or torch.float32
@@ -87,7 +83,7 @@ def streamed_greedy_steps(
             calib,
             device=streamed.device,
             dtype=dtype,
-            batch_size=batch_size,
+            batch_size=o["batch_size"],
             keep_embeds=keep_embeds,
             progress=progress,
         )
@@ -95,11 +91,13 @@ def streamed_greedy_steps(
         stream.load_output()
         wide = n if scores is None or max_candidates is None else min(n, max_candidates)
         branches = buffer(max(wide, 1))
-        search = _Search(stream, states, branches, (ridge, weighting), progress)
+        search = _Search(stream, states, branches, (o["ridge"], o["weighting"]), progress)
         keep, slots, valid = list(range(n)), list(range(n + 1)), 1
         if heal:
             with torch.inference_mode():
-                search.run(keep, slots, valid, [], "greedy: original hidden states (layer by layer)")
+                search.run(
+                    keep, slots, valid, [], "greedy: original hidden states (layer by layer)"
+                )
                 search.targets = buffer(n + 1)
                 search.targets.copy_(states)  # slots are the layer indices still
             valid = n + 1
@@ -169,7 +167,7 @@ class _Search:
                         if index in self.patches:
                             weight = down_proj(stream.recorder, index).weight
                             weight.data.copy_(patched_weight(weight.detach(), self.patches[index]))
-                        for b, batch in enumerate(stream.batches):
+                        for b in range(len(stream.batches)):
                             rows = stream.rows(b)
                             if refresh:
                                 states[slots[q + 1], rows] = self._step(index, states[slots[q]], b)

@@ -20,9 +20,7 @@ REL = 1e-5
 def both(source, calib, batch_size=3, **kwargs):
     """(in-memory steps, streamed steps), every removal down to one layer."""
     loaded = load_model(source, dtype="float32")
-    memory = list(
-        greedy_steps(loaded.model, source.spec, calib, batch_size=batch_size, **kwargs)
-    )
+    memory = list(greedy_steps(loaded.model, source.spec, calib, batch_size=batch_size, **kwargs))
     streamed = StreamedModel(source, None, "cpu", torch.float32)
     return memory, list(streamed_greedy_steps(streamed, calib, batch_size=batch_size, **kwargs))
 
@@ -137,9 +135,7 @@ def test_cli_greedy_with_offload_layers_streams_and_chooses_the_same(
     import shortgpt_export.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    streamed, err = _plan(
-        capsys, tiny_llama_dir, calib_file, tmp_path / "s", "--offload", "layers"
-    )
+    streamed, err = _plan(capsys, tiny_llama_dir, calib_file, tmp_path / "s", "--offload", "layers")
     assert "needs the whole model" not in err + caplog.text
     assert streamed["strategy"] == memory["strategy"] == "greedy"
     assert streamed["remove"] == memory["remove"]
