@@ -53,6 +53,15 @@ def test_tied_head_and_a_shortlist(family_dirs):
     assert streamed[0].layer in first
 
 
+@pytest.mark.parametrize("family", ["rwkv", "qwen2_moe"])
+def test_recurrent_and_mixture_of_experts_blocks(family, family_dirs):
+    """RWKV's blocks hand back extra outputs (recorded per block); Qwen2-MoE's experts."""
+    source = resolve_source(str(family_dirs(family)))
+    calib = random_calibration(source.config.vocab_size, 4, 16, pad_last=3)
+    memory, streamed = both(source, calib)
+    assert_same(streamed, memory)
+
+
 def test_heal_in_the_loop_streams_too_with_spilled_buffers(tiny_llama_dir, tmp_path):
     source = resolve_source(str(tiny_llama_dir))
     calib = random_calibration(source.config.vocab_size, 5, 24, pad_last=5)
