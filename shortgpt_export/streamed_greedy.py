@@ -44,7 +44,9 @@ def streamed_greedy_steps(
     **options,
 ) -> Iterator[GreedyStep]:
     """:func:`selection.greedy_steps` for an ``offload.StreamedModel`` (source, device,
-    dtype): the same removals and losses, one decoder layer in memory at a time.
+    dtype): the same removals and losses, one decoder layer in memory at a time. Each
+    removal is one pass over the kept layers (with healing in the loop, one pass more
+    before the first), each needed layer loaded once per pass.
 
     ``options`` are greedy_steps' keyword options (heal, ridge, weighting, batch_size,
     scores, max_candidates, progress), with its defaults. ``spill`` / ``spill_dir`` as for
