@@ -333,10 +333,10 @@ class LayerStream:
         self.layers = layers = self.spec.decoder_layers(model)
         embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
-        tie = head is not None and (
+        # a tied LM head reads the embedding matrix (the meta skeleton may not tie them)
+        self.tied = head is not None and (
             head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", 0))
         )
-        self.tied = tie  # the LM head reads the embedding matrix
         seq = calib.input_ids.shape[1]
         itemsize = torch.empty((), dtype=dtype).element_size()
         self.size = size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
