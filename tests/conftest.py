@@ -165,6 +165,22 @@ def shared_onnx_fp32(monkeypatch, _onnx_fp32_store) -> dict:
     return counts
 
 
+@pytest.fixture(autouse=True)
+def torch_threads(request):
+    """One torch thread for the tiny models, two for the default model's tests.
+
+    A tiny model's matrices are too small to split, and on 2 shared cores torch's second
+    thread mostly waits: test_offload.py + test_streamed_greedy.py took 103 s and 53 s on
+    one thread against 329 s and 216 s on two, alternated at load 5-6. Tests that import
+    torch later run with torch's default; subprocesses (llama.cpp, validation workers) take
+    their own ``--threads``."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(2 if request.node.get_closest_marker("default_model") else 1)
+
+
 def pytest_collection_modifyitems(items):
     """Mark every test that needs the default model (directly or through a fixture), so
     that `make test-fast` can skip them with ``-m "not default_model"``."""
