@@ -300,6 +300,107 @@ class Activations:
             self.path.unlink(missing_ok=True)
 
 
+class LayerStream:
+    """A source's model on the meta device, its weights file, and every calibration window
+    embedded (the input to block 0) in one :class:`Activations` buffer, with the recorded
+    keyword arguments of every block per batch (layerwise.Stack, ``recorder``).
+
+    Batches are ``batch_size`` windows, made smaller by :func:`layer_batch_size` (logged);
+    with ``whole=True`` the smaller size divides ``batch_size``, so that every batch of
+    ``batch_size`` windows is a run of whole smaller batches. Close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        source,
+        calib: CalibrationSet,
+        *,
+        device: str = "cpu",
+        dtype=None,
+        batch_size: int = 4,
+        spill: bool | None = None,
+        spill_dir: Path | None = None,
+        progress: ProgressFactory = no_progress,
+        whole: bool = False,
+    ):
+        import torch
+
+        from .layerwise import Stack
+
+        self.dtype = dtype or torch.float32
+        self.spill, self.spill_dir = spill, spill_dir
+        fix_mmap_threshold()
+        self.spec = source.spec
+        self.dev = torch.device(device)
+        self.model = model = skeleton(source.config, self.dtype)
+        base = getattr(model, model.base_model_prefix, model)
+        self.layers = layers = self.spec.decoder_layers(model)
+        embed = model.get_input_embeddings()
+        windows, seq = calib.input_ids.shape
+        hidden = int(model.config.hidden_size)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
+        if whole:
+            size = max(d for d in range(1, size + 1) if batch_size % d == 0)
+        if size < batch_size:
+            log.info(
+                "layer by layer: batches of %d windows instead of %d, so that one layer's "
+                "working memory stays within %d%% of its weights",
+                size,
+                batch_size,
+                round(100 * WORKING_FRACTION),
+            )
+        self.size = size
+        self._closing = ExitStack()
+        try:
+            self.weights = open_weights(source)
+            self._closing.callback(self.weights.close)
+            self.states = self.buffer((windows, seq, hidden))
+
+            # embeddings and the keyword arguments of every block, per batch
+            self.embed_name = _module_path(model, embed) + ".weight"
+            lookup = row_embedder(embed, self.embed_name, self.weights, self.dev, self.dtype)
+            if lookup is None:
+                materialize(embed, self.embed_name[: -len("weight")], self.weights, self.dev,
+                            self.dtype)  # fmt: skip
+            _buffers_to(base, layers, self.dev)
+            self.recorder = Stack(model, self.spec, device=self.dev)
+            self.batches = []
+            with torch.inference_mode(), progress("embedding calibration windows", None):
+                for index, batch in enumerate(self.recorder.record_batches(calib, size, lookup)):
+                    start = index * size
+                    self.states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
+                    batch.embeds = None
+                    self.batches.append(batch)
+            if lookup is None:
+                release(embed)
+        except BaseException:
+            self.close()
+            raise
+
+    def buffer(self, shape, dtype=None) -> Activations:
+        """An :class:`Activations` buffer (spill rule of this stream), freed on close."""
+        buffer = Activations(shape, dtype or self.dtype, spill=self.spill, folder=self.spill_dir)
+        self._closing.callback(buffer.close)
+        return buffer
+
+    def rows(self, b: int) -> slice:
+        """The windows of batch ``b``."""
+        return slice(b * self.size, b * self.size + self.batches[b].input_ids.shape[0])
+
+    def materialize_layer(self, index: int) -> None:
+        materialize(self.layers[index], f"{self.spec.layers_path}.{index}.", self.weights,
+                    self.dev, self.dtype)  # fmt: skip
+
+    def close(self) -> None:
+        self._closing.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def stream_scores(
     source,
     calib: CalibrationSet,
@@ -321,70 +422,33 @@ def stream_scores(
     """
     import torch
 
-    from .layerwise import Stack
-
     if metric not in METRICS:
         raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
     if batch_size < 1:
         raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
-    dtype = dtype or torch.float32
-    fix_mmap_threshold()
-    spec = source.spec
-    dev = torch.device(device)
-    model = skeleton(source.config, dtype)
-    base = getattr(model, model.base_model_prefix, model)
-    layers = spec.decoder_layers(model)
-    n_layers = len(layers)
-    embed = model.get_input_embeddings()
-    windows, seq = calib.input_ids.shape
-    hidden = int(model.config.hidden_size)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
-    if size < batch_size:
-        log.info(
-            "layer by layer: batches of %d windows instead of %d, so that one layer's working "
-            "memory stays within %d%% of its weights",
-            size,
-            batch_size,
-            round(100 * WORKING_FRACTION),
-        )
-    with ExitStack() as stack:
-        weights = open_weights(source)
-        stack.callback(weights.close)
-        states = Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
-        stack.callback(states.close)
+    with LayerStream(
+        source,
+        calib,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        spill=spill,
+        spill_dir=spill_dir,
+        progress=progress,
+    ) as stream:
+        layers, states, dev = stream.layers, stream.states, stream.dev
+        n_layers = len(layers)
         units = None
         if blocks:
-            units = Activations((n_layers, windows, seq, hidden), torch.float32, spill=spill,
-                                folder=spill_dir)  # fmt: skip
-            stack.callback(units.close)
-
-        # embeddings and the keyword arguments of every block, per batch
-        embed_prefix = _module_path(model, embed) + "."
-        lookup = row_embedder(embed, embed_prefix + "weight", weights, dev, dtype)
-        if lookup is None:
-            materialize(embed, embed_prefix, weights, dev, dtype)
-        _buffers_to(base, layers, dev)
-        recorder = Stack(model, spec, device=dev)
-        batches = []
-        with torch.inference_mode(), progress("embedding calibration windows", None):
-            for index, batch in enumerate(recorder.record_batches(calib, size, lookup)):
-                start = index * size
-                states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
-                batch.embeds = None
-                batches.append(batch)
-        if lookup is None:
-            release(embed)
-
+            units = stream.buffer((n_layers, *states.data.shape), torch.float32)
         acc = _LayerAccumulator(n_layers, metric, blocks=blocks)
-        prefix = spec.layers_path
         with torch.inference_mode(), progress("scoring layers", n_layers) as advance:
             for index, layer in enumerate(layers):
-                materialize(layer, f"{prefix}.{index}.", weights, dev, dtype)
-                for b, batch in enumerate(batches):
-                    rows = slice(b * size, b * size + batch.input_ids.shape[0])
+                stream.materialize_layer(index)
+                for b, batch in enumerate(stream.batches):
+                    rows = stream.rows(b)
                     x = states.data[rows].to(dev)
-                    out = recorder.run(index, x, batch)
+                    out = stream.recorder.run(index, x, batch)
                     acc.mask = batch.mask
                     if blocks:
                         acc._units = {

@@ -198,13 +198,14 @@ def test_run_with_offload_exports_without_the_whole_model(
     assert json.loads((out / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
 
 
-def test_healing_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
+def test_refit_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
+    """--heal linear streams (tests/test_streamed_healing.py); refit still loads the model."""
     code, _, err = run_cli(
         capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *FAST,
-        "--offload", "layers", "--heal", "linear", "--remove", "1", "--to", "hf",
+        "--offload", "layers", "--heal", "refit", "--remove", "1", "--to", "hf",
     )  # fmt: skip
     assert code == 0, err
-    assert "--heal linear needs the whole model" in " ".join(err.split())
+    assert "--heal refit needs the whole model" in " ".join(err.split())
 
 
 def test_pickle_checkpoints_cannot_be_streamed():
