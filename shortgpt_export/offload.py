@@ -405,20 +405,18 @@ def stream_scores(
     source,
     calib: CalibrationSet,
     *,
-    device: str = "cpu",
-    dtype=None,
     metric: str = "bi",
     batch_size: int = 4,
     blocks: bool = False,
-    spill: bool | None = None,
-    spill_dir: Path | None = None,
     progress: ProgressFactory = no_progress,
+    **options,
 ):
     """:func:`scoring.score_layers`, one decoder layer in memory at a time.
 
-    ``spill`` forces (True) or forbids (False) the memory-mapped activation file; None
-    decides from the free memory. With ``blocks``, every layer's unit-normalized inputs
-    are kept too (in a spilled file under the same rule) for the block distances.
+    ``options``: :class:`LayerStream`'s ``device``, ``dtype``, ``spill`` (True forces the
+    memory-mapped activation file, False forbids it, None decides from the free memory)
+    and ``spill_dir``. With ``blocks``, every layer's unit-normalized inputs are kept too
+    (in a spilled file under the same rule) for the block distances.
     """
     import torch
 
@@ -426,16 +424,7 @@ def stream_scores(
         raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
     if batch_size < 1:
         raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
-    with LayerStream(
-        source,
-        calib,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        spill=spill,
-        spill_dir=spill_dir,
-        progress=progress,
-    ) as stream:
+    with LayerStream(source, calib, batch_size=batch_size, progress=progress, **options) as stream:
         layers, states, dev = stream.layers, stream.states, stream.dev
         n_layers = len(layers)
         units = None

@@ -28,7 +28,6 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 from . import offload
 from .calibration import CalibrationSet
@@ -70,7 +69,7 @@ class _Passes:
         self.stack = stream.recorder
         count = len(stream.batches)
         groups = math.ceil(stream.states.data.shape[0] / group_size)
-        fitting, held = guard_split(groups) if guard else (list(range(groups)), [])
+        held = guard_split(groups)[1] if guard else []
         # heal_linear's batch g is the run of our (smaller) batches with b * size // G == g
         group = [b * stream.size // group_size for b in range(count)]
         self.held_groups = held
@@ -222,21 +221,19 @@ def stream_heal_linear(
     calib: CalibrationSet,
     remove: list[int],
     *,
-    device: str = "cpu",
-    dtype=None,
     ridge: float | None = DEFAULT_RIDGE,
     weighting: str | None = DEFAULT_WEIGHTING,
     guard: bool = True,
     batch_size: int = 4,
-    spill: bool | None = None,
-    spill_dir: Path | None = None,
     progress: ProgressFactory = no_progress,
+    **options,
 ) -> HealResult:
     """:func:`healing.heal_linear` (no refit) for a source read one layer at a time.
 
     The held-out windows are heal_linear's (every 4th batch of its batch size); batches
     run in smaller parts where offload.layer_batch_size asks, so the patches and losses
-    equal the in-memory heal's to rounding."""
+    equal the in-memory heal's to rounding. ``options``: offload.LayerStream's ``device``,
+    ``dtype``, ``spill`` and ``spill_dir``."""
     import torch
 
     tries = check_heal_options(source.spec, ridge, weighting, guard, False)
@@ -250,15 +247,7 @@ def stream_heal_linear(
     rows = calib.input_ids.shape[0]
     size = guard_batch_size(batch_size, rows) if guard else batch_size
     with offload.LayerStream(
-        source,
-        calib,
-        device=device,
-        dtype=dtype,
-        batch_size=size,
-        spill=spill,
-        spill_dir=spill_dir,
-        progress=progress,
-        whole=True,
+        source, calib, batch_size=size, progress=progress, whole=True, **options
     ) as stream:
         passes = _Passes(stream, size, guard, result)
         if guard and not passes.held_groups:
@@ -270,7 +259,8 @@ def stream_heal_linear(
         with torch.inference_mode():
             position = max(min(remove) - 1, 0)
             targets = passes.original(position, todo, progress)
-            parts = passes.buffer(sum(s.stop - s.start for s in passes.held_rows.values()), 2)
+            held_windows = sum(s.stop - s.start for s in passes.held_rows.values())
+            parts = passes.buffer(held_windows, 2) if held_windows else None
             unhealed_loss = None
             with progress("healing layer by layer: fitting patches", len(todo)) as advance:
                 for i, (a, b) in enumerate(todo):
@@ -301,17 +291,10 @@ def stream_heal_linear(
 
 
 def heal_streamed(
-    streamed,
-    calib: CalibrationSet,
-    remove: list[int],
-    *,
-    ridge: float | None = DEFAULT_RIDGE,
-    weighting: str | None = DEFAULT_WEIGHTING,
-    refit: bool = False,
-    batch_size: int = 4,
-    progress: ProgressFactory = no_progress,
+    streamed, calib: CalibrationSet, remove: list[int], *, refit: bool = False, **options
 ) -> HealResult:
-    """:func:`stream_heal_linear` for an offload.StreamedModel (the recipe's heal step)."""
+    """:func:`stream_heal_linear` for an offload.StreamedModel (the recipe's heal step);
+    ``options``: its ridge, weighting, batch_size and progress."""
     if refit:
         raise ShortGPTError(
             "--heal refit needs the whole model in memory",
@@ -319,15 +302,7 @@ def heal_streamed(
         )
     log.info("healing layer by layer (--offload layers): one decoder layer in memory at a time")
     return stream_heal_linear(
-        streamed.source,
-        calib,
-        remove,
-        device=streamed.device,
-        dtype=streamed.dtype,
-        ridge=ridge,
-        weighting=weighting,
-        batch_size=batch_size,
-        progress=progress,
+        streamed.source, calib, remove, device=streamed.device, dtype=streamed.dtype, **options
     )
 
 

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from helpers import FAST, random_calibration, run_cli
+from helpers import FAST, random_calibration, run_cli, track_materialized
 from tiny_models import build_tiny_model
 
 from shortgpt_export import gguf_layers, offload
@@ -59,26 +59,11 @@ def test_spilled_activations_and_bfloat16_give_the_same_scores(tiny_llama_dir, t
 def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
     source = resolve_source(str(tiny_llama_dir))
     calib = random_calibration(source.config.vocab_size, 4, 16)
-    live, most, seen = {}, [0], []
-    real_materialize, real_release = offload.materialize, offload.release
-
-    def materialize(module, prefix, *args):
-        real_materialize(module, prefix, *args)
-        live[id(module)] = prefix
-        seen.append(prefix)
-        most[0] = max(most[0], sum(p.startswith("model.layers.") for p in live.values()))
-
-    def release(module):
-        real_release(module)
-        assert all(p.is_meta for p in module.parameters())
-        del live[id(module)]
-
-    monkeypatch.setattr(offload, "materialize", materialize)
-    monkeypatch.setattr(offload, "release", release)
+    track = track_materialized(monkeypatch)
     offload.stream_scores(source, calib, batch_size=2)
-    assert most[0] == 1 and not live
+    assert track.most[0] == 1 and not track.live
     # the embedding rows the windows use are read alone; the matrix is never loaded
-    assert seen == [f"model.layers.{i}." for i in range(6)]
+    assert track.seen == [f"model.layers.{i}." for i in range(6)]
 
 
 def test_batches_shrink_so_a_layer_s_working_memory_stays_small(tiny_llama_dir, caplog):
