@@ -9,17 +9,18 @@ memory, or memory-mapped files when they do not fit); the fits keep only Gram su
 
 Passes, with ``position`` the first kept layer the pruned model changes:
 
-1. original states: layers ``0..last`` (``last``: the end of the last healed run) once;
+1. original states: layers ``0..last`` (``last``: the end of the last healable run) once;
    all windows up to ``position`` (the pruned model's state there), then the fitting
    windows on, keeping the original output of each run's last layer as its target.
-2. per healed run ``[a..b]`` (``p = a - 1``), a fitting pass: the kept layers from
+2. per healable run ``[a..b]`` (``p = a - 1``), a fitting pass: the kept layers from
    ``position`` to ``p`` (earlier patches merged), with the Gram sums at ``p``;
 3. and a guard pass: the kept layers after ``p``, then the final norm and LM head, on the
    held-out windows, carrying one branch per candidate patch (plus the unpatched model
-   for the first run).
+   for the first run); none with ``guard=False``.
 
-So ``1 + 2 x runs`` passes; a layer is loaded at most ``1 + 2 x runs`` times in all, and
-the LM head once per run.
+So ``1 + 2 x runs`` passes (``runs``: the removed runs with a kept layer before them and
+one after); a layer is loaded at most ``1 + runs`` times in all (in the first pass, then
+per run in its fitting or its guard pass), the final norm and LM head once per run.
 """
 
 from __future__ import annotations
