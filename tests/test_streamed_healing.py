@@ -52,13 +52,21 @@ def both(source, calib, remove, batch_size=3, **kwargs):
 
 
 def test_streamed_heal_equals_in_memory_for_every_family(tiny_model_dir):
-    """A run at layer 0 (skipped), two healable runs, every ridge tried: the same patches,
-    guard decisions and held-out losses, though the streamed batches are smaller."""
+    """A run at layer 0 (skipped) and two healable runs: the same patches, guard decisions
+    and held-out losses, though the streamed batches are smaller."""
     source = resolve_source(str(tiny_model_dir))
     calib = random_calibration(source.config.vocab_size, 10, 24, pad_last=5)
-    memory, streamed = both(source, calib, [0, 2, 4], ridge=None)
+    memory, streamed = both(source, calib, [0, 2, 4])
     assert memory.runs[0]["skipped"].startswith("starts at layer 0")
-    assert len(memory.runs[1]["candidates"]) == 3
+    assert all("held_out_loss_healed" in run for run in memory.runs[1:])
+    assert_same_heal(streamed, memory)
+
+
+def test_every_candidate_patch_is_a_branch_of_the_guard_pass(tiny_llama_dir):
+    source = resolve_source(str(tiny_llama_dir))
+    calib = random_calibration(source.config.vocab_size, 10, 24, pad_last=5)
+    memory, streamed = both(source, calib, [2, 4], ridge=None)
+    assert [len(run["candidates"]) for run in memory.runs] == [3, 3]
     assert_same_heal(streamed, memory)
 
 
