@@ -151,3 +151,20 @@ def test_cli_offload_layers_heals_without_the_whole_model(
         for key, tensor in m_tensors.items():
             scale = float(tensor.abs().max()) or 1.0
             assert float((s_tensors[key] - tensor).abs().max()) <= REL * scale, key
+
+
+def test_gguf_source_with_a_tied_head_heals_the_same(tiny_tokenizer_dir, tmp_path):
+    """Dequantized one layer at a time, the LM head read from the token embeddings (a tied
+    model's GGUF has no output tensor): the same heal as the GGUF loaded whole."""
+    from test_offload import _tiny_gguf
+    from tiny_models import build_tiny_model
+
+    folder = build_tiny_model(
+        "llama", tiny_tokenizer_dir, tmp_path / "hf", full_attention=True, tie_word_embeddings=True
+    )
+    source = _tiny_gguf(folder, tmp_path / "tied.gguf", "F32")
+    assert source.kind == "gguf" and source.config.tie_word_embeddings
+    calib = random_calibration(source.config.vocab_size, 8, 24, pad_last=5)
+    memory, streamed = both(source, calib, [2, 3])
+    assert "held_out_loss_healed" in memory.runs[0]  # the guard's losses: through the head
+    assert_same_heal(streamed, memory)
