@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import tempfile
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,24 +301,24 @@ class Activations:
 
 
 class LayerStream:
-    """A source's model on the meta device, its weights file, and every calibration window
-    embedded (the input to block 0) in one :class:`Activations` buffer, with the recorded
-    keyword arguments of every block per batch (layerwise.Stack, ``recorder``).
+    """What a layer-by-layer pass over a source needs: its model on the meta device, its
+    per-tensor weights, and every calibration batch recorded (block keyword arguments).
 
-    Batches are ``batch_size`` windows, made smaller by :func:`layer_batch_size` (logged);
-    with ``whole=True`` the smaller size divides ``batch_size``, so that every batch of
-    ``batch_size`` windows is a run of whole smaller batches. Close it (or use ``with``)."""
+    The embeddings are computed once (reading only the rows the windows use, where the
+    embedding is a plain one) and handed to ``keep_embeds(rows, embeds)``; batches are the
+    requested size, made smaller by :func:`layer_batch_size` (with ``whole``, to a divisor of
+    the requested size). Close it to drop the weights.
+    """
 
     def __init__(
         self,
         source,
         calib: CalibrationSet,
         *,
-        device: str = "cpu",
-        dtype=None,
-        batch_size: int = 4,
-        spill: bool | None = None,
-        spill_dir: Path | None = None,
+        device: str,
+        dtype,
+        batch_size: int,
+        keep_embeds,
         progress: ProgressFactory = no_progress,
         whole: bool = False,
     ):
@@ -326,21 +326,25 @@ class LayerStream:
 
         from .layerwise import Stack
 
-        self.dtype = dtype or torch.float32
-        self.spill, self.spill_dir = spill, spill_dir
+        if batch_size < 1:
+            raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
         fix_mmap_threshold()
-        self.spec = source.spec
-        self.dev = torch.device(device)
-        self.model = model = skeleton(source.config, self.dtype)
+        self.spec, self.dtype, self.dev = source.spec, dtype, torch.device(device)
+        self.model = model = skeleton(source.config, dtype)
         base = getattr(model, model.base_model_prefix, model)
         self.layers = layers = self.spec.decoder_layers(model)
         embed = model.get_input_embeddings()
-        windows, seq = calib.input_ids.shape
-        hidden = int(model.config.hidden_size)
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        head = model.get_output_embeddings()
+        # a tied LM head reads the embedding matrix (the meta skeleton may not tie them)
+        self.tied = head is not None and (
+            head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", 0))
+        )
+        seq = calib.input_ids.shape[1]
+        itemsize = torch.empty((), dtype=dtype).element_size()
         size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
-        if whole:
+        if whole:  # every batch of ``batch_size`` windows is a run of whole smaller batches
             size = max(d for d in range(1, size + 1) if batch_size % d == 0)
+        self.size = size
         if size < batch_size:
             log.info(
                 "layer by layer: batches of %d windows instead of %d, so that one layer's "
@@ -349,26 +353,18 @@ class LayerStream:
                 batch_size,
                 round(100 * WORKING_FRACTION),
             )
-        self.size = size
-        self._closing = ExitStack()
+        self.weights = open_weights(source)
         try:
-            self.weights = open_weights(source)
-            self._closing.callback(self.weights.close)
-            self.states = self.buffer((windows, seq, hidden))
-
-            # embeddings and the keyword arguments of every block, per batch
             self.embed_name = _module_path(model, embed) + ".weight"
-            lookup = row_embedder(embed, self.embed_name, self.weights, self.dev, self.dtype)
+            lookup = row_embedder(embed, self.embed_name, self.weights, self.dev, dtype)
             if lookup is None:
-                materialize(embed, self.embed_name[: -len("weight")], self.weights, self.dev,
-                            self.dtype)  # fmt: skip
+                materialize(embed, self.embed_name[: -len("weight")], self.weights, self.dev, dtype)
             _buffers_to(base, layers, self.dev)
             self.recorder = Stack(model, self.spec, device=self.dev)
             self.batches = []
             with torch.inference_mode(), progress("embedding calibration windows", None):
                 for index, batch in enumerate(self.recorder.record_batches(calib, size, lookup)):
-                    start = index * size
-                    self.states.data[start : start + batch.embeds.shape[0]] = batch.embeds.cpu()
+                    keep_embeds(self.rows(index, batch), batch.embeds)
                     batch.embeds = None
                     self.batches.append(batch)
             if lookup is None:
@@ -377,81 +373,118 @@ class LayerStream:
             self.close()
             raise
 
-    def buffer(self, shape, dtype=None) -> Activations:
-        """An :class:`Activations` buffer (spill rule of this stream), freed on close."""
-        buffer = Activations(shape, dtype or self.dtype, spill=self.spill, folder=self.spill_dir)
-        self._closing.callback(buffer.close)
-        return buffer
+    def rows(self, index: int, batch=None) -> slice:
+        """The calibration windows of batch ``index``."""
+        batch = self.batches[index] if batch is None else batch
+        return slice(index * self.size, index * self.size + batch.input_ids.shape[0])
 
-    def rows(self, b: int) -> slice:
-        """The windows of batch ``b``."""
-        return slice(b * self.size, b * self.size + self.batches[b].input_ids.shape[0])
+    @contextmanager
+    def layer(self, index: int):
+        """Decoder layer ``index`` with its weights, released (back to meta) after."""
+        layer = self.layers[index]
+        materialize(layer, f"{self.spec.layers_path}.{index}.", self.weights, self.dev, self.dtype)
+        try:
+            yield layer
+        finally:
+            release(layer)
 
-    def materialize_layer(self, index: int) -> None:
-        materialize(self.layers[index], f"{self.spec.layers_path}.{index}.", self.weights,
-                    self.dev, self.dtype)  # fmt: skip
+    def load_output(self) -> None:
+        """Give the final norm and the LM head their weights (kept until closed); a head
+        tied to the embeddings reads the embedding matrix."""
+        stack = self.recorder
+        for module in (stack.norm, stack.head):
+            prefix = _module_path(self.model, module) + "."
+            weights = self.weights
+            if module is stack.head and self.tied:
+                weights = _Renamed(self.weights, {prefix + "weight": self.embed_name})
+            materialize(module, prefix, weights, self.dev, self.dtype)
 
     def close(self) -> None:
-        self._closing.close()
+        self.weights.close()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+class _Renamed:
+    """A weights reader under other names (a tied LM head reads the embeddings)."""
+
+    def __init__(self, weights, names: dict[str, str]):
+        self.weights, self.names = weights, names
+
+    def tensor(self, name: str, shape):
+        return self.weights.tensor(self.names.get(name, name), shape)
 
 
 def stream_scores(
     source,
     calib: CalibrationSet,
     *,
+    device: str = "cpu",
+    dtype=None,
     metric: str = "bi",
     batch_size: int = 4,
     blocks: bool = False,
+    spill: bool | None = None,
+    spill_dir: Path | None = None,
     progress: ProgressFactory = no_progress,
-    **options,
 ):
-    """:func:`scoring.score_layers`, one decoder layer in memory at a time.
+    """:func:`scoring.score_layers`, one decoder layer in memory at a time (one pass).
 
-    ``options``: :class:`LayerStream`'s ``device``, ``dtype``, ``spill`` (True forces the
-    memory-mapped activation file, False forbids it, None decides from the free memory)
-    and ``spill_dir``. With ``blocks``, every layer's unit-normalized inputs are kept too
-    (in a spilled file under the same rule) for the block distances.
+    ``spill`` forces (True) or forbids (False) the memory-mapped activation file; None
+    decides from the free memory. With ``blocks``, every layer's unit-normalized inputs
+    are kept too (in a spilled file under the same rule) for the block distances.
     """
     import torch
 
     if metric not in METRICS:
         raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
-    if batch_size < 1:
-        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
-    with LayerStream(source, calib, batch_size=batch_size, progress=progress, **options) as stream:
-        layers, states, dev = stream.layers, stream.states, stream.dev
-        n_layers = len(layers)
+    dtype = dtype or torch.float32
+    n_layers = source.num_layers
+    windows, seq = calib.input_ids.shape
+    hidden = int(source.config.hidden_size)
+    with ExitStack() as stack:
+        states = Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
+        stack.callback(states.close)
         units = None
         if blocks:
-            units = stream.buffer((n_layers, *states.data.shape), torch.float32)
+            units = Activations((n_layers, windows, seq, hidden), torch.float32, spill=spill,
+                                folder=spill_dir)  # fmt: skip
+            stack.callback(units.close)
+
+        def keep_embeds(rows, embeds):
+            states.data[rows] = embeds.cpu()
+
+        stream = LayerStream(
+            source,
+            calib,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            keep_embeds=keep_embeds,
+            progress=progress,
+        )
+        stack.callback(stream.close)
+        dev, recorder = stream.dev, stream.recorder
+        n_layers = len(stream.layers)
         acc = _LayerAccumulator(n_layers, metric, blocks=blocks)
         with torch.inference_mode(), progress("scoring layers", n_layers) as advance:
-            for index, layer in enumerate(layers):
-                stream.materialize_layer(index)
-                for b, batch in enumerate(stream.batches):
-                    rows = stream.rows(b)
-                    x = states.data[rows].to(dev)
-                    out = stream.recorder.run(index, x, batch)
-                    acc.mask = batch.mask
-                    if blocks:
-                        acc._units = {
-                            s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)
-                        }
-                    acc.pre_hook(index)(layer, (x,), {})
-                    acc.post_hook(index)(layer, (), {}, out)
-                    if blocks:
-                        # stored unmasked; rows of padding are never read back
-                        full = torch.zeros(x.shape, dtype=torch.float32, device=dev)
-                        full[batch.mask] = acc._units[index]
-                        units.data[index, rows] = full.cpu()
-                    states.data[rows] = out.cpu()
-                release(layer)
+            for index in range(n_layers):
+                with stream.layer(index) as layer:
+                    for b, batch in enumerate(stream.batches):
+                        rows = stream.rows(b)
+                        x = states.data[rows].to(dev)
+                        out = recorder.run(index, x, batch)
+                        acc.mask = batch.mask
+                        if blocks:
+                            acc._units = {
+                                s: units.data[s, rows].to(dev)[batch.mask] for s in range(index)
+                            }
+                        acc.pre_hook(index)(layer, (x,), {})
+                        acc.post_hook(index)(layer, (), {}, out)
+                        if blocks:
+                            # stored unmasked; rows of padding are never read back
+                            full = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+                            full[batch.mask] = acc._units[index]
+                            units.data[index, rows] = full.cpu()
+                        states.data[rows] = out.cpu()
                 advance(1)
         acc._units = {}
     return (acc.scores(), acc.block_distances()) if blocks else acc.scores()

@@ -20,7 +20,8 @@ Passes, with ``position`` the first kept layer the pruned model changes:
 
 So ``1 + 2 x runs`` passes (``runs``: the removed runs with a kept layer before them and
 one after); a layer is loaded at most ``1 + runs`` times in all (in the first pass, then
-per run in its fitting or its guard pass), the final norm and LM head once per run.
+per run in its fitting or its guard pass); the final norm and LM head are loaded at the
+first guard pass and kept.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from . import offload
 from .calibration import CalibrationSet
@@ -65,11 +67,11 @@ class _Passes:
     """The state of one streamed heal: the stream, which batches fit or are held out, the
     pruned model's hidden states and the patches made so far."""
 
-    def __init__(self, stream, group_size: int, guard: bool, result: HealResult):
-        self.stream, self.result = stream, result
+    def __init__(self, stream, states, group_size: int, guard: bool, result: HealResult, new):
+        self.stream, self.states, self.result, self.new = stream, states, result, new
         self.stack = stream.recorder
         count = len(stream.batches)
-        groups = math.ceil(stream.states.data.shape[0] / group_size)
+        groups = math.ceil(states.data.shape[0] / group_size)
         held = guard_split(groups)[1] if guard else []
         # heal_linear's batch g is the run of our (smaller) batches with b * size // G == g
         group = [b * stream.size // group_size for b in range(count)]
@@ -78,6 +80,7 @@ class _Passes:
         self.held = [b for b in range(count) if group[b] in set(held)]
         self.fit_rows = self._compact(self.fit)
         self.held_rows = self._compact(self.held)
+        self.output_loaded = False
 
     def _compact(self, batches: list[int]) -> dict[int, slice]:
         """Rows of ``batches`` in a buffer that holds only their windows."""
@@ -89,45 +92,18 @@ class _Passes:
         return rows
 
     def buffer(self, count: int, *lead: int):
-        states = self.stream.states.data
-        return self.stream.buffer((*lead, count, *states.shape[1:]))
+        """A ``[*lead, count, tokens, hidden]`` Activations buffer (freed with the heal)."""
+        return self.new((*lead, count, *self.states.data.shape[1:]))
 
     @contextmanager
     def loaded(self, index: int):
         """Layer ``index`` in memory, with its patch merged if it has one."""
-        self.stream.materialize_layer(index)
-        layer = self.stream.layers[index]
-        try:
+        with self.stream.layer(index) as layer:
             patch = self.result.weights.get(index)
             if patch is not None:
                 linear = down_proj(self.stack, index)
                 linear.weight.data = patch.to(device=self.stream.dev, dtype=linear.weight.dtype)
             yield layer
-        finally:
-            offload.release(layer)
-
-    @contextmanager
-    def head(self):
-        """The final norm and the LM head in memory (a tied head reads the embeddings)."""
-        stream, model = self.stream, self.stream.model
-        norm, head = self.stack.norm, self.stack.head
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        embed = stream.embed_name[: -len("weight")]
-        prefixes = [embed] if tied else [offload._module_path(model, head) + ".", embed]
-        offload.materialize(norm, stream.spec.final_norm_path + ".", stream.weights, stream.dev,
-                            stream.dtype)  # fmt: skip
-        try:
-            for i, prefix in enumerate(prefixes):  # llama.cpp drops a head equal to embeddings
-                try:
-                    offload.materialize(head, prefix, stream.weights, stream.dev, stream.dtype)
-                    break
-                except ShortGPTError:
-                    if i == len(prefixes) - 1:
-                        raise
-            yield
-        finally:
-            offload.release(norm)
-            offload.release(head)
 
     def run(self, index: int, buffer, rows: slice, b: int) -> None:
         """Block ``index`` on batch ``b``'s rows of ``buffer``, in place."""
@@ -136,7 +112,7 @@ class _Passes:
 
     def original(self, position: int, todo: list, progress):
         """Pass 1: the pruned model's state entering keep[position] (all windows, in
-        ``stream.states``), and the original output of each run's last layer (fitting
+        ``self.states``), and the original output of each run's last layer (fitting
         windows) as ``targets[run]``."""
         stream = self.stream
         last = max(b for _, b in todo)
@@ -148,11 +124,11 @@ class _Passes:
             for index in range(last + 1):
                 if index == position:
                     for b in self.fit:
-                        work.data[self.fit_rows[b]] = stream.states.data[stream.rows(b)]
+                        work.data[self.fit_rows[b]] = self.states.data[stream.rows(b)]
                 with self.loaded(index):
                     if index < position:
                         for b in range(len(stream.batches)):
-                            self.run(index, stream.states.data, stream.rows(b), b)
+                            self.run(index, self.states.data, stream.rows(b), b)
                     else:
                         for b in self.fit:
                             self.run(index, work.data, self.fit_rows[b], b)
@@ -172,11 +148,11 @@ class _Passes:
         for index in layers:
             with self.loaded(index):
                 for b in range(len(stream.batches)):
-                    self.run(index, stream.states.data, stream.rows(b), b)
+                    self.run(index, self.states.data, stream.rows(b), b)
         with self.loaded(p):
             original = down_proj(self.stack, p).weight.detach().clone()
             for b, batch in enumerate(stream.batches):
-                x = stream.states.data[stream.rows(b)].to(stream.dev)
+                x = self.states.data[stream.rows(b)].to(stream.dev)
                 out, m = mlp_parts(self.stack, p, x, batch)
                 if b in self.fit_rows:
                     y = target[self.fit_rows[b]].to(stream.dev)[batch.mask]
@@ -204,15 +180,17 @@ class _Passes:
                 for j in range(len(patches)):
                     for b in self.held:
                         self.run(index, branches.data[j], self.held_rows[b], b)
+        if not self.output_loaded:  # the final norm and LM head, kept until the heal ends
+            self.stream.load_output()
+            self.output_loaded = True
         losses = []
-        with self.head():
-            for j in range(len(patches)):
-                total, count = 0.0, 0
-                for b in self.held:
-                    hidden = branches.data[j, self.held_rows[b]].to(stream.dev)
-                    s, c = self.stack.loss_sums(hidden, stream.batches[b])
-                    total, count = total + s, count + c
-                losses.append(total / max(count, 1))
+        for j in range(len(patches)):
+            total, count = 0.0, 0
+            for b in self.held:
+                hidden = branches.data[j, self.held_rows[b]].to(stream.dev)
+                s, c = self.stack.loss_sums(hidden, stream.batches[b])
+                total, count = total + s, count + c
+            losses.append(total / max(count, 1))
         branches.close()
         return losses
 
@@ -222,19 +200,22 @@ def stream_heal_linear(
     calib: CalibrationSet,
     remove: list[int],
     *,
+    device: str = "cpu",
+    dtype=None,
     ridge: float | None = DEFAULT_RIDGE,
     weighting: str | None = DEFAULT_WEIGHTING,
     guard: bool = True,
     batch_size: int = 4,
+    spill: bool | None = None,
+    spill_dir: Path | None = None,
     progress: ProgressFactory = no_progress,
-    **options,
 ) -> HealResult:
     """:func:`healing.heal_linear` (no refit) for a source read one layer at a time.
 
     The held-out windows are heal_linear's (every 4th batch of its batch size); batches
     run in smaller parts where offload.layer_batch_size asks, so the patches and losses
-    equal the in-memory heal's to rounding. ``options``: offload.LayerStream's ``device``,
-    ``dtype``, ``spill`` and ``spill_dir``."""
+    equal the in-memory heal's to rounding. ``spill`` / ``spill_dir``: the hidden-state
+    buffers' memory-mapped files, as in offload.stream_scores."""
     import torch
 
     tries = check_heal_options(source.spec, ridge, weighting, guard, False)
@@ -245,18 +226,29 @@ def stream_heal_linear(
     todo = runs_to_heal(remove, n, result)
     if not todo:
         return result
-    rows = calib.input_ids.shape[0]
-    size = guard_batch_size(batch_size, rows) if guard else batch_size
-    with offload.LayerStream(
-        source, calib, batch_size=size, progress=progress, whole=True, **options
-    ) as stream:
-        passes = _Passes(stream, size, guard, result)
+    dtype = dtype or torch.float32
+    size = guard_batch_size(batch_size, calib.input_ids.shape[0]) if guard else batch_size
+    with ExitStack() as closing:
+
+        def new(shape):
+            buffer = offload.Activations(shape, dtype, spill=spill, folder=spill_dir)
+            closing.callback(buffer.close)
+            return buffer
+
+        states = new((*calib.input_ids.shape, int(source.config.hidden_size)))
+        stream = offload.LayerStream(
+            source, calib, device=device, dtype=dtype, batch_size=size, progress=progress,
+            keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
+            whole=True,
+        )  # fmt: skip
+        closing.callback(stream.close)
+        passes = _Passes(stream, states, size, guard, result, new)
         if guard and not passes.held_groups:
             return skip_unguarded(todo, result)
         batches = stream.batches
         result.held_out_tokens = sum(batches[b].tokens for b in passes.held)
         _warn_if_few_tokens(sum(batches[b].tokens for b in passes.fit), passes.stack)
-        hidden = stream.states.data.shape[-1]
+        hidden = states.data.shape[-1]
         with torch.inference_mode():
             position = max(min(remove) - 1, 0)
             targets = passes.original(position, todo, progress)
