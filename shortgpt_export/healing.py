@@ -214,6 +214,104 @@ def candidates(ridge: float | None, weighting: str | None) -> list[tuple[str, fl
     return [(w, r) for w in weightings for r in ridges]
 
 
+def check_heal_options(
+    spec: ArchitectureSpec, ridge: float | None, weighting: str | None, guard: bool, refit: bool
+) -> list[tuple[str, float]]:
+    """The (weighting, ridge) candidates of a linear heal, after checking the options."""
+    check_healable(spec, "linear")
+    if not guard and (ridge is None or weighting is None or refit):
+        raise ShortGPTError(
+            "choosing the ridge or weighting, or refitting, needs held-out windows",
+            hint="pass guard=True",
+        )
+    return candidates(ridge, weighting)
+
+
+def runs_to_heal(remove: list[int], num_layers: int, result: HealResult) -> list[tuple[int, int]]:
+    """The removed runs that can be healed; the others go into ``result.runs`` (logged)."""
+    todo = []
+    for run in removed_runs(remove):
+        reason = skip_reason(run, num_layers)
+        if reason:
+            log.warning("run of layers %d..%d left unhealed: %s", run[0], run[1], reason)
+            result.runs.append({"run": list(run), "patched_layer": None, "skipped": reason})
+        else:
+            todo.append(run)
+    return todo
+
+
+def skip_unguarded(todo: list[tuple[int, int]], result: HealResult) -> HealResult:
+    """Every run left unhealed: the guard has no held-out window."""
+    for a, b in todo:
+        reason = "guard: fewer than 2 calibration windows, none to hold out"
+        log.warning("run of layers %d..%d left unhealed: %s", a, b, reason)
+        result.runs.append({"run": [a, b], "patched_layer": None, "skipped": reason})
+    result.runs.sort(key=lambda entry: entry["run"][0])
+    return result
+
+
+def solve_candidates(fits: dict, tries: list[tuple[str, float]], guard: bool) -> list:
+    """``T`` of every candidate (the first alone without the guard: nothing to compare)."""
+    return [fits[w].solve(lam) for w, lam in (tries if guard else tries[:1])]
+
+
+def judge_patch(
+    run: tuple[int, int],
+    fits: dict,
+    tries: list[tuple[str, float]],
+    solved: list,
+    losses: list[float] | None,
+    unhealed_loss: float | None,
+) -> tuple[dict, object | None, float | None]:
+    """The plan entry of run ``(a, b)``, the ``T`` to merge into layer ``a - 1`` (None when
+    the guard leaves the run unhealed) and its held-out loss.
+
+    ``solved`` holds ``T`` per candidate of ``tries``; ``losses`` their held-out losses
+    (None without the guard), ``unhealed_loss`` the loss without this patch."""
+    import torch
+
+    a, b = run
+    entry: dict = {"run": [a, b], "patched_layer": a - 1}
+    if losses is not None:
+        best = min(range(len(solved)), key=lambda i: losses[i])
+        loss = losses[best]
+        entry.update(
+            held_out_loss_unhealed=round(unhealed_loss, 6),
+            held_out_loss_healed=round(loss, 6),
+        )
+        if len(solved) > 1:
+            entry["candidates"] = [
+                {"weighting": cw, "ridge": cr, "held_out_loss": round(cl, 6)}
+                for (cw, cr), cl in zip(tries, losses, strict=True)
+            ]
+    else:
+        best, loss = 0, None
+    (w, lam), t, fit = tries[best], solved[best], fits[tries[best][0]]
+    eye = torch.eye(t.shape[0], dtype=torch.float64)
+    entry.update(
+        weighting=w,
+        ridge=lam,
+        residual_before=round(fit.relative_residual(eye), 6),
+        residual_after=round(fit.relative_residual(t), 6),
+    )
+    if losses is not None and not loss < unhealed_loss:
+        entry["patched_layer"] = None
+        entry["skipped"] = (
+            f"guard: held-out loss {loss:.4f} with the patch, {unhealed_loss:.4f} without"
+        )
+        log.warning("run of layers %d..%d left unhealed: %s", a, b, entry["skipped"])
+        return entry, None, loss
+    log.info("healed run %d..%d into layer %d: %s", a, b, a - 1, entry)
+    return entry, t, loss
+
+
+def merged_weight(stack: Stack, p: int, original, t):
+    """Layer ``p``'s down projection with ``T`` merged into ``original`` (its weight)."""
+    if down_proj(stack, p).bias is not None:
+        raise HealingError(f"layer {p}'s down projection has a bias")
+    return patched_weight(original, t)
+
+
 def _warn_if_few_tokens(tokens: int, stack: Stack) -> None:
     """A patch is hidden x hidden: with few tokens per dimension it fits the calibration
     text's noise (the guard then rejects it, or it helps less than it could)."""
@@ -265,27 +363,13 @@ def heal_linear(
 
     import torch
 
-    check_healable(spec, "linear")
-    if not guard and (ridge is None or weighting is None or refit):
-        raise ShortGPTError(
-            "choosing the ridge or weighting, or refitting, needs held-out windows",
-            hint="pass guard=True",
-        )
-    tries = candidates(ridge, weighting)
+    tries = check_heal_options(spec, ridge, weighting, guard, refit)
     began = time.perf_counter()
     stack = Stack(model, spec)
     n = len(stack.layers)
     keep = [i for i in range(n) if i not in set(remove)]
     result = HealResult(ridge=ridge, weighting=weighting, guard=guard, refit=refit)
-    runs = removed_runs(remove)
-    todo = []
-    for run in runs:
-        reason = skip_reason(run, n)
-        if reason:
-            log.warning("run of layers %d..%d left unhealed: %s", run[0], run[1], reason)
-            result.runs.append({"run": list(run), "patched_layer": None, "skipped": reason})
-        else:
-            todo.append(run)
+    todo = runs_to_heal(remove, n, result)
     if not todo and not refit:
         return result
     originals = {a - 1: down_proj(stack, a - 1).weight.detach().clone() for a, _ in todo}
@@ -297,12 +381,7 @@ def heal_linear(
                 batches = stack.record(calib, size)
             fitting, held = guard_split(len(batches)) if guard else (list(range(len(batches))), [])
             if guard and not held:
-                for a, b in todo:
-                    reason = "guard: fewer than 2 calibration windows, none to hold out"
-                    log.warning("run of layers %d..%d left unhealed: %s", a, b, reason)
-                    result.runs.append({"run": [a, b], "patched_layer": None, "skipped": reason})
-                result.runs.sort(key=lambda entry: entry["run"][0])
-                return result
+                return skip_unguarded(todo, result)
             # the original model's output of each run's last layer, per fit batch
             targets: dict[int, dict[int, object]] = {}
             # blocks before ``position`` are kept and unpatched: the pruned model's state
@@ -364,54 +443,20 @@ def heal_linear(
                             total, count = total + s, count + c
                         return total / max(count, 1)
 
-                    entry: dict = {"run": [a, b], "patched_layer": p}
+                    solved = solve_candidates(fits, tries, guard)
+                    losses = None
                     if guard:
                         if unhealed_loss is None:
                             unhealed_loss = held_loss(None)
-                        tried = []
-                        for w, lam in tries:
-                            t = fits[w].solve(lam)
-                            tried.append((held_loss(t), w, lam, t))
-                        loss, w, lam, t = min(tried, key=lambda x: x[0])
-                        entry.update(
-                            held_out_loss_unhealed=round(unhealed_loss, 6),
-                            held_out_loss_healed=round(loss, 6),
-                        )
-                        if len(tried) > 1:
-                            entry["candidates"] = [
-                                {"weighting": cw, "ridge": cr, "held_out_loss": round(cl, 6)}
-                                for cl, cw, cr, _ in tried
-                            ]
-                    else:
-                        w, lam = tries[0]
-                        t, loss = fits[w].solve(lam), None
-                    fit = fits[w]
-                    eye = torch.eye(t.shape[0], dtype=torch.float64)
-                    entry.update(
-                        weighting=w,
-                        ridge=lam,
-                        residual_before=round(fit.relative_residual(eye), 6),
-                        residual_after=round(fit.relative_residual(t), 6),
-                    )
-                    result.tokens = fit.tokens
-                    if guard and not loss < unhealed_loss:
-                        entry["patched_layer"] = None
-                        entry["skipped"] = (
-                            f"guard: held-out loss {loss:.4f} with the patch, "
-                            f"{unhealed_loss:.4f} without"
-                        )
-                        log.warning(
-                            "run of layers %d..%d left unhealed: %s", a, b, entry["skipped"]
-                        )
-                    else:
-                        if down_proj(stack, p).bias is not None:
-                            raise HealingError(f"layer {p}'s down projection has a bias")
+                        losses = [held_loss(t) for t in solved]
+                    entry, t, loss = judge_patch((a, b), fits, tries, solved, losses, unhealed_loss)
+                    result.tokens = fits[entry["weighting"]].tokens
+                    if t is not None:
                         weight = down_proj(stack, p).weight
-                        weight.data.copy_(patched_weight(originals[p], t))
+                        weight.data.copy_(merged_weight(stack, p, originals[p], t))
                         result.weights[p] = weight.detach().clone()
                         if guard:
                             unhealed_loss = loss
-                        log.info("healed run %d..%d into layer %d: %s", a, b, p, entry)
                     result.runs.append(entry)
                     advance(1)
             if refit:

@@ -306,7 +306,8 @@ class LayerStream:
 
     The embeddings are computed once (reading only the rows the windows use, where the
     embedding is a plain one) and handed to ``keep_embeds(rows, embeds)``; batches are the
-    requested size, made smaller by :func:`layer_batch_size`. Close it to drop the weights.
+    requested size, made smaller by :func:`layer_batch_size` (with ``whole``, to a divisor of
+    the requested size). Close it to drop the weights.
     """
 
     def __init__(
@@ -319,6 +320,7 @@ class LayerStream:
         batch_size: int,
         keep_embeds,
         progress: ProgressFactory = no_progress,
+        whole: bool = False,
     ):
         import torch
 
@@ -339,7 +341,10 @@ class LayerStream:
         )
         seq = calib.input_ids.shape[1]
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.size = size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
+        size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
+        if whole:  # every batch of ``batch_size`` windows is a run of whole smaller batches
+            size = max(d for d in range(1, size + 1) if batch_size % d == 0)
+        self.size = size
         if size < batch_size:
             log.info(
                 "layer by layer: batches of %d windows instead of %d, so that one layer's "

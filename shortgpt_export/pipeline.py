@@ -193,13 +193,20 @@ def _load(
 
 
 def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, validate, progress):
-    """After layer-by-layer scoring: the whole model when a later step needs it (healing,
-    the budget, validation, verification, export from memory); greedy selection streams
-    too (streamed_greedy.py)."""
+    """After layer-by-layer scoring: the whole model when a later step needs it (healing
+    other than streamed_healing's, the budget, validation, verification, export from
+    memory); greedy selection streams too (streamed_greedy.py)."""
+    from .streamed_healing import streams
+
+    streamed_heal = streams(plan_opts.select, plan_opts.heal, plan_opts.auto)
     needs = [
         why
         for why, yes in (
-            (f"--heal {plan_opts.heal}", plan_opts.heal != "none"),
+            (
+                f"--heal {plan_opts.heal}"
+                + ("" if plan_opts.select == "score" else f" with --select {plan_opts.select}"),
+                plan_opts.heal != "none" and not streamed_heal,
+            ),
             ("--remove auto", plan_opts.auto),
             ("validation", validate is not None),
             ("export from memory", export.needs_model(source)),

@@ -201,9 +201,13 @@ class _Planner:
             return None
         if tuple(plan.remove) in self._healed:
             return self._healed[tuple(plan.remove)]
-        return heal_linear(
-            self.loaded.model,
-            self.loaded.source.spec,
+        if self.loaded.model is None:  # offload.StreamedModel: one layer at a time
+            from .streamed_healing import heal_streamed
+
+            heal = partial(heal_streamed, self.loaded)
+        else:
+            heal = partial(heal_linear, self.loaded.model, self.loaded.source.spec)
+        return heal(
             self.calib,
             plan.remove,
             batch_size=self.recipe.batch_size,

@@ -120,3 +120,30 @@ def folder_digest(folder) -> str:
             while chunk := file.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def track_materialized(monkeypatch):
+    """Wrap offload.materialize/release: ``live`` (module id -> prefix of what is in memory),
+    ``seen`` (prefixes in load order), ``most`` ([most decoder layers in memory at once])."""
+    from types import SimpleNamespace
+
+    from shortgpt_export import offload
+
+    track = SimpleNamespace(live={}, seen=[], most=[0])
+    real_materialize, real_release = offload.materialize, offload.release
+
+    def materialize(module, prefix, *args):
+        real_materialize(module, prefix, *args)
+        track.live[id(module)] = prefix
+        track.seen.append(prefix)
+        layers = sum(p.startswith("model.layers.") for p in track.live.values())
+        track.most[0] = max(track.most[0], layers)
+
+    def release(module):
+        real_release(module)
+        assert all(p.is_meta for p in module.parameters())
+        del track.live[id(module)]
+
+    monkeypatch.setattr(offload, "materialize", materialize)
+    monkeypatch.setattr(offload, "release", release)
+    return track

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from helpers import FAST, random_calibration, run_cli
+from helpers import FAST, random_calibration, run_cli, track_materialized
 from tiny_models import build_tiny_model
 
 from shortgpt_export import gguf_layers, offload
@@ -59,26 +59,11 @@ def test_spilled_activations_and_bfloat16_give_the_same_scores(tiny_llama_dir, t
 def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
     source = resolve_source(str(tiny_llama_dir))
     calib = random_calibration(source.config.vocab_size, 4, 16)
-    live, most, seen = {}, [0], []
-    real_materialize, real_release = offload.materialize, offload.release
-
-    def materialize(module, prefix, *args):
-        real_materialize(module, prefix, *args)
-        live[id(module)] = prefix
-        seen.append(prefix)
-        most[0] = max(most[0], sum(p.startswith("model.layers.") for p in live.values()))
-
-    def release(module):
-        real_release(module)
-        assert all(p.is_meta for p in module.parameters())
-        del live[id(module)]
-
-    monkeypatch.setattr(offload, "materialize", materialize)
-    monkeypatch.setattr(offload, "release", release)
+    track = track_materialized(monkeypatch)
     offload.stream_scores(source, calib, batch_size=2)
-    assert most[0] == 1 and not live
+    assert track.most[0] == 1 and not track.live
     # the embedding rows the windows use are read alone; the matrix is never loaded
-    assert seen == [f"model.layers.{i}." for i in range(6)]
+    assert track.seen == [f"model.layers.{i}." for i in range(6)]
 
 
 def test_batches_shrink_so_a_layer_s_working_memory_stays_small(tiny_llama_dir, caplog):
@@ -198,13 +183,14 @@ def test_run_with_offload_exports_without_the_whole_model(
     assert json.loads((out / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
 
 
-def test_healing_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
+def test_refit_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
+    """--heal linear streams (tests/test_streamed_healing.py); refit still loads the model."""
     code, _, err = run_cli(
         capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *FAST,
-        "--offload", "layers", "--heal", "linear", "--remove", "1", "--to", "hf",
+        "--offload", "layers", "--heal", "refit", "--remove", "1", "--to", "hf",
     )  # fmt: skip
     assert code == 0, err
-    assert "--heal linear needs the whole model" in " ".join(err.split())
+    assert "--heal refit needs the whole model" in " ".join(err.split())
 
 
 def test_pickle_checkpoints_cannot_be_streamed():

@@ -392,8 +392,10 @@ def setup_logging(verbose: bool) -> None:
         handlers=[RichHandler(console=stderr, show_path=False)],
         force=True,
     )
+    # --verbose is about our steps; torch's INFO lines (e.g. its cache statistics, logged
+    # at exit) are not
     for noisy in ("torch", "accelerate", "llama-cpp-python"):
-        logging.getLogger(noisy).setLevel(logging.ERROR if not verbose else logging.INFO)
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbose else logging.ERROR)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

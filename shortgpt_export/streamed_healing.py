@@ -1,0 +1,303 @@
+"""Linear healing one decoder layer in memory at a time (``--offload layers``).
+
+The same heal as :func:`healing.heal_linear` (guarded, front to back, each run fitted
+against the original model's hidden states), on the meta skeleton of offload.py: every
+calibration window is embedded once (offload.LayerStream), and each pass below loads one
+layer's weights from the checkpoint, runs every batch (and every guard branch) through
+it, and frees it before the next. Hidden states live in offload.Activations buffers (in
+memory, or memory-mapped files when they do not fit); the fits keep only Gram sums.
+
+Passes, with ``position`` the first kept layer the pruned model changes:
+
+1. original states: layers ``0..last`` (``last``: the end of the last healable run) once;
+   all windows up to ``position`` (the pruned model's state there), then the fitting
+   windows on, keeping the original output of each run's last layer as its target.
+2. per healable run ``[a..b]`` (``p = a - 1``), a fitting pass: the kept layers from
+   ``position`` to ``p`` (earlier patches merged), with the Gram sums at ``p``;
+3. and a guard pass: the kept layers after ``p``, then the final norm and LM head, on the
+   held-out windows, carrying one branch per candidate patch (plus the unpatched model
+   for the first run); none with ``guard=False``.
+
+So ``1 + 2 x runs`` passes (``runs``: the removed runs with a kept layer before them and
+one after); a layer is loaded at most ``1 + runs`` times in all (in the first pass, then
+per run in its fitting or its guard pass); the final norm and LM head are loaded at the
+first guard pass and kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+from . import offload
+from .calibration import CalibrationSet
+from .errors import ShortGPTError
+from .healing import (
+    DEFAULT_RIDGE,
+    DEFAULT_WEIGHTING,
+    GramFit,
+    HealResult,
+    _warn_if_few_tokens,
+    check_heal_options,
+    down_proj,
+    guard_batch_size,
+    guard_split,
+    judge_patch,
+    merged_weight,
+    mlp_parts,
+    runs_to_heal,
+    skip_unguarded,
+    solve_candidates,
+)
+from .progress import ProgressFactory, no_progress
+
+log = logging.getLogger(__name__)
+
+
+def streams(select: str, heal: str, auto: bool) -> bool:
+    """Whether a run's healing step can be done layer by layer: after ``score`` or
+    ``greedy`` selection (streamed_greedy.py); ``--heal refit``, ``--select block`` (which
+    heals candidate blocks to choose one) and ``--remove auto`` load the model."""
+    return heal in ("auto", "linear") and select in ("score", "greedy") and not auto
+
+
+class _Passes:
+    """The state of one streamed heal: the stream, which batches fit or are held out, the
+    pruned model's hidden states and the patches made so far."""
+
+    def __init__(self, stream, states, group_size: int, guard: bool, result: HealResult, new):
+        self.stream, self.states, self.result, self.new = stream, states, result, new
+        self.stack = stream.recorder
+        count = len(stream.batches)
+        groups = math.ceil(states.data.shape[0] / group_size)
+        held = guard_split(groups)[1] if guard else []
+        # heal_linear's batch g is the run of our (smaller) batches with b * size // G == g
+        group = [b * stream.size // group_size for b in range(count)]
+        self.held_groups = held
+        self.fit = [b for b in range(count) if group[b] not in set(held)]
+        self.held = [b for b in range(count) if group[b] in set(held)]
+        self.fit_rows = self._compact(self.fit)
+        self.held_rows = self._compact(self.held)
+        self.output_loaded = False
+
+    def _compact(self, batches: list[int]) -> dict[int, slice]:
+        """Rows of ``batches`` in a buffer that holds only their windows."""
+        rows, start = {}, 0
+        for b in batches:
+            size = self.stream.batches[b].input_ids.shape[0]
+            rows[b] = slice(start, start + size)
+            start += size
+        return rows
+
+    def buffer(self, count: int, *lead: int):
+        """A ``[*lead, count, tokens, hidden]`` Activations buffer (freed with the heal)."""
+        return self.new((*lead, count, *self.states.data.shape[1:]))
+
+    @contextmanager
+    def loaded(self, index: int):
+        """Layer ``index`` in memory, with its patch merged if it has one."""
+        with self.stream.layer(index) as layer:
+            patch = self.result.weights.get(index)
+            if patch is not None:
+                linear = down_proj(self.stack, index)
+                linear.weight.data = patch.to(device=self.stream.dev, dtype=linear.weight.dtype)
+            yield layer
+
+    def run(self, index: int, buffer, rows: slice, b: int) -> None:
+        """Block ``index`` on batch ``b``'s rows of ``buffer``, in place."""
+        x = buffer[rows].to(self.stream.dev)
+        buffer[rows] = self.stack.run(index, x, self.stream.batches[b]).cpu()
+
+    def original(self, position: int, todo: list, progress):
+        """Pass 1: the pruned model's state entering keep[position] (all windows, in
+        ``self.states``), and the original output of each run's last layer (fitting
+        windows) as ``targets[run]``."""
+        stream = self.stream
+        last = max(b for _, b in todo)
+        ends = {b: i for i, (_, b) in enumerate(todo)}
+        fit_count = sum(s.stop - s.start for s in self.fit_rows.values())
+        work = self.buffer(fit_count)
+        targets = self.buffer(fit_count, len(todo))
+        with progress("healing layer by layer: original hidden states", last + 1) as advance:
+            for index in range(last + 1):
+                if index == position:
+                    for b in self.fit:
+                        work.data[self.fit_rows[b]] = self.states.data[stream.rows(b)]
+                with self.loaded(index):
+                    if index < position:
+                        for b in range(len(stream.batches)):
+                            self.run(index, self.states.data, stream.rows(b), b)
+                    else:
+                        for b in self.fit:
+                            self.run(index, work.data, self.fit_rows[b], b)
+                            if index in ends:
+                                targets.data[ends[index], self.fit_rows[b]] = work.data[
+                                    self.fit_rows[b]
+                                ]
+                advance(1)
+        work.close()
+        return targets
+
+    def fit_run(self, layers: list[int], p: int, target, fits: dict, parts) -> object:
+        """Pass 2: ``layers`` on every window, then layer ``p``'s MLP output and residual:
+        Gram sums on the fitting windows, (r, m) kept for the held-out ones. Returns p's
+        down projection weight before any patch."""
+        stream = self.stream
+        for index in layers:
+            with self.loaded(index):
+                for b in range(len(stream.batches)):
+                    self.run(index, self.states.data, stream.rows(b), b)
+        with self.loaded(p):
+            original = down_proj(self.stack, p).weight.detach().clone()
+            for b, batch in enumerate(stream.batches):
+                x = self.states.data[stream.rows(b)].to(stream.dev)
+                out, m = mlp_parts(self.stack, p, x, batch)
+                if b in self.fit_rows:
+                    y = target[self.fit_rows[b]].to(stream.dev)[batch.mask]
+                    mask = batch.mask
+                    for w, fit in fits.items():
+                        fit.add(m[mask].cpu(), (out - m)[mask].cpu(), y.cpu(), w)
+                else:
+                    parts.data[0, self.held_rows[b]] = (out - m).cpu()
+                    parts.data[1, self.held_rows[b]] = m.cpu()
+        return original
+
+    def held_losses(self, layers: list[int], parts, patches: list) -> list[float]:
+        """Pass 3: the held-out loss of each branch ``r + m T`` (``T`` None: ``r + m``)
+        through ``layers``, the final norm and the LM head."""
+        stream = self.stream
+        branches = self.buffer(parts.data.shape[1], len(patches))
+        for j, t in enumerate(patches):
+            for b in self.held:
+                r = parts.data[0, self.held_rows[b]].to(stream.dev)
+                m = parts.data[1, self.held_rows[b]].to(stream.dev)
+                h = r + m if t is None else r + m @ t.to(device=m.device, dtype=m.dtype)
+                branches.data[j, self.held_rows[b]] = h.cpu()
+        for index in layers:
+            with self.loaded(index):
+                for j in range(len(patches)):
+                    for b in self.held:
+                        self.run(index, branches.data[j], self.held_rows[b], b)
+        if not self.output_loaded:  # the final norm and LM head, kept until the heal ends
+            self.stream.load_output()
+            self.output_loaded = True
+        losses = []
+        for j in range(len(patches)):
+            total, count = 0.0, 0
+            for b in self.held:
+                hidden = branches.data[j, self.held_rows[b]].to(stream.dev)
+                s, c = self.stack.loss_sums(hidden, stream.batches[b])
+                total, count = total + s, count + c
+            losses.append(total / max(count, 1))
+        branches.close()
+        return losses
+
+
+def stream_heal_linear(
+    source,
+    calib: CalibrationSet,
+    remove: list[int],
+    *,
+    device: str = "cpu",
+    dtype=None,
+    ridge: float | None = DEFAULT_RIDGE,
+    weighting: str | None = DEFAULT_WEIGHTING,
+    guard: bool = True,
+    batch_size: int = 4,
+    spill: bool | None = None,
+    spill_dir: Path | None = None,
+    progress: ProgressFactory = no_progress,
+) -> HealResult:
+    """:func:`healing.heal_linear` (no refit) for a source read one layer at a time.
+
+    The held-out windows are heal_linear's (every 4th batch of its batch size); batches
+    run in smaller parts where offload.layer_batch_size asks, so the patches and losses
+    equal the in-memory heal's to rounding. ``spill`` / ``spill_dir``: the hidden-state
+    buffers' memory-mapped files, as in offload.stream_scores."""
+    import torch
+
+    tries = check_heal_options(source.spec, ridge, weighting, guard, False)
+    began = time.perf_counter()
+    n = source.num_layers
+    keep = [i for i in range(n) if i not in set(remove)]
+    result = HealResult(ridge=ridge, weighting=weighting, guard=guard, refit=False)
+    todo = runs_to_heal(remove, n, result)
+    if not todo:
+        return result
+    dtype = dtype or torch.float32
+    size = guard_batch_size(batch_size, calib.input_ids.shape[0]) if guard else batch_size
+    with ExitStack() as closing:
+
+        def new(shape):
+            buffer = offload.Activations(shape, dtype, spill=spill, folder=spill_dir)
+            closing.callback(buffer.close)
+            return buffer
+
+        states = new((*calib.input_ids.shape, int(source.config.hidden_size)))
+        stream = offload.LayerStream(
+            source, calib, device=device, dtype=dtype, batch_size=size, progress=progress,
+            keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
+            whole=True,
+        )  # fmt: skip
+        closing.callback(stream.close)
+        passes = _Passes(stream, states, size, guard, result, new)
+        if guard and not passes.held_groups:
+            return skip_unguarded(todo, result)
+        batches = stream.batches
+        result.held_out_tokens = sum(batches[b].tokens for b in passes.held)
+        _warn_if_few_tokens(sum(batches[b].tokens for b in passes.fit), passes.stack)
+        hidden = states.data.shape[-1]
+        with torch.inference_mode():
+            position = max(min(remove) - 1, 0)
+            targets = passes.original(position, todo, progress)
+            held_windows = sum(s.stop - s.start for s in passes.held_rows.values())
+            parts = passes.buffer(held_windows, 2) if held_windows else None
+            unhealed_loss = None
+            with progress("healing layer by layer: fitting patches", len(todo)) as advance:
+                for i, (a, b) in enumerate(todo):
+                    p = a - 1
+                    stop = keep.index(p)
+                    fits = {w: GramFit(hidden) for w in {w for w, _ in tries}}
+                    original = passes.fit_run(keep[position:stop], p, targets.data[i], fits, parts)
+                    position = stop
+                    solved = solve_candidates(fits, tries, guard)
+                    losses = None
+                    if guard:
+                        first = [None] if unhealed_loss is None else []
+                        losses = passes.held_losses(keep[stop + 1 :], parts, first + solved)
+                        if first:
+                            unhealed_loss, losses = losses[0], losses[1:]
+                    entry, t, loss = judge_patch((a, b), fits, tries, solved, losses, unhealed_loss)
+                    result.tokens = fits[entry["weighting"]].tokens
+                    if t is not None:
+                        result.weights[p] = merged_weight(passes.stack, p, original, t)
+                        if guard:
+                            unhealed_loss = loss
+                    result.runs.append(entry)
+                    advance(1)
+    result.weights = {p: w.clone() for p, w in result.weights.items()}
+    result.runs.sort(key=lambda entry: entry["run"][0])
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+def heal_streamed(
+    streamed, calib: CalibrationSet, remove: list[int], *, refit: bool = False, **options
+) -> HealResult:
+    """:func:`stream_heal_linear` for an offload.StreamedModel (the recipe's heal step);
+    ``options``: its ridge, weighting, batch_size and progress."""
+    if refit:
+        raise ShortGPTError(
+            "--heal refit needs the whole model in memory",
+            hint="use --offload none, or --heal linear",
+        )
+    log.info("healing layer by layer (--offload layers): one decoder layer in memory at a time")
+    return stream_heal_linear(
+        streamed.source, calib, remove, device=streamed.device, dtype=streamed.dtype, **options
+    )
+
+
+__all__ = ["heal_streamed", "stream_heal_linear", "streams"]
