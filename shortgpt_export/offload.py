@@ -9,10 +9,8 @@ in-memory pass (scoring._LayerAccumulator), and goes back to the meta device. Th
 outputs replace the inputs in one activation buffer (windows x tokens x hidden, in the
 scoring dtype), which is a memory-mapped temporary file when it does not fit in memory.
 
-Each block sees the in-memory pass's inputs, so the scores are the in-memory scores to
-rounding. Batches are the in-memory pass's, made smaller where one batch's forward pass
-would allocate more than a quarter of a layer's weights (layer_batch_size), so that the
-peak stays near one layer plus the activations.
+Batches are the in-memory pass's and each block sees the same inputs, so the scores are
+the in-memory scores, bit for bit on the same device and dtype.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ OFFLOAD_MODES = ("auto", "none", "layers")
 FIT_FRACTION = 0.8
 # activations are kept in memory when they take at most this share of the free memory
 ACTIVATIONS_FRACTION = 0.5
-# a layer's forward pass over one batch may allocate at most this share of its weights
-WORKING_FRACTION = 0.25
 
 
 class SafetensorsWeights:
@@ -242,25 +238,6 @@ def row_embedder(embed, name: str, weights, device, dtype):
     return lookup
 
 
-def window_working_bytes(config, seq: int, itemsize: int) -> int:
-    """Rough bytes a decoder layer allocates to run one window of ``seq`` tokens: the MLP's
-    intermediates (gate, up, activation, product), the attention's projections and
-    residuals, and its score matrix when it is materialised."""
-    hidden = int(config.hidden_size)
-    inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
-    heads = int(getattr(config, "num_attention_heads", None) or 0)
-    return itemsize * seq * (4 * inner + 8 * hidden + 2 * heads * seq)
-
-
-def layer_batch_size(batch_size: int, layer, config, seq: int, itemsize: int) -> int:
-    """``batch_size``, made smaller so that a layer's working memory for one batch stays
-    within :data:`WORKING_FRACTION` of the layer's weights (at least 1 window): streamed
-    peak memory is then about one layer plus the activations, whatever ``--batch-size``."""
-    weights = sum(p.numel() for p in layer.parameters()) * itemsize
-    per_window = max(window_working_bytes(config, seq, itemsize), 1)
-    return max(1, min(batch_size, int(WORKING_FRACTION * weights // per_window)))
-
-
 def _module_path(root, module) -> str:
     return next(name for name, m in root.named_modules() if m is module)
 
@@ -305,9 +282,8 @@ class LayerStream:
     per-tensor weights, and every calibration batch recorded (block keyword arguments).
 
     The embeddings are computed once (reading only the rows the windows use, where the
-    embedding is a plain one) and handed to ``keep_embeds(rows, embeds)``; batches are the
-    requested size, made smaller by :func:`layer_batch_size` (with ``whole``, to a divisor of
-    the requested size). Close it to drop the weights.
+    embedding is a plain one) and handed to ``keep_embeds(rows, embeds)``; batches are
+    ``batch_size`` windows. Close it to drop the weights.
     """
 
     def __init__(
@@ -320,7 +296,6 @@ class LayerStream:
         batch_size: int,
         keep_embeds,
         progress: ProgressFactory = no_progress,
-        whole: bool = False,
     ):
         import torch
 
@@ -339,20 +314,7 @@ class LayerStream:
         self.tied = head is not None and (
             head.weight is embed.weight or bool(getattr(model.config, "tie_word_embeddings", 0))
         )
-        seq = calib.input_ids.shape[1]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        size = layer_batch_size(batch_size, layers[0], model.config, seq, itemsize)
-        if whole:  # every batch of ``batch_size`` windows is a run of whole smaller batches
-            size = max(d for d in range(1, size + 1) if batch_size % d == 0)
-        self.size = size
-        if size < batch_size:
-            log.info(
-                "layer by layer: batches of %d windows instead of %d, so that one layer's "
-                "working memory stays within %d%% of its weights",
-                size,
-                batch_size,
-                round(100 * WORKING_FRACTION),
-            )
+        self.size = size = batch_size
         self.weights = open_weights(source)
         try:
             self.embed_name = _module_path(model, embed) + ".weight"

@@ -213,9 +213,8 @@ def stream_heal_linear(
 ) -> HealResult:
     """:func:`healing.heal_linear` (no refit) for a source read one layer at a time.
 
-    The held-out windows are heal_linear's (every 4th batch of its batch size); batches
-    run in smaller parts where offload.layer_batch_size asks, so the patches and losses
-    equal the in-memory heal's to rounding. ``spill`` / ``spill_dir``: the hidden-state
+    The batches and held-out windows are heal_linear's (every 4th batch), so the patches
+    and losses equal the in-memory heal's to rounding. ``spill`` / ``spill_dir``: the hidden-state
     buffers' memory-mapped files, as in offload.stream_scores."""
     import torch
 
@@ -240,7 +239,6 @@ def stream_heal_linear(
         stream = offload.LayerStream(
             source, calib, device=device, dtype=dtype, batch_size=size, progress=progress,
             keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
-            whole=True,
         )  # fmt: skip
         closing.callback(stream.close)
         passes = _Passes(stream, states, size, guard, result, new)

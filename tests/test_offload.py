@@ -66,22 +66,6 @@ def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
     assert track.seen == [f"model.layers.{i}." for i in range(6)]
 
 
-def test_batches_shrink_so_a_layer_s_working_memory_stays_small(tiny_llama_dir, caplog):
-    """A layer's forward pass over a batch is bounded by a share of its weights: the tiny
-    model's layers are small, so each runs one window at a time, and the scores still equal
-    the in-memory pass's in batches of 3. A layer far larger than a window keeps the batch."""
-    source = resolve_source(str(tiny_llama_dir))
-    calib = random_calibration(source.config.vocab_size, 7, 24, pad_last=5)
-    layer = source.spec.decoder_layers(load_model(source).model)[0]
-    assert offload.layer_batch_size(3, layer, source.config, 24, 4) == 1
-    with caplog.at_level(logging.INFO, logger="shortgpt_export.offload"):
-        (scores, _), (streamed, _) = both(source, calib, batch_size=3)
-    assert "batches of 1 windows instead of 3" in caplog.text
-    assert_close(streamed, scores)
-    big = torch.nn.Linear(8192, 8192, bias=False, device="meta")  # 256 MiB of float32
-    assert offload.layer_batch_size(3, big, source.config, 24, 4) == 3
-
-
 def _tiny_gguf(model_dir, target, out_type):
     from shortgpt_export.converters import ExportContext
     from shortgpt_export.converters.gguf.hf_to_gguf import convert_pruned

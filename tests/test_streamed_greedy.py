@@ -33,7 +33,7 @@ def assert_same(streamed, memory):
 
 def test_streamed_greedy_equals_in_memory_for_every_family(tiny_model_dir):
     source = resolve_source(str(tiny_model_dir))
-    # 5 windows in batches of 3 (streamed: smaller, offload.layer_batch_size), padded rows
+    # 5 windows in batches of 3, padded rows
     calib = random_calibration(source.config.vocab_size, 5, 24, pad_last=5)
     memory, streamed = both(source, calib)
     assert len(memory) == source.num_layers - 1

@@ -226,9 +226,7 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
     report = json.loads(stdout)["report"]
     table = {(a["label"], a["quant"]): a for a in report["artifacts"]}
     expected = {
-        (label, q)
-        for label in ("original", "pruned")
-        for q in ("torch fp32", "F16", "Q4_K_M")
+        (label, q) for label in ("original", "pruned") for q in ("torch fp32", "F16", "Q4_K_M")
     }
     assert set(table) == expected
     for art in table.values():
