@@ -238,6 +238,13 @@ def measure() -> dict:
                 plan, result, seconds = healed_block(n, kwargs)
             else:
                 plan, seconds = plan_for(strategy, n)
+                twin = same_score_plan(results["rows"], strategy, plan.remove, name)
+                if twin is not None:  # the same model as a row already measured
+                    row = reused_row(twin, strategy, n, seconds, scores)
+                    results["rows"].append(row)
+                    print(json.dumps({k: row[k] for k in ("strategy", "n", "heal", "same_as")}))
+                    save(results)
+                    continue
                 result = heal(plan, kwargs) if kwargs is not None else None
                 seconds += result.seconds if result else 0.0
             weights = result.weights if result else None
@@ -261,6 +268,36 @@ def measure() -> dict:
             print(json.dumps({k: row[k] for k in shown}), flush=True)
             save(results)
     return results
+
+
+def same_score_plan(rows: list[dict], strategy: str, remove: list[int], heal: str):
+    """A measured score-bi/score-angular row that removed the same layers with the same
+    heal: the pruned (and healed: the fit is deterministic) model is the same one."""
+    if not strategy.startswith("score-"):
+        return None
+    return next(
+        (
+            r
+            for r in rows
+            if r["strategy"].startswith("score-")
+            and r["strategy"] != strategy
+            and r["heal"] == heal
+            and r["remove"] == remove
+            and "same_as" not in r
+        ),
+        None,
+    )
+
+
+def reused_row(twin: dict, strategy: str, n: int, select_seconds: float, scores) -> dict:
+    """``twin``'s measurements under ``strategy``; seconds: this strategy's scoring pass
+    plus the twin's healing (its seconds less its own scoring pass)."""
+    twin_metric = twin["strategy"].removeprefix("score-")
+    heal_seconds = twin["seconds"] - scores(twin_metric)[2]
+    row = {k: v for k, v in twin.items() if k not in ("strategy", "n", "seconds")}
+    row.update(strategy=strategy, n=n, same_as=twin["strategy"])
+    row["seconds"] = round(select_seconds + heal_seconds, 2)
+    return row
 
 
 def qa(loaded, keep: list[int], weights) -> dict:
@@ -352,6 +389,16 @@ def render(results: dict) -> str:
                 missing.append(f"{strategy} N={n} ({', '.join(absent)})")
     if missing:
         lines.append(f"\nNot measured in this run (time ran out): {', '.join(missing)}.")
+    twins = sorted(
+        {(r["strategy"], r["n"], r["same_as"]) for r in results["rows"] if "same_as" in r}
+    )
+    if twins:
+        lines.append(
+            "\nSame layers as another score row, so the same model (the heal is "
+            "deterministic); its perplexity and QA are that row's: "
+            + "; ".join(f"{s} N={n} as {t}" for s, n, t in twins)
+            + "."
+        )
     steps = results.get("greedy_steps")
     if steps:
         lines.append(
