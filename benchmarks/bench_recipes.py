@@ -315,6 +315,14 @@ def qa(loaded, keep: list[int], weights) -> dict:
     return {"qa_correct": result.correct, "qa_total": result.total, "qa_answers": result.answers}
 
 
+def removed_cell(heals: list[str], rows: list) -> str:
+    """The layers removed; per heal where they differ (block chooses after healing)."""
+    removals = [(h, r["remove"]) for h, r in zip(heals, rows, strict=True) if r]
+    if len({tuple(remove) for _, remove in removals}) == 1:
+        return str(removals[0][1])
+    return "; ".join(f"{h}: {remove}" for h, remove in removals)
+
+
 def render(results: dict) -> str:
     base = results["base"]
     cfg = results["config"]
@@ -379,7 +387,7 @@ def render(results: dict) -> str:
                 + " | ".join(cell(r, "qa_correct", "d") for r in got)
                 + " | "
                 + " | ".join(cell(r, "seconds", ".0f") for r in got)
-                + f" | {next(r for r in got if r)['remove']} |"
+                + f" | {removed_cell(heals, got)} |"
             )
     missing = []
     for strategy in STRATEGIES:
