@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .calibration import CalibrationSet
 from .healing import check_healable, down_proj, patched_weight
+from .layerwise import mean_loss
 from .offload import Activations, LayerStream
 from .selection import GreedyStep, _shortlist, fit_patch, greedy_steps
 
@@ -205,9 +206,5 @@ class _Search:
 
     def _loss(self, final) -> float:
         stream = self.stream
-        total, count = 0.0, 0
-        for b, batch in enumerate(stream.batches):
-            hidden = final[stream.rows(b)].to(stream.dev)
-            s, c = stream.recorder.loss_sums(hidden, batch)
-            total, count = total + s, count + c
-        return total / max(count, 1)
+        hidden = (final[stream.rows(b)].to(stream.dev) for b in range(len(stream.batches)))
+        return mean_loss(stream.recorder, hidden, stream.batches)

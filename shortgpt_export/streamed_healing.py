@@ -52,6 +52,7 @@ from .healing import (
     skip_unguarded,
     solve_candidates,
 )
+from .layerwise import mean_loss
 from .progress import ProgressFactory, no_progress
 
 log = logging.getLogger(__name__)
@@ -184,14 +185,15 @@ class _Passes:
         if not self.output_loaded:  # the final norm and LM head, kept until the heal ends
             self.stream.load_output()
             self.output_loaded = True
-        losses = []
-        for j in range(len(patches)):
-            total, count = 0.0, 0
-            for b in self.held:
-                hidden = branches.data[j, self.held_rows[b]].to(stream.dev)
-                s, c = self.stack.loss_sums(hidden, stream.batches[b])
-                total, count = total + s, count + c
-            losses.append(total / max(count, 1))
+        held = [stream.batches[b] for b in self.held]
+        losses = [
+            mean_loss(
+                self.stack,
+                (branches.data[j, self.held_rows[b]].to(stream.dev) for b in self.held),
+                held,
+            )
+            for j in range(len(patches))
+        ]
         branches.close()
         return losses
 
