@@ -29,17 +29,20 @@ def wikitext():
 
 
 def test_bi_pruning_beats_removing_the_last_layers(smollm, wikitext):
+    # calibration on the split's tail, evaluation on its head: never on the same text
+    head, tail = wikitext[:40_000], wikitext[-40_000:]
     calib = tokenize_windows(
-        smollm.tokenizer, [wikitext], source=str(WIKITEXT), seq_len=256, max_tokens=4096, seed=0
+        smollm.tokenizer, [tail], source=str(WIKITEXT), seq_len=256, max_tokens=2048, seed=0
     )
     scores = score_model(smollm, calib, metric="bi")
     assert scores.num_layers == 30 and len(scores.scores) == 30
     assert all(0.0 < s < 1.5 and math.isfinite(s) for s in scores.scores)
-    assert scores.calibration["tokens"] == 4096
+    assert scores.calibration["tokens"] == 2048
     # the first block rewrites the embedding almost entirely
     assert scores.ranking()[-1] == 0
 
-    windows = eval_windows(smollm.tokenizer, wikitext, ctx=512, max_tokens=8 * 512)
+    windows = eval_windows(smollm.tokenizer, head, ctx=512, max_tokens=4 * 512)
+    assert windows.shape == (4, 512)
     base = torch_perplexity(smollm.model, windows)
     by_bi = make_plan(30, scores.scores, remove=4)
     last_four = make_plan(30, scores.scores, layers=[25, 26, 27, 28])
@@ -51,4 +54,5 @@ def test_bi_pruning_beats_removing_the_last_layers(smollm, wikitext):
         f"\nperplexity: base {base:.1f}, BI-pruned {by_bi.remove} {ppl_bi:.1f}, "
         f"last four removed {ppl_last:.1f}"
     )
-    assert base < ppl_bi < ppl_last
+    # measured: base 30.2, BI-pruned [12, 13, 14, 17] 56.4, the last four removed 18,640
+    assert base < ppl_bi < ppl_last / 10
