@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CorruptModelError
@@ -86,8 +87,18 @@ def _skip_strings(cur: _Cursor, n: int, what: str) -> None:
     cur.pos = pos
 
 
-def _read_strings(cur: _Cursor, n: int, what: str) -> list[str]:
-    """``n`` length-prefixed strings, decoded (the tight loop of ``_skip_strings``)."""
+def _decode(raw, what: str, strict: bool) -> str:
+    if not strict:
+        return raw.decode("utf-8", errors="replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Bad(f"{what} is not valid UTF-8") from None
+
+
+def _read_strings(cur: _Cursor, n: int, what: str, strict: bool) -> list[str]:
+    """``n`` length-prefixed strings, decoded (the tight loop of ``_skip_strings``);
+    ``strict``: invalid UTF-8 is an error instead of being replaced."""
     data, pos, end = cur.data, cur.pos, len(cur.data)
     length_at = struct.Struct(cur.endian + "Q").unpack_from
     out = []
@@ -102,13 +113,17 @@ def _read_strings(cur: _Cursor, n: int, what: str) -> list[str]:
                 f"length of {what}[{i}] is {length}, which needs at least {length} bytes "
                 f"but only {end - pos} remain"
             )
-        out.append(data[pos : pos + length].decode("utf-8", errors="replace"))
+        raw = data[pos : pos + length]
+        try:
+            out.append(raw.decode("utf-8", "strict" if strict else "replace"))
+        except UnicodeDecodeError:
+            raise _Bad(f"{what}[{i}] is not valid UTF-8") from None
         pos += length
     cur.pos = pos
     return out
 
 
-def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, depth: int = 0):
+def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, strict: bool, depth: int = 0):
     """Step over one value of ``vtype`` with every bound checked; return it when ``keep``
     (scalars always: general.alignment is needed either way). Skipping decodes nothing,
     which keeps the check fast on a vocabulary of ~10^5 strings."""
@@ -116,7 +131,7 @@ def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, depth: int = 0):
         return cur.unpack(*SCALARS[vtype], what)
     if vtype == STRING:
         raw = cur.string(what)
-        return raw.decode("utf-8", errors="replace") if keep else None
+        return _decode(raw, what, strict) if keep else None
     if vtype != ARRAY:
         raise _Bad(f"{what} has unknown value type {vtype}")
     if depth >= MAX_ARRAY_NESTING:
@@ -132,17 +147,33 @@ def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, depth: int = 0):
         return values
     if item_type == STRING:
         n = cur.count(f"item count of {what}", 8)
-        return _read_strings(cur, n, what) if keep else _skip_strings(cur, n, what)
+        return _read_strings(cur, n, what, strict) if keep else _skip_strings(cur, n, what)
     if item_type == ARRAY:
         n = cur.count(f"item count of {what}", 12)
-        items = [_value(cur, ARRAY, f"{what}[{i}]", keep=keep, depth=depth + 1) for i in range(n)]
+        items = [
+            _value(cur, ARRAY, f"{what}[{i}]", keep=keep, strict=strict, depth=depth + 1)
+            for i in range(n)
+        ]
         return items if keep else None
     raise _Bad(f"{what} has unknown item type {item_type}")
 
 
-def _check(data, size: int, values: dict | None = None, shapes: dict | None = None) -> None:
-    """Check the whole header; with ``values``, also collect every key's value into it,
-    with ``shapes`` every tensor's dimensions (ggml order) by name."""
+@dataclass
+class HeaderLayout:
+    """What a full parse of a GGUF header found: every key with its value and value types,
+    every tensor's entry, and where the data section starts."""
+
+    endian: str  # "<" or ">"
+    alignment: int = DEFAULT_ALIGNMENT
+    data_start: int = 0
+    fields: list[tuple[str, object, int, int | None]] = field(default_factory=list)
+    tensors: list[tuple[str, list[int], int, int]] = field(default_factory=list)
+
+
+def _check(data, size: int, *, keep: bool = False, strict: bool = False) -> HeaderLayout:
+    """Check the whole header and collect every tensor's (name, dims in ggml order, ggml
+    type, offset); ``keep`` also collects every key's (name, value, type, item type).
+    ``strict`` refuses strings that are not UTF-8 instead of replacing their bytes."""
     if size < 4 or bytes(data[:4]) != MAGIC:
         raise _Bad("the file does not start with the GGUF magic")
     version = struct.unpack_from("<I", data, 4)[0] if size >= 8 else None
@@ -151,6 +182,7 @@ def _check(data, size: int, values: dict | None = None, shapes: dict | None = No
         endian, version = ">", struct.unpack_from(">I", data, 4)[0]
     if version not in VERSIONS:
         raise _Bad(f"GGUF version {version} is not supported (only {VERSIONS})")
+    layout = HeaderLayout(endian)
     cur = _Cursor(data, endian)
     cur.pos = 8
     n_tensors = cur.unpack("Q", 8, "tensor count")
@@ -158,7 +190,6 @@ def _check(data, size: int, values: dict | None = None, shapes: dict | None = No
     if n_tensors * MIN_TENSOR_INFO > cur.left:
         raise _Bad(f"tensor count {n_tensors} does not fit in the {cur.left} bytes left")
     keys: set[bytes] = set()
-    alignment = DEFAULT_ALIGNMENT
     for index in range(n_kv):
         key = cur.string(f"key #{index}")
         try:
@@ -169,13 +200,16 @@ def _check(data, size: int, values: dict | None = None, shapes: dict | None = No
             raise _Bad(f"key {name!r} appears twice")
         keys.add(key)
         vtype = cur.unpack("I", 4, f"value type of {name!r}")
-        value = _value(cur, vtype, f"value of {name!r}", keep=values is not None)
-        if values is not None:
-            values[name] = value
+        item_type = None
+        if vtype == ARRAY and cur.left >= 4:  # _value checks it; kept for the writer
+            (item_type,) = struct.unpack_from(endian + "I", data, cur.pos)
+        value = _value(cur, vtype, f"value of {name!r}", keep=keep, strict=strict)
+        if keep:
+            layout.fields.append((name, value, vtype, item_type))
         if name == "general.alignment":
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
                 raise _Bad(f"general.alignment {value!r} is not a power of two")
-            alignment = value
+            layout.alignment = value
     if n_tensors * MIN_TENSOR_INFO > cur.left:
         raise _Bad(f"tensor count {n_tensors} does not fit in the {cur.left} bytes left")
     infos = []
@@ -192,10 +226,11 @@ def _check(data, size: int, values: dict | None = None, shapes: dict | None = No
         ggml_type = cur.unpack("I", 4, f"type of tensor #{index}")
         offset = cur.unpack("Q", 8, f"offset of tensor #{index}")
         infos.append((index, dims, ggml_type, offset))
-        if shapes is not None:
-            shapes[name.decode("utf-8", "replace")] = dims
-    data_start = -(-cur.pos // alignment) * alignment
-    _check_tensor_data(infos, size - data_start, alignment)
+        label = _decode(name, f"name of tensor #{index}", strict)
+        layout.tensors.append((label, dims, ggml_type, offset))
+    layout.data_start = -(-cur.pos // layout.alignment) * layout.alignment
+    _check_tensor_data(infos, size - layout.data_start, layout.alignment)
+    return layout
 
 
 def _check_tensor_data(infos, data_bytes: int, alignment: int) -> None:
@@ -219,37 +254,39 @@ def _check_tensor_data(infos, data_bytes: int, alignment: int) -> None:
 
 def check_gguf_header(path: Path) -> None:
     """Raise :class:`CorruptModelError` unless the GGUF header of ``path`` fits in the file."""
-    _parse(Path(path), None)
+    _parse(Path(path))
+
+
+def parse_gguf_header(path: Path) -> HeaderLayout:
+    """Every key (value and types) and tensor entry of a GGUF file, checked, in one pass;
+    strings must be UTF-8. See :class:`shortgpt_export.gguf_file.GGUFFile`."""
+    return _parse(Path(path), keep=True, strict=True)
 
 
 def read_gguf_kv(path: Path) -> dict:
     """Every metadata key/value of a GGUF file (no tensor data), the header checked in the
-    same pass.
+    same pass; bytes that are not UTF-8 are replaced.
 
     gguf.GGUFReader maps every string of a 49k-token vocabulary to its own numpy view,
     which takes seconds; this reads the key/value section in one pass.
     """
-    values: dict = {}
-    _parse(Path(path), values)
-    return values
+    return {name: value for name, value, *_ in _parse(Path(path), keep=True).fields}
 
 
 def read_gguf_tensor_shapes(path: Path) -> dict[str, list[int]]:
     """Every tensor's dimensions (ggml order) by name, the header checked in the same pass;
     no ``gguf.GGUFReader`` (see :func:`read_gguf_kv`)."""
-    shapes: dict[str, list[int]] = {}
-    _parse(Path(path), None, shapes)
-    return shapes
+    return {name: dims for name, dims, *_ in _parse(Path(path)).tensors}
 
 
-def _parse(path: Path, values: dict | None, shapes: dict | None = None) -> None:
+def _parse(path: Path, *, keep: bool = False, strict: bool = False) -> HeaderLayout:
     size = path.stat().st_size
     try:
         with open(path, "rb") as fh:
             if size == 0:
                 raise _Bad("the file is empty")
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                _check(data, size, values, shapes)
+                return _check(data, size, keep=keep, strict=strict)
     except _Bad as exc:
         raise CorruptModelError(
             f"cannot read GGUF file {path}: {exc}",

@@ -1,6 +1,6 @@
 """Hugging Face tensors of a GGUF file, dequantized one at a time (layer streaming).
 
-The file is memory-mapped by gguf's reader; a tensor is dequantized only when asked for,
+The file is memory-mapped (gguf_file.GGUFFile); a tensor is dequantized only when asked for,
 by its Hugging Face name. llama-style architectures store the q/k projection rows
 interleaved for llama.cpp's rotary layout; those are put back in Hugging Face order,
 as transformers does when it loads the whole GGUF.

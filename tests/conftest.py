@@ -87,11 +87,12 @@ def known_bpe_tokenizer_dir(default_gguf, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def default_gguf_reader(default_gguf):
-    """A ``gguf.GGUFReader`` of the default model, read once (that takes seconds: it maps
-    every string of the 49k vocabulary); tests only read from it."""
-    from shortgpt_export.gguf_file import open_gguf
+    """gguf-py's own ``GGUFReader`` of the default model, read once (that takes seconds: it
+    maps every string of the 49k vocabulary): the independent reference that our reader
+    (``gguf_file.open_gguf``) and our outputs are compared with. Tests only read from it."""
+    from gguf import GGUFReader
 
-    return open_gguf(default_gguf)
+    return GGUFReader(default_gguf)
 
 
 @pytest.fixture(scope="session")

@@ -87,6 +87,54 @@ def test_metadata_reader_matches_gguf_reader(default_gguf, default_gguf_reader):
         assert ours[name] == expected, name
 
 
+def test_gguf_file_reads_what_gguf_reader_reads(default_gguf, default_gguf_reader):
+    """open_gguf's one-pass reader against gguf-py's on the default model: the same keys
+    in the same order with the same values and types, the same tensors and bytes."""
+    ours, theirs = open_gguf(default_gguf), default_gguf_reader
+    fields = [f for f in theirs.fields.values() if not f.name.startswith("GGUF.")]
+    assert list(ours.fields) == [f.name for f in fields]
+    for field in fields:
+        mine = ours.fields[field.name]
+        assert mine.value == field.contents() and mine.types == tuple(field.types), field.name
+    assert ours.data_offset == theirs.data_offset
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, tensor in zip(ours.tensors, theirs.tensors, strict=True):
+        assert mine.tensor_type == tensor.tensor_type and mine.n_bytes == tensor.n_bytes
+        assert mine.shape == tuple(int(n) for n in tensor.shape)
+        assert mine.data.dtype == tensor.data.dtype and mine.data.shape == tensor.data.shape
+        assert np.array_equal(mine.data, tensor.data), mine.name
+
+
+def test_gguf_file_reads_big_endian_and_refuses_bad_utf8(tmp_path):
+    import gguf
+
+    from shortgpt_export.errors import CorruptModelError
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = tmp_path / "big.gguf"
+    writer = gguf.GGUFWriter(path, "llama", endianess=gguf.GGUFEndian.BIG)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b"])
+    writer.add_tensor("w", weight.copy())  # the writer swaps the bytes
+    writer.add_tensor("h", weight.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader = open_gguf(path)
+    assert reader.fields["tokenizer.ggml.tokens"].value == ["a", "b"]
+    assert [t.name for t in reader.tensors] == ["w", "h"]
+    for tensor in reader.tensors:
+        assert tensor.data.dtype.byteorder == ">"
+        assert tensor.shape == (4, 3) and np.array_equal(tensor.data.astype(np.float32), weight)
+
+    raw = path.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw.replace(b"\x00\x01a", b"\x00\x01\xff"))  # token "a" -> byte 0xff
+    with pytest.raises(CorruptModelError, match="tokenizer.ggml.tokens.* is not valid UTF-8"):
+        open_gguf(bad)
+    assert read_gguf_kv(bad)["tokenizer.ggml.tokens"] == ["\ufffd", "b"]  # lenient reader
+
+
 def test_metadata_reader_refuses_a_truncated_file(default_gguf, tmp_path):
     from shortgpt_export.errors import CorruptModelError
 

@@ -34,10 +34,7 @@ def sliced_metadata(reader, arch: str, keep: list[int]):
             continue
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        try:
-            value = field.contents()
-        except UnicodeDecodeError as exc:
-            raise CorruptModelError(f"GGUF field {field.name} is not valid UTF-8") from exc
+        value = field.contents()
         if field.name == f"{arch}.block_count":
             value = len(keep)
         elif (
