@@ -180,7 +180,8 @@ def render_markdown(report: dict) -> str:
         "",
         f"Evaluation: {ev['source']}, {ev['tokens']} tokens in windows of {ev['ctx']} "
         f"(KL and top-1 over the first {ev['kl_tokens']}); the same token ids on every "
-        "back-end. KL is against the original, unpruned model in torch.",
+        "back-end. KL is against the original, unpruned model in torch. Latency: the median "
+        f"of {ev['latency_runs']} timed run{'s' * (ev['latency_runs'] != 1)} after a warm-up.",
         "",
     ]
     lines += markdown_table(TABLE_HEADER, table_rows(report["artifacts"]))

@@ -156,6 +156,8 @@ def test_pickle_is_loaded_with_allow_pickle(capsys, tmp_path, tiny_llama_dir, ca
         (["--ctx", "128"], "without --validate, --ctx would be ignored"),
         (["--eval", "x.txt", "--qa", "3"], "without --validate, --eval, --qa would be ignored"),
         (["--kl-windows", "1", "--max-tokens", "64"], "--max-tokens, --kl-windows would be"),
+        (["--latency-runs", "1"], "without --validate, --latency-runs would be ignored"),
+        (["--validate", "--latency-runs", "0"], "--latency-runs: 0 must be at least 1"),
         (["--validate", "--dry-run"], "--validate has nothing to measure with --dry-run"),
         (["--max-ppl-increase", "2"], "--max-ppl-increase needs --validate"),
         (["--greedy-candidates", "3"], "--greedy-candidates only apply to --select greedy"),

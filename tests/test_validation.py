@@ -6,7 +6,18 @@ import pytest
 from helpers import FAST, export_with_cli, run_cli
 from tiny_models import calibration_text
 
-EVAL = ["--max-tokens", "1024", "--ctx", "128", "--threads", "2", "--qa", "3"]
+EVAL = [
+    "--max-tokens",
+    "1024",
+    "--ctx",
+    "128",
+    "--threads",
+    "2",
+    "--qa",
+    "3",
+    "--latency-runs",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +76,7 @@ def test_reference_against_itself(validated):
 def test_latency_figures_name_their_device_and_threads(validated):
     _, out, report = validated
     assert report["eval"]["tokens"] == 1024 and report["eval"]["ctx"] == 128
+    assert report["eval"]["latency_runs"] == 1
     for art in report["artifacts"]:
         for key in ("prompt_tok_s", "gen_tok_s", "ttft_s"):
             assert art[key] > 0, (art["label"], key)
@@ -78,7 +90,10 @@ def test_latency_figures_name_their_device_and_threads(validated):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "| pruned | F16 |" in md and "multiplies perplexity by" in md
-    if not any(a["accelerators"] for a in report["artifacts"]):  # a CPU-only machine
+    assert "Latency: the median of 1 timed run after a warm-up." in md
+    if any(a["accelerators"] for a in report["artifacts"]):
+        assert "## Accelerators" in md
+    else:  # a CPU-only machine
         assert "CPU only: no accelerator" in md and "## Accelerators" not in md
     baseline = sorted(p.name for p in (out / "baseline").iterdir())
     assert "onnx-fp32" in baseline
@@ -210,12 +225,14 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
         "--out",
         tmp_path / "s",
         "--validate",
-        "--max-tokens",
-        "512",
+        "--max-tokens",  # one window, one timed latency run: the columns are under test
+        "256",
         "--ctx",
         "256",
         "--kl-windows",
-        "2",
+        "1",
+        "--latency-runs",
+        "1",
         "--threads",
         "2",
         "--qa",  # one question: the column is under test here; test_qa.py checks answers
@@ -253,7 +270,7 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
     assert "## Chat end-of-turn check" in md and "stops at '<|im_end|>'" in md
     for art in (a for a in table.values() if a["format"] == "gguf"):
         # The file (mmapped) plus KV cache and a [ctx, vocab] logits buffer. The KL
-        # bookkeeping, 100 MB per float64 copy of the two windows, must not be counted.
+        # bookkeeping, 100 MB per float64 copy of two windows, must not be counted.
         assert 0 < art["rss_growth_bytes"] < art["size_bytes"] + 300e6, art["quant"]
 
 

@@ -307,6 +307,14 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         help="CPU threads for every back-end (default: all cores)",
     )
     group.add_argument(
+        "--latency-runs",
+        type=positive_int,
+        default=3,
+        metavar="N",
+        help="timed latency runs per artifact after one warm-up; the median is reported "
+        "(default 3)",
+    )
+    group.add_argument(
         "--devices",
         choices=("auto", "cpu"),
         default="auto",
@@ -342,6 +350,7 @@ def eval_options(args):
         ctx=args.ctx,
         max_tokens=args.max_tokens,
         kl_windows=args.kl_windows,
+        reps=args.latency_runs,
         devices=args.devices,
         qa=args.qa,
     )

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Flags that only mean something with --validate: refused without it, never ignored.
-VALIDATION_ONLY = ("eval", "ctx", "max_tokens", "kl_windows", "devices", "qa")
+VALIDATION_ONLY = ("eval", "ctx", "max_tokens", "kl_windows", "latency_runs", "devices", "qa")
 
 
 def check_combinations(parser: argparse.ArgumentParser, args) -> None:

@@ -28,7 +28,7 @@ class EvalOptions:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     prompt_tokens: int = 128
     gen_tokens: int = 32
-    reps: int = 3
+    reps: int = 3  # timed latency runs after a warm-up (--latency-runs); median reported
     devices: str = "auto"  # auto: CPU plus every accelerator found; cpu: CPU only
     qa: int | None = 20  # built-in QA questions per artifact: None all, 0 none
 
@@ -117,6 +117,7 @@ class Evaluation:
             "tokens": int(self.windows.size),
             "ctx": self.opts.ctx,
             "kl_tokens": int(self.windows[: self.opts.kl_windows].size),
+            "latency_runs": self.opts.reps,
             "devices": self.opts.devices,
         }
 
