@@ -250,7 +250,8 @@ def _buffers_to(base, layers, device) -> None:
 
 
 class Activations:
-    """``[windows, tokens, hidden]`` hidden states in memory or in a memory-mapped file."""
+    """``[windows, tokens, hidden]`` hidden states in memory or in a memory-mapped file;
+    a context manager that frees them (and deletes the file) on exit."""
 
     def __init__(self, shape, dtype, *, spill: bool | None = None, folder: Path | None = None):
         import torch
@@ -275,6 +276,12 @@ class Activations:
         self.data = None
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Activations:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class LayerStream:
@@ -403,13 +410,15 @@ def stream_scores(
     windows, seq = calib.input_ids.shape
     hidden = int(source.config.hidden_size)
     with ExitStack() as stack:
-        states = Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
-        stack.callback(states.close)
+        states = stack.enter_context(
+            Activations((windows, seq, hidden), dtype, spill=spill, folder=spill_dir)
+        )
         units = None
         if blocks:
-            units = Activations((n_layers, windows, seq, hidden), torch.float32, spill=spill,
-                                folder=spill_dir)  # fmt: skip
-            stack.callback(units.close)
+            units = stack.enter_context(
+                Activations((n_layers, windows, seq, hidden), torch.float32, spill=spill,
+                            folder=spill_dir)
+            )  # fmt: skip
 
         def keep_embeds(rows, embeds):
             states.data[rows] = embeds.cpu()

@@ -72,9 +72,8 @@ def streamed_greedy_steps(
     with ExitStack() as stack:
 
         def buffer(count: int):
-            acts = Activations((count, *shape), dtype, spill=spill, folder=spill_dir)
-            stack.callback(acts.close)
-            return acts.data
+            new = Activations((count, *shape), dtype, spill=spill, folder=spill_dir)
+            return stack.enter_context(new).data
 
         states = buffer(n + 1)  # states[slots[q]]: the state entering the q-th kept layer
 

@@ -233,9 +233,9 @@ def stream_heal_linear(
     with ExitStack() as closing:
 
         def new(shape):
-            buffer = offload.Activations(shape, dtype, spill=spill, folder=spill_dir)
-            closing.callback(buffer.close)
-            return buffer
+            return closing.enter_context(
+                offload.Activations(shape, dtype, spill=spill, folder=spill_dir)
+            )
 
         states = new((*calib.input_ids.shape, int(source.config.hidden_size)))
         stream = offload.LayerStream(
