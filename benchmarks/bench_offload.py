@@ -170,9 +170,11 @@ def report(reps: int = 3) -> str:
         total, layer_bytes = build(root)
         activation_bytes = WINDOWS * SEQ_LEN * CONFIG["hidden_size"] * 4
         runs = {"memory": [], "streamed": []}
+        load_before = os.getloadavg()[0]
         for _ in range(reps):
             for mode in runs:
                 runs[mode].append(_run(mode, root))
+        load_after = os.getloadavg()[0]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {
@@ -195,7 +197,8 @@ def report(reps: int = 3) -> str:
         f"hidden {CONFIG['hidden_size']}, {total / 1e9:.2f} GB of float32 weights in "
         f"safetensors shards; {WINDOWS} windows x {SEQ_LEN} random tokens, batch {BATCH}, "
         f"float32 on CPU. Each run is a fresh process; the two modes alternate; median of "
-        f"{reps} runs each. The machine (2 cores) was shared with other jobs.",
+        f"{reps} runs each. 1-minute load average of the 2-core machine: "
+        f"{load_before:.1f} before the runs, {load_after:.1f} after.",
         "",
         "| mode | time s (load) | peak RSS growth MB |",
         "|---|---:|---:|",
