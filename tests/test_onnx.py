@@ -102,7 +102,7 @@ def test_default_model_int8(capsys, default_gguf, shared_onnx_fp32, tmp_path, mo
     out = tmp_path / "smol"
     code, stdout, err = run_cli(
         capsys, "--int8", "--int8-mode", mode, "--remove", "4", "--out", out, "--json",
-        "--heal", "none", "--calib-tokens", "2048",  # the export is under test, not the plan
+        "--heal", "none", "--calib-tokens", "512",  # the export is under test, not the plan
     )  # fmt: skip
     assert code == 0, err
     summary = json.loads(stdout)

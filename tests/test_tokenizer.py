@@ -200,7 +200,7 @@ def test_exported_onnx_tokenizes_and_stops_like_the_source(
     out = tmp_path / "smol"
     code, _, err = run_cli(
         capsys, "--fp32", "--remove", "4", "--out", out, "--heal", "none",
-        "--calib-tokens", "2048", "--no-verify",  # this test's checks are the verification
+        "--calib-tokens", "512", "--no-verify",  # this test's checks are the verification
     )  # fmt: skip
     assert code == 0, err
     folder = out / "onnx-fp32"

@@ -221,7 +221,7 @@ def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):
         "--heal",  # the table is under test, not the plan: plain removal, less calibration
         "none",
         "--calib-tokens",
-        "2048",
+        "512",
         "--out",
         tmp_path / "s",
         "--validate",
