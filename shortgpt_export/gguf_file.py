@@ -76,6 +76,11 @@ class GGUFFile:
         for name, dims, ggml_type, offset in layout.tensors:
             kind = GGMLQuantizationType(ggml_type)
             block, type_size = GGML_QUANT_SIZES[kind]
+            if not dims and kind.name not in NATIVE_DTYPES:
+                raise CorruptModelError(
+                    f"cannot read GGUF file {path}: tensor {name} is a {kind.name} scalar",
+                    hint="the file is damaged; re-download or re-export it",
+                )
             n_elements = math.prod(dims)
             n_bytes = n_elements // block * type_size
             start = layout.data_start + offset

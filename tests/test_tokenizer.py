@@ -135,6 +135,32 @@ def test_gguf_file_reads_big_endian_and_refuses_bad_utf8(tmp_path):
     assert read_gguf_kv(bad)["tokenizer.ggml.tokens"] == ["\ufffd", "b"]  # lenient reader
 
 
+def test_gguf_file_refuses_a_quantized_scalar(tmp_path, monkeypatch):
+    """A tensor entry with no dimensions has no row to hold quantized blocks."""
+    import gguf
+
+    from shortgpt_export import gguf_header
+    from shortgpt_export.errors import CorruptModelError
+
+    path = tmp_path / "scalar.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("w", np.zeros(32, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real = gguf_header.parse_gguf_header
+
+    def scalar_q8(path):
+        layout = real(path)
+        layout.tensors = [("w", [], int(gguf.GGMLQuantizationType.Q8_0), 0)]
+        return layout
+
+    monkeypatch.setattr(gguf_header, "parse_gguf_header", scalar_q8)
+    with pytest.raises(CorruptModelError, match="tensor w is a Q8_0 scalar"):
+        open_gguf(path)
+
+
 def test_metadata_reader_refuses_a_truncated_file(default_gguf, tmp_path):
     from shortgpt_export.errors import CorruptModelError
 
