@@ -47,6 +47,12 @@ class ExportOptions:
         """Whether any format needs the torch model in memory (verification, conversion)."""
         return any(backend.needs_model(source.kind, self) for backend in self.backends())
 
+    def converts_from_memory(self, source) -> bool:
+        """Whether a format's conversion needs the torch model in memory; verification
+        aside, which runs layer by layer after layer-by-layer scoring
+        (``offload.stream_logprobs``)."""
+        return self.but(verify=False).needs_model(source)
+
     def but(self, **changes) -> ExportOptions:
         """A copy with ``changes`` (the baseline export: other formats, no verification)."""
         return replace(self, **changes)

@@ -73,9 +73,16 @@ def verification_windows(tokenizer, windows: int = VERIFY_WINDOWS, length: int =
     return load_calibration(tokenizer, None, seq_len=length, max_tokens=windows * length).input_ids
 
 
-def pruned_reference(loaded, keep: list[int], windows):
-    """Log-probabilities of the pruned torch model (a view of ``loaded``, no copy)."""
+def pruned_reference(loaded, plan, windows):
+    """Log-probabilities of the pruned torch model: a view of ``loaded`` (no copy, healed
+    by the pipeline's ``pruning.healed``), or, for a model scored layer by layer
+    (``offload.StreamedModel``), computed one layer at a time with the plan's patches."""
     from .pruning import pruned_view
 
-    with pruned_view(loaded.model, loaded.source.spec, keep) as model:
+    if loaded.model is None:
+        from .offload import stream_logprobs
+
+        patches = plan.patch_weights(loaded.source.spec)
+        return stream_logprobs(loaded, plan.keep, windows, patches)
+    with pruned_view(loaded.model, loaded.source.spec, plan.keep) as model:
         return torch_logprobs(model, windows)

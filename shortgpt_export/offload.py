@@ -499,6 +499,56 @@ class StreamedModel:
     model: None = None
 
 
+def stream_logprobs(
+    streamed: StreamedModel,
+    keep: list[int],
+    windows,
+    patches: dict | None = None,
+    *,
+    batch_size: int = 4,
+    progress: ProgressFactory = no_progress,
+):
+    """[n_windows * len, vocab] float64 next-token log-probabilities of the pruned model
+    (the layers ``keep``, with the healed down projections ``patches`` by original layer
+    merged), one decoder layer in memory at a time: the reference that export
+    verification compares a GGUF or ONNX file with, without the whole model."""
+    import torch
+
+    from .calibration import CalibrationSet
+    from .healing import down_proj
+
+    ids = torch.as_tensor(windows, dtype=torch.long)
+    calib = CalibrationSet(ids, torch.ones_like(ids), "verification windows", ids.shape[1])
+    dtype = streamed.dtype or torch.float32
+    hidden = int(streamed.source.config.hidden_size)
+    with ExitStack() as stack:
+        states = stack.enter_context(Activations((*ids.shape, hidden), dtype, spill=False))
+        stream = LayerStream(
+            streamed.source, calib, device=streamed.device, dtype=dtype, batch_size=batch_size,
+            keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
+            progress=progress,
+        )  # fmt: skip
+        stack.callback(stream.close)
+        blocks = stream.recorder
+        rows = [stream.rows(b) for b in range(len(stream.batches))]
+        for index in keep:
+            with stream.layer(index):
+                if patches and index in patches:
+                    linear = down_proj(blocks, index)
+                    linear.weight.data = patches[index].to(stream.dev, linear.weight.dtype)
+                with torch.inference_mode():
+                    for b, batch in enumerate(stream.batches):
+                        x = states.data[rows[b]].to(stream.dev)
+                        states.data[rows[b]] = blocks.run(index, x, batch).cpu()
+        stream.load_output()
+        out = []
+        with torch.inference_mode():
+            for b in range(len(stream.batches)):
+                logits = blocks.head(blocks.norm(states.data[rows[b]].to(stream.dev))).cpu()
+                out.append(torch.log_softmax(logits.double(), dim=-1).flatten(0, 1))
+    return torch.cat(out)
+
+
 def score_streamed(
     streamed: StreamedModel,
     calib: CalibrationSet,

@@ -194,8 +194,9 @@ def _load(
 
 def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, validate, progress):
     """After layer-by-layer scoring: the whole model when a later step needs it (healing
-    other than streamed_healing's, the budget, validation, verification, export from
-    memory); greedy selection streams too (streamed_greedy.py)."""
+    other than streamed_healing's, the budget, validation, export from memory); greedy
+    selection (streamed_greedy.py) and export verification (offload.stream_logprobs)
+    stream too."""
     from .streamed_healing import streams
 
     streamed_heal = streams(plan_opts.select, plan_opts.heal, plan_opts.auto)
@@ -209,8 +210,7 @@ def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, val
             ),
             ("--remove auto", plan_opts.auto),
             ("validation", validate is not None),
-            ("export from memory", export.needs_model(source)),
-            ("verification", export.verify and set(export.formats) - {"hf"}),
+            ("export from memory", export.converts_from_memory(source)),
         )
         if yes
     ]

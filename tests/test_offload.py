@@ -167,6 +167,50 @@ def test_run_with_offload_exports_without_the_whole_model(
     assert json.loads((out / "hf" / "config.json").read_text())["num_hidden_layers"] == 4
 
 
+def test_streamed_reference_equals_the_pruned_view(tiny_model_dir):
+    """Export verification's reference, one layer at a time: the same log-probabilities as
+    the pruned (and healed) view of the model in memory."""
+    from shortgpt_export.fidelity import pruned_reference
+    from shortgpt_export.healing import down_proj
+    from shortgpt_export.layerwise import Stack
+    from shortgpt_export.planning import make_plan
+    from shortgpt_export.pruning import healed
+
+    source = resolve_source(str(tiny_model_dir))
+    loaded = load_model(source, dtype="float32")
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(3, source.config.vocab_size, (3, 16), generator=generator)
+    streamed = offload.StreamedModel(source, loaded.tokenizer, "cpu", torch.float32)
+    plan = make_plan(source.num_layers, layers=[2, 3])
+    memory = pruned_reference(loaded, plan, windows)
+    stream = offload.stream_logprobs(streamed, plan.keep, windows, batch_size=2)
+    assert stream.shape == memory.shape and (stream - memory).abs().max() < 1e-5
+    patch = {1: down_proj(Stack(loaded.model, source.spec), 1).weight.detach() * 0.5}
+    with healed(loaded.model, plan.keep, patch):
+        healed_memory = pruned_reference(loaded, plan, windows)
+    healed_stream = offload.stream_logprobs(streamed, plan.keep, windows, patch)
+    assert (healed_memory - memory).abs().max() > 1e-2  # the patch changes the model
+    assert (healed_stream - healed_memory).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("to", [["--to", "gguf", "--quant", "f16"], ["--to", "onnx", "--fp32"]])
+def test_export_verifies_without_the_whole_model(
+    tiny_llama_dir, calib_file, tmp_path, capsys, monkeypatch, to
+):
+    import shortgpt_export.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, *FAST, "--json",
+        "--offload", "layers", "--heal", "linear", "--remove", "2", *to,
+    )  # fmt: skip
+    assert code == 0, err
+    (art,) = json.loads(stdout)["artifacts"]
+    verify = art["extra"]["verify"]
+    assert verify["kl_divergence"] < 1e-3 and verify["top1_agreement"] > 0.95, verify
+
+
 def test_refit_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
     """--heal linear streams (tests/test_streamed_healing.py); refit still loads the model."""
     code, _, err = run_cli(

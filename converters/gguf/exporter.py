@@ -216,7 +216,7 @@ class GGUFConverter:
             raise ExportError("GGUF verification needs the torch model", hint="pass --no-verify")
         windows = verification_windows(loaded.tokenizer)
         with ctx.progress("torch reference log-probs", None):
-            reference = pruned_reference(loaded, ctx.plan.keep, windows)
+            reference = pruned_reference(loaded, ctx.plan, windows)
         with ctx.progress("the source's tokenizer (truth)", None):
             truth = source_fingerprint(ctx.source)
         for art in artifacts:

@@ -107,7 +107,7 @@ class ONNXConverter:
             raise ExportError("ONNX verification needs the torch model", hint="pass --no-verify")
         windows = verification_windows(ctx.loaded.tokenizer)
         with ctx.progress("torch reference log-probs", None):
-            reference = pruned_reference(ctx.loaded, ctx.plan.keep, windows)
+            reference = pruned_reference(ctx.loaded, ctx.plan, windows)
         truth = source_fingerprint(ctx.source)
         for art in artifacts:
             precision: Precision = PRECISIONS[art.quant]
