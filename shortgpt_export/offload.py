@@ -23,6 +23,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .architectures import submodule
 from .calibration import CalibrationSet
 from .errors import ShortGPTError
 from .progress import ProgressFactory, no_progress
@@ -351,10 +352,14 @@ class LayerStream:
         return slice(index * self.size, index * self.size + batch.input_ids.shape[0])
 
     @contextmanager
-    def layer(self, index: int):
-        """Decoder layer ``index`` with its weights, released (back to meta) after."""
+    def layer(self, index: int, down_weight=None):
+        """Decoder layer ``index`` with its weights, released (back to meta) after;
+        ``down_weight``: a healed MLP down projection used instead of the checkpoint's."""
         layer = self.layers[index]
         materialize(layer, f"{self.spec.layers_path}.{index}.", self.weights, self.dev, self.dtype)
+        if down_weight is not None:
+            linear = submodule(layer, self.spec.down_proj_path)
+            linear.weight.data = down_weight.to(device=self.dev, dtype=linear.weight.dtype)
         try:
             yield layer
         finally:
@@ -515,7 +520,6 @@ def stream_logprobs(
     import torch
 
     from .calibration import CalibrationSet
-    from .healing import down_proj
 
     ids = torch.as_tensor(windows, dtype=torch.long)
     calib = CalibrationSet(ids, torch.ones_like(ids), "verification windows", ids.shape[1])
@@ -532,14 +536,11 @@ def stream_logprobs(
         blocks = stream.recorder
         rows = [stream.rows(b) for b in range(len(stream.batches))]
         for index in keep:
-            with stream.layer(index):
-                if patches and index in patches:
-                    linear = down_proj(blocks, index)
-                    linear.weight.data = patches[index].to(stream.dev, linear.weight.dtype)
-                with torch.inference_mode():
-                    for b, batch in enumerate(stream.batches):
-                        x = states.data[rows[b]].to(stream.dev)
-                        states.data[rows[b]] = blocks.run(index, x, batch).cpu()
+            # the patch is merged as the layer loads, before inference mode
+            with stream.layer(index, (patches or {}).get(index)), torch.inference_mode():
+                for b, batch in enumerate(stream.batches):
+                    x = states.data[rows[b]].to(stream.dev)
+                    states.data[rows[b]] = blocks.run(index, x, batch).cpu()
         stream.load_output()
         out = []
         with torch.inference_mode():

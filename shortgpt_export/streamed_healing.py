@@ -100,11 +100,7 @@ class _Passes:
     @contextmanager
     def loaded(self, index: int):
         """Layer ``index`` in memory, with its patch merged if it has one."""
-        with self.stream.layer(index) as layer:
-            patch = self.result.weights.get(index)
-            if patch is not None:
-                linear = down_proj(self.stack, index)
-                linear.weight.data = patch.to(device=self.stream.dev, dtype=linear.weight.dtype)
+        with self.stream.layer(index, self.result.weights.get(index)) as layer:
             yield layer
 
     def run(self, index: int, buffer, rows: slice, b: int) -> None:
