@@ -504,6 +504,40 @@ class StreamedModel:
     model: None = None
 
 
+@contextmanager
+def _pruned_pass(streamed: StreamedModel, calib, keep, patches, batch_size: int, progress):
+    """Run ``calib`` through the layers ``keep`` (healed down projections ``patches`` by
+    original layer merged as each loads), one decoder layer in memory at a time; yields
+    ``(stream, states)`` with the final norm and LM head loaded and ``states.data`` the
+    pruned model's last hidden states."""
+    import torch
+
+    dtype = streamed.dtype or torch.float32
+    hidden = int(streamed.source.config.hidden_size)
+    with ExitStack() as stack:
+        states = stack.enter_context(
+            Activations((*calib.input_ids.shape, hidden), dtype, spill=False)
+        )
+        stream = LayerStream(
+            streamed.source, calib, device=streamed.device, dtype=dtype, batch_size=batch_size,
+            keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
+            progress=progress,
+        )  # fmt: skip
+        stack.callback(stream.close)
+        blocks = stream.recorder
+        rows = [stream.rows(b) for b in range(len(stream.batches))]
+        with progress("pruned model, layer by layer", len(keep)) as advance:
+            for index in keep:
+                # the patch is merged as the layer loads, before inference mode
+                with stream.layer(index, (patches or {}).get(index)), torch.inference_mode():
+                    for b, batch in enumerate(stream.batches):
+                        x = states.data[rows[b]].to(stream.dev)
+                        states.data[rows[b]] = blocks.run(index, x, batch).cpu()
+                advance(1)
+        stream.load_output()
+        yield stream, states
+
+
 def stream_logprobs(
     streamed: StreamedModel,
     keep: list[int],
@@ -523,31 +557,42 @@ def stream_logprobs(
 
     ids = torch.as_tensor(windows, dtype=torch.long)
     calib = CalibrationSet(ids, torch.ones_like(ids), "verification windows", ids.shape[1])
-    dtype = streamed.dtype or torch.float32
-    hidden = int(streamed.source.config.hidden_size)
-    with ExitStack() as stack:
-        states = stack.enter_context(Activations((*ids.shape, hidden), dtype, spill=False))
-        stream = LayerStream(
-            streamed.source, calib, device=streamed.device, dtype=dtype, batch_size=batch_size,
-            keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
-            progress=progress,
-        )  # fmt: skip
-        stack.callback(stream.close)
+    out = []
+    with (
+        _pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
+        torch.inference_mode(),
+    ):
         blocks = stream.recorder
-        rows = [stream.rows(b) for b in range(len(stream.batches))]
-        for index in keep:
-            # the patch is merged as the layer loads, before inference mode
-            with stream.layer(index, (patches or {}).get(index)), torch.inference_mode():
-                for b, batch in enumerate(stream.batches):
-                    x = states.data[rows[b]].to(stream.dev)
-                    states.data[rows[b]] = blocks.run(index, x, batch).cpu()
-        stream.load_output()
-        out = []
-        with torch.inference_mode():
-            for b in range(len(stream.batches)):
-                logits = blocks.head(blocks.norm(states.data[rows[b]].to(stream.dev))).cpu()
-                out.append(torch.log_softmax(logits.double(), dim=-1).flatten(0, 1))
+        for b in range(len(stream.batches)):
+            x = states.data[stream.rows(b)].to(stream.dev)
+            logits = blocks.head(blocks.norm(x)).cpu()
+            out.append(torch.log_softmax(logits.double(), dim=-1).flatten(0, 1))
     return torch.cat(out)
+
+
+def stream_loss_sums(
+    streamed: StreamedModel,
+    calib,
+    keep: list[int],
+    patches: dict | None = None,
+    *,
+    batch_size: int = 4,
+    progress: ProgressFactory = no_progress,
+) -> list[tuple[float, int]]:
+    """Per batch of ``batch_size`` windows of ``calib``: the summed next-token loss over
+    real tokens and their count (layerwise.Stack.loss_sums) of the pruned model, one
+    decoder layer in memory at a time."""
+    import torch
+
+    sums = []
+    with (
+        _pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
+        torch.inference_mode(),
+    ):
+        for b, batch in enumerate(stream.batches):
+            x = states.data[stream.rows(b)].to(stream.dev)
+            sums.append(stream.recorder.loss_sums(x, batch))
+    return sums
 
 
 def score_streamed(

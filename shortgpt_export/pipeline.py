@@ -193,22 +193,16 @@ def _load(
 
 
 def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, validate, progress):
-    """After layer-by-layer scoring: the whole model when a later step needs it (healing
-    other than streamed_healing's, the budget, validation, export from memory); greedy
-    selection (streamed_greedy.py) and export verification (offload.stream_logprobs)
-    stream too."""
+    """After layer-by-layer scoring: the whole model when a later step needs it (``--heal
+    refit``, validation, export from memory); selection (streamed_greedy.py), linear
+    healing (streamed_healing.py), the ``--remove auto`` budget and export verification
+    (offload.stream_loss_sums, stream_logprobs) stream too."""
     from .streamed_healing import streams
 
-    streamed_heal = streams(plan_opts.select, plan_opts.heal, plan_opts.auto)
     needs = [
         why
         for why, yes in (
-            (
-                f"--heal {plan_opts.heal}"
-                + ("" if plan_opts.select == "score" else f" with --select {plan_opts.select}"),
-                plan_opts.heal != "none" and not streamed_heal,
-            ),
-            ("--remove auto", plan_opts.auto),
+            (f"--heal {plan_opts.heal}", plan_opts.heal != "none" and not streams(plan_opts.heal)),
             ("validation", validate is not None),
             ("export from memory", export.converts_from_memory(source)),
         )

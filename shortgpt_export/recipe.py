@@ -128,9 +128,12 @@ class _Planner:
                 raise PlanError("block selection needs block distances from the scoring pass")
             if self.recipe.heal == "none" or n == 0 or self.recipe.block_candidates < 2:
                 return block_plan(num_layers, distances, n, self.scores.scores)
-            plan, heal = healed_block_plan(
-                self.loaded.model,
-                self.loaded.source.spec,
+            choose_block = partial(healed_block_plan, self.loaded.model, self.loaded.source.spec)
+            if self.loaded.model is None:  # offload.StreamedModel: one layer at a time
+                from .streamed_healing import healed_block_streamed
+
+                choose_block = partial(healed_block_streamed, self.loaded)
+            plan, heal = choose_block(
                 self.calib,
                 distances,
                 n,
@@ -219,6 +222,12 @@ class _Planner:
 def held_out_perplexity(loaded, calib: CalibrationSet, keep, weights, batch_size: int) -> float:
     """Perplexity of the (pruned, healed) model on ``calib``'s real next tokens."""
     import torch
+
+    if loaded.model is None:  # offload.StreamedModel: one layer at a time
+        from .offload import stream_loss_sums
+
+        sums = stream_loss_sums(loaded, calib, list(keep), weights, batch_size=batch_size)
+        return math.exp(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1))
 
     from .layerwise import Stack
     from .pruning import healed, pruned_view

@@ -88,6 +88,27 @@ def closest_blocks(distances: list[list[float]], n: int, k: int) -> list[int]:
     return sorted(range(len(row)), key=lambda s: (row[s], s))[:k]
 
 
+def block_heal_options(n: int, num_layers: int, heal_options: dict | None) -> dict:
+    """The heal options of a block choice (guarded), after checking the request."""
+    if not 0 < n < num_layers:
+        raise PlanError(f"cannot remove a block of {n} of {num_layers} layers")
+    options = {"guard": True} | (heal_options or {})
+    if not options["guard"]:
+        raise PlanError("choosing a block by held-out loss needs the heal guard's windows")
+    return options
+
+
+def block_held_out(batches: int, rows: int) -> list[int]:
+    """The held-out batches that judge the healed blocks (the heal guard's)."""
+    held = guard_split(batches)[1]
+    if not held:
+        raise PlanError(
+            f"choosing a block by held-out loss needs at least 2 calibration windows, got {rows}",
+            hint="pass more --calib-tokens or a shorter --seq-len",
+        )
+    return held
+
+
 def healed_block_plan(
     model,
     spec: ArchitectureSpec,
@@ -112,11 +133,7 @@ def healed_block_plan(
     import torch
 
     num_layers = len(spec.decoder_layers(model))
-    if not 0 < n < num_layers:
-        raise PlanError(f"cannot remove a block of {n} of {num_layers} layers")
-    options = {"guard": True} | (heal_options or {})
-    if not options["guard"]:
-        raise PlanError("choosing a block by held-out loss needs the heal guard's windows")
+    options = block_heal_options(n, num_layers, heal_options)
     stack = Stack(model, spec)
     starts = closest_blocks(distances, n, candidates)
     rows = calib.input_ids.shape[0]
@@ -131,12 +148,7 @@ def healed_block_plan(
             if options.get("refit"):
                 needed = None
             states = record_original_states(stack, batches, progress, needed)
-    held = guard_split(len(batches))[1]
-    if not held:
-        raise PlanError(
-            f"choosing a block by held-out loss needs at least 2 calibration windows, got {rows}",
-            hint="pass more --calib-tokens or a shorter --seq-len",
-        )
+    held = block_held_out(len(batches), rows)
     tried = []
     with progress(f"block: healing the {len(starts)} closest blocks", len(starts)) as advance:
         for start in starts:
@@ -149,6 +161,18 @@ def healed_block_plan(
             log.info("block %d..%d: held-out loss %.4f after healing", start, start + n - 1, loss)
             tried.append((loss, start, heal))
             advance(1)
+    return healed_block_choice(num_layers, distances, n, tried, scores)
+
+
+def healed_block_choice(
+    num_layers: int,
+    distances: list[list[float]],
+    n: int,
+    tried: list[tuple[float, int, HealResult]],
+    scores: list[float] | None = None,
+) -> tuple[Plan, HealResult]:
+    """The plan removing the block of ``tried`` ``(held-out loss, first layer, heal)`` with
+    the lowest loss (ties: the earliest), and its heal."""
     loss, start, heal = min(tried, key=lambda t: (t[0], t[1]))
     row = distances[n - 1]
     plan = Plan.removing(
@@ -156,7 +180,7 @@ def healed_block_plan(
         list(range(start, start + n)),
         metric="angular",
         reason=(
-            f"remove the block of {n} layers that, of the {len(starts)} with the smallest "
+            f"remove the block of {n} layers that, of the {len(tried)} with the smallest "
             "input-output angular distance, has the lowest held-out loss after healing"
         ),
         scores=scores,

@@ -53,16 +53,20 @@ from .healing import (
     solve_candidates,
 )
 from .layerwise import mean_loss
+from .planning import Plan
 from .progress import ProgressFactory, no_progress
+from .recipe import subset
+from .selection import block_heal_options, block_held_out, closest_blocks, healed_block_choice
 
 log = logging.getLogger(__name__)
 
 
-def streams(select: str, heal: str, auto: bool) -> bool:
-    """Whether a run's healing step can be done layer by layer: after ``score`` or
-    ``greedy`` selection (streamed_greedy.py); ``--heal refit``, ``--select block`` (which
-    heals candidate blocks to choose one) and ``--remove auto`` load the model."""
-    return heal in ("auto", "linear") and select in ("score", "greedy") and not auto
+def streams(heal: str) -> bool:
+    """Whether a run's healing step can be done layer by layer: ``--heal linear`` (or
+    auto) after any selection, including the block choice that heals its candidates
+    (:func:`healed_block_streamed`) and every step of ``--remove auto``; ``--heal refit``
+    loads the model."""
+    return heal in ("auto", "linear")
 
 
 class _Passes:
@@ -296,4 +300,46 @@ def heal_streamed(
     )
 
 
-__all__ = ["heal_streamed", "stream_heal_linear", "streams"]
+def healed_block_streamed(
+    streamed,
+    calib: CalibrationSet,
+    distances: list[list[float]],
+    n: int,
+    scores: list[float] | None = None,
+    *,
+    candidates: int,
+    heal_options: dict | None = None,
+    batch_size: int = 4,
+    progress: ProgressFactory = no_progress,
+) -> tuple[Plan, HealResult]:
+    """:func:`selection.healed_block_plan` for an offload.StreamedModel: each of the
+    ``candidates`` closest blocks healed layer by layer, then its pruned, healed model run
+    layer by layer on the heal guard's held-out windows; the lowest loss wins."""
+    num_layers = streamed.source.num_layers
+    options = block_heal_options(n, num_layers, heal_options)
+    rows = calib.input_ids.shape[0]
+    size = guard_batch_size(batch_size, rows)
+    held = block_held_out(math.ceil(rows / size), rows)
+    # the held-out batches are runs of whole batches (a short one only last), so
+    # streaming their windows in batches of ``size`` batches them as heal_linear does
+    windows = subset(calib, [w for k in held for w in range(k * size, min((k + 1) * size, rows))])
+    starts = closest_blocks(distances, n, candidates)
+    tried = []
+    with progress(f"block: healing the {len(starts)} closest blocks", len(starts)) as advance:
+        for start in starts:
+            remove = list(range(start, start + n))
+            keep = [i for i in range(num_layers) if i not in set(remove)]
+            heal = heal_streamed(
+                streamed, calib, remove, batch_size=batch_size, progress=progress, **options
+            )
+            sums = offload.stream_loss_sums(
+                streamed, windows, keep, heal.weights, batch_size=size, progress=progress
+            )
+            loss = sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1)
+            log.info("block %d..%d: held-out loss %.4f after healing", start, start + n - 1, loss)
+            tried.append((loss, start, heal))
+            advance(1)
+    return healed_block_choice(num_layers, distances, n, tried, scores)
+
+
+__all__ = ["heal_streamed", "healed_block_streamed", "stream_heal_linear", "streams"]

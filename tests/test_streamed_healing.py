@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from shortgpt_export.healing import heal_linear
 from shortgpt_export.source import load_model, resolve_source
-from shortgpt_export.streamed_healing import stream_heal_linear, streams
+from shortgpt_export.streamed_healing import stream_heal_linear
 
 REL = 1e-5
 LOSSES = ("held_out_loss_unhealed", "held_out_loss_healed", "held_out_loss")
@@ -101,13 +101,6 @@ def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
     layers = {p: c for p, c in loads.items() if p.startswith("model.layers.")}
     assert max(layers.values()) <= 3 and sum(layers.values()) <= 3 * 6
     assert loads["lm_head."] == 1 and loads["model.norm."] == 1
-
-
-def test_which_heals_stream():
-    assert streams("score", "auto", False) and streams("score", "linear", False)
-    assert not streams("score", "refit", False)
-    assert not streams("block", "linear", False) and streams("greedy", "auto", False)
-    assert not streams("score", "linear", True)  # --remove auto loads the model
 
 
 def _run(capsys, model, calib_file, out, *extra):
