@@ -60,6 +60,10 @@ class ArchitectureSpec:
     # more than one output (RWKV: ``hidden, state, attentions = block(...)``): the recording
     # pass (layerwise.py) hands back, per entry, that keyword argument of the call or None.
     block_extra_outputs: tuple[str | None, ...] = ()
+    # What the model's forward does to the LM head's output, as (operation of LOGIT_OPS,
+    # config key) pairs applied in order when the key is set (Gemma 2's soft cap, Granite's
+    # scaling): the layer-by-layer passes (layerwise.Stack.logits) compute the same logits.
+    logit_transforms: tuple[tuple[str, str], ...] = ()
     examples: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -95,6 +99,14 @@ class ArchitectureSpec:
         """Checkpoint name of a layer's MLP down projection weight."""
         return f"{self.layers_path}.{layer}.{self.down_proj_path}.weight"
 
+    def output_logits(self, config, logits):
+        """``logits`` (the LM head's output) as the model's forward returns them."""
+        for op, key in self.logit_transforms:
+            value = getattr(config, key, None)
+            if value is not None:
+                logits = LOGIT_OPS[op](logits, float(value))
+        return logits
+
     def decoder_layers(self, model):
         """The ``nn.ModuleList`` of decoder blocks of a loaded model."""
         module = model
@@ -109,6 +121,12 @@ def submodule(root, path: str):
         root = getattr(root, attr)
     return root
 
+
+LOGIT_OPS = {
+    "softcap": lambda logits, cap: (logits / cap).tanh() * cap,
+    "divide": lambda logits, scale: logits / scale,
+}
+SOFTCAP = {"logit_transforms": (("softcap", "final_logit_softcapping"),)}
 
 SSM = {"mlp_path": None, "down_proj_path": None}
 MOE = {"down_proj_path": None}  # experts, no single down projection to patch
@@ -155,6 +173,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             gguf_swa_period=2,
             gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
             **POST_MLP_NORM,
+            **SOFTCAP,
             examples=("google/gemma-2-2b-it",),
         ),
         ArchitectureSpec(
@@ -165,6 +184,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             gguf_swa_period=6,
             gguf_swa_per_layer=True,  # llama-cpp-python 0.3.36 reads the array (tested)
             **POST_MLP_NORM,
+            **SOFTCAP,
             examples=("google/gemma-3-1b-it",),
         ),
         ArchitectureSpec(
@@ -179,6 +199,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "Granite",
             gguf_arch="granite",
             **POST_MLP_NORM,  # the MLP output is scaled by residual_multiplier
+            logit_transforms=(("divide", "logits_scaling"),),
             examples=("ibm-granite/granite-3.3-2b-instruct",),
         ),
         ArchitectureSpec(

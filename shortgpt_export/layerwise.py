@@ -117,11 +117,16 @@ class Stack:
             hidden = self.run(index, hidden, batch)
         return hidden
 
+    def logits(self, hidden):
+        """The model's logits from the last block's output: the final norm, the LM head and
+        the family's logit transforms (ArchitectureSpec.logit_transforms)."""
+        return self.spec.output_logits(self.model.config, self.head(self.norm(hidden)))
+
     def loss_sums(self, hidden, batch: Batch) -> tuple[float, int]:
         """Summed next-token negative log-likelihood over real tokens, and their count."""
         import torch
 
-        logits = self.head(self.norm(hidden))[:, :-1].float()
+        logits = self.logits(hidden)[:, :-1].float()
         target = batch.input_ids[:, 1:]
         valid = batch.mask[:, 1:] & batch.mask[:, :-1]
         nll = torch.nn.functional.cross_entropy(

@@ -565,7 +565,7 @@ def stream_logprobs(
         blocks = stream.recorder
         for b in range(len(stream.batches)):
             x = states.data[stream.rows(b)].to(stream.dev)
-            logits = blocks.head(blocks.norm(x)).cpu()
+            logits = blocks.logits(x).cpu()
             out.append(torch.log_softmax(logits.double(), dim=-1).flatten(0, 1))
     return torch.cat(out)
 

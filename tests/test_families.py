@@ -625,7 +625,33 @@ def test_layerwise_runs_of_recurrent_blocks(family, family_dirs):
     with torch.inference_mode():
         batch = stack.record(calib, 4)[0]
         hidden = stack.run_many(keep, batch.embeds, batch)
-        logits = stack.head(stack.norm(hidden))
+        logits = stack.logits(hidden)
         with pruned_view(loaded.model, source.spec, keep) as pruned:
             want = pruned(input_ids=calib.input_ids).logits
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_block_by_block_logits_are_the_models(family, family_dirs):
+    """Healing, greedy selection, the --remove auto budget and the streamed references
+    compute logits from the last block's output (layerwise.Stack.logits): the same as
+    the model's forward, Gemma 2's soft cap and Granite's logit scaling included."""
+    from shortgpt_export.layerwise import Stack
+    from shortgpt_export.source import load_model
+
+    source = resolve_source(str(family_dirs(family)))
+    loaded = load_model(source, dtype="float32")
+    calib = random_calibration(source.config.vocab_size, 2, 24)
+    stack = Stack(loaded.model, source.spec)
+    with torch.inference_mode():
+        batch = stack.record(calib, 2)[0]
+        hidden = stack.run_many(range(source.num_layers), batch.embeds, batch)
+        logits = stack.logits(hidden)
+        want = loaded.model(input_ids=calib.input_ids).logits
+        bare = stack.head(stack.norm(hidden))
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    # the models that transform the head's output are those whose row and config say so
+    keys = [key for _, key in source.spec.logit_transforms]
+    active = any(getattr(source.config, key, None) is not None for key in keys)
+    assert active == (not torch.allclose(bare, want, atol=1e-5)), keys
+    assert active == (family in ("gemma2", "granite"))

@@ -193,6 +193,23 @@ def test_streamed_reference_equals_the_pruned_view(tiny_model_dir):
     assert (healed_stream - healed_memory).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("family", ["gemma2", "granite"])
+def test_streamed_reference_applies_the_family_logit_transform(family, family_dirs):
+    """Gemma 2 soft-caps its logits and Granite scales them: the streamed reference does
+    too (it compared the head's raw output before, off by up to 2.9 in log-probability)."""
+    from shortgpt_export.fidelity import pruned_reference
+    from shortgpt_export.planning import make_plan
+
+    source = resolve_source(str(family_dirs(family)))
+    loaded = load_model(source, dtype="float32")
+    windows = torch.randint(3, source.config.vocab_size, (2, 16))
+    streamed = offload.StreamedModel(source, loaded.tokenizer, "cpu", torch.float32)
+    plan = make_plan(source.num_layers, layers=[2])
+    memory = pruned_reference(loaded, plan, windows)
+    stream = offload.stream_logprobs(streamed, plan.keep, windows)
+    assert (stream - memory).abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("to", [["--to", "gguf", "--quant", "f16"], ["--to", "onnx", "--fp32"]])
 def test_export_verifies_without_the_whole_model(
     tiny_llama_dir, calib_file, tmp_path, capsys, monkeypatch, to
