@@ -505,7 +505,7 @@ class StreamedModel:
 
 
 @contextmanager
-def _pruned_pass(streamed: StreamedModel, calib, keep, patches, batch_size: int, progress):
+def pruned_pass(streamed: StreamedModel, calib, keep, patches, batch_size: int, progress):
     """Run ``calib`` through the layers ``keep`` (healed down projections ``patches`` by
     original layer merged as each loads), one decoder layer in memory at a time; yields
     ``(stream, states)`` with the final norm and LM head loaded and ``states.data`` the
@@ -515,9 +515,7 @@ def _pruned_pass(streamed: StreamedModel, calib, keep, patches, batch_size: int,
     dtype = streamed.dtype or torch.float32
     hidden = int(streamed.source.config.hidden_size)
     with ExitStack() as stack:
-        states = stack.enter_context(
-            Activations((*calib.input_ids.shape, hidden), dtype, spill=False)
-        )
+        states = stack.enter_context(Activations((*calib.input_ids.shape, hidden), dtype))
         stream = LayerStream(
             streamed.source, calib, device=streamed.device, dtype=dtype, batch_size=batch_size,
             keep_embeds=lambda rows, embeds: states.data.__setitem__(rows, embeds.cpu()),
@@ -559,7 +557,7 @@ def stream_logprobs(
     calib = CalibrationSet(ids, torch.ones_like(ids), "verification windows", ids.shape[1])
     out = []
     with (
-        _pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
+        pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
         torch.inference_mode(),
     ):
         blocks = stream.recorder
@@ -586,7 +584,7 @@ def stream_loss_sums(
 
     sums = []
     with (
-        _pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
+        pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
         torch.inference_mode(),
     ):
         for b, batch in enumerate(stream.batches):

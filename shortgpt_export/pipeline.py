@@ -192,18 +192,18 @@ def _load(
         )
 
 
-def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, validate, progress):
+def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, progress):
     """After layer-by-layer scoring: the whole model when a later step needs it (``--heal
-    refit``, validation, export from memory); selection (streamed_greedy.py), linear
-    healing (streamed_healing.py), the ``--remove auto`` budget and export verification
-    (offload.stream_loss_sums, stream_logprobs) stream too."""
+    refit``, export from memory); selection (streamed_greedy.py), linear healing
+    (streamed_healing.py), the ``--remove auto`` budget, export verification
+    (offload.stream_loss_sums, stream_logprobs) and validation's torch rows
+    (validation/layerwise_rows.py) stream too."""
     from .streamed_healing import streams
 
     needs = [
         why
         for why, yes in (
             (f"--heal {plan_opts.heal}", plan_opts.heal != "none" and not streams(plan_opts.heal)),
-            ("validation", validate is not None),
             ("export from memory", export.converts_from_memory(source)),
         )
         if yes
@@ -322,6 +322,7 @@ def _baseline_and_validate(
         entries,
         eval_opts,
         keep=plan.keep,
+        patches=plan.patch_weights(source.spec) if loaded.model is None else None,
         root=stage,
         progress=progress,
     )
@@ -406,9 +407,7 @@ def run(
         holdout=plan_opts.auto,
     )
     if loaded.model is None:
-        loaded = _after_streamed_scoring(
-            loaded, source, model_opts, plan_opts, export, validate, progress
-        )
+        loaded = _after_streamed_scoring(loaded, source, model_opts, plan_opts, export, progress)
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     choice = choose(
         loaded,
@@ -608,9 +607,12 @@ def validate(
     out: Path,
     force: bool = False,
     max_ppl_increase: float | None = None,
+    offload: str = "auto",
     progress: ProgressFactory = no_progress,
 ) -> dict:
-    """Measure artifacts against the reference model and write the report into ``out``."""
+    """Measure artifacts against the reference model and write the report into ``out``;
+    ``offload`` as ScoreOptions.offload (layers: the reference's torch row one decoder
+    layer at a time)."""
     from .report import write_report
     from .validation.evaluators import artifact_kind
     from .validation.session import check_quality_gate, validate_artifacts
@@ -634,7 +636,7 @@ def validate(
     inputs += [*_model_inputs(source), ("eval file", eval_opts.eval)]
     preflight(Path(out), force, inputs)
     check_calibration_source(eval_opts.eval, eval_opts.max_tokens)
-    loaded = _load(source, model_opts, progress)
+    loaded = _load(source, model_opts, progress, offload)
     with staged_output(Path(out), force=force) as stage:
         report = validate_artifacts(loaded, paths, eval_opts, progress=progress)
         write_report(report, stage)

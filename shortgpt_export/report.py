@@ -111,6 +111,12 @@ def quant_factors(artifacts: list[dict]) -> list[str]:
     return lines
 
 
+LAYER_BY_LAYER_NOTE = (
+    "The torch rows were computed one decoder layer in memory at a time (`--offload "
+    "layers`): perplexity and agreement only. Their latency, memory and QA are not "
+    "measured: generating would load every layer once per token."
+)
+
 QA_SHOWN = 5  # questions in report.md's side-by-side
 
 
@@ -190,6 +196,8 @@ def render_markdown(report: dict) -> str:
     if accelerated:
         lines += ["## Accelerators", "", *markdown_table(ACCELERATOR_HEADER, accelerated), ""]
     lines += [devices_note(report), "", MEMORY_NOTE, ""]
+    if any(a.get("layer_by_layer") for a in report["artifacts"]):
+        lines += [LAYER_BY_LAYER_NOTE, ""]
     lines.append(
         "Back-ends: "
         + "; ".join(
@@ -285,6 +293,7 @@ def plot(report: dict, out: Path, scores: dict | None, removed: list[int]) -> li
         (a, measured)
         for a in arts
         for measured in [a, *(acc for acc in a.get("accelerators", []) if "error" not in acc)]
+        if measured.get("gen_tok_s") is not None  # none for rows evaluated layer by layer
     ][::-1]  # barh draws bottom-up; keep the table's order top-down
     labels = [f"{a['label']} {a.get('quant') or ''} [{m['device']}]" for a, m in bars]
     colors = ["tab:orange" if a["pruned"] else "tab:gray" for a, _ in bars]

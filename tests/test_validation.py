@@ -73,6 +73,53 @@ def test_reference_against_itself(validated):
     assert rows(report, True)["torch fp32"]["kl_divergence"] > 0.01  # pruning is visible
 
 
+def test_validation_after_layer_by_layer_scoring_streams(validated, tmp_path, monkeypatch):
+    """--offload layers --validate never loads the whole model: the torch rows come from
+    one layer-by-layer pass each (the pruned one healed), with the in-memory run's
+    perplexity, agreement and size; the GGUF rows are measured against the same reference.
+    Latency, memory and QA of the torch rows are not measured, and report.md says so."""
+    import shortgpt_export.pipeline as pipeline
+    from shortgpt_export.cli import main
+
+    model, _, memory = validated
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = export_with_cli(
+        model, tmp_path, "--to", "hf", "--quant", "f16", "--remove", "2", "--offload",
+        "layers", "--validate", *EVAL,
+    )  # fmt: skip
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["heal"]["runs"]  # a healed view
+    for pruned in (False, True):
+        streamed, in_memory = rows(report, pruned), rows(memory, pruned)
+        assert set(streamed) == {"torch fp32", "F16"}
+        for quant, art in streamed.items():
+            want = in_memory[quant]
+            for key in ("perplexity", "kl_divergence", "top1_agreement"):
+                assert art[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (quant, key)
+            assert art["size_bytes"] == want["size_bytes"] and art["layers"] == want["layers"]
+        torch_row = streamed["torch fp32"]
+        assert torch_row["layer_by_layer"] and "one layer at a time" in torch_row["backend"]
+        for key in ("prompt_tok_s", "gen_tok_s", "ttft_s", "qa_total"):
+            assert torch_row.get(key) is None, key
+        assert streamed["F16"]["gen_tok_s"] > 0 and streamed["F16"]["qa_total"] == 3
+    assert rows(report, False)["torch fp32"]["kl_divergence"] == 0.0
+    md = (out / "report.md").read_text()
+    assert "one decoder layer in memory at a time" in md
+    assert (out / "generation_speed.png").stat().st_size > 0
+    # the validate command streams its reference the same way
+    code = main([
+        "validate", str(next(out.glob("*-pruned4L-F16.gguf"))), "--reference", str(model),
+        "--out", str(tmp_path / "v"), "--offload", "layers", *EVAL, "--qa", "0",
+    ])  # fmt: skip
+    assert code == 0
+    again = json.loads((tmp_path / "v" / "report.json").read_text())["artifacts"]
+    assert [(a["label"], a.get("layer_by_layer")) for a in again][0] == ("original", True)
+    for art, want in zip(
+        again, [rows(memory, False)["torch fp32"], rows(memory, True)["F16"]], strict=True
+    ):
+        assert art["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
+
+
 def test_latency_figures_name_their_device_and_threads(validated):
     _, out, report = validated
     assert report["eval"]["tokens"] == 1024 and report["eval"]["ctx"] == 128

@@ -51,19 +51,16 @@ def evaluation_windows(tokenizer, opts: EvalOptions, max_context: int | None):
     return windows.numpy(), source
 
 
-def reference_logprobs(
-    model, windows: np.ndarray, kl_windows: int, cache_dir: Path, key: str, threads: int
-):
+def reference_logprobs(evaluator, windows: np.ndarray, kl_windows: int, cache_dir: Path, key: str):
     """Float32 [kl_windows * ctx, vocab] log-probs of the reference, cached under ``key``.
 
-    Computed exactly as the torch evaluator computes them, so the reference measured
-    against itself gives KL 0 and top-1 agreement 1.
+    Computed by the evaluator of the original model's torch row, so the reference
+    measured against itself gives KL 0 and top-1 agreement 1. ``evaluator()`` returns it.
     """
     path = cache_dir / f"reference-{key}.npy"
     if path.is_file():
         return path
-    evaluator = TorchEvaluator(Path("reference"), threads, model=model, tokenizer=object())
-    rows = [evaluator.logprobs(window).float().numpy() for window in windows[:kl_windows]]
+    rows = [evaluator().logprobs(window).float().numpy() for window in windows[:kl_windows]]
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp.npy")
     np.save(partial, np.concatenate(rows))
@@ -122,19 +119,29 @@ class Evaluation:
         }
 
 
-def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path) -> Evaluation:
-    """Tokenize the evaluation text and compute (or reuse) the reference log-probs."""
+def prepare(loaded, opts: EvalOptions, cache_dir: Path, workdir: Path, original=None) -> Evaluation:
+    """Tokenize the evaluation text and compute (or reuse) the reference log-probs.
+
+    ``original(windows)``: the evaluator of the original model for those windows (by
+    default a TorchEvaluator of ``loaded.model``)."""
     if opts.qa is not None and opts.qa < 0:
         raise ValidationError(
             f"--qa {opts.qa} is negative",
             hint="pass the number of built-in questions to ask, or 0 to skip the QA check",
         )
-    max_context = getattr(loaded.model.config, "max_position_embeddings", None)
+    model = loaded.model
+    config = loaded.source.config if model is None else model.config
+    max_context = getattr(config, "max_position_embeddings", None)
     windows, source = evaluation_windows(loaded.tokenizer, opts, max_context)
-    fingerprint = model_fingerprint(loaded.source, getattr(loaded.model, "dtype", None))
-    key = cache_key(fingerprint, windows, opts.kl_windows)
+    dtype = loaded.dtype if model is None else getattr(model, "dtype", None)
+    key = cache_key(model_fingerprint(loaded.source, dtype), windows, opts.kl_windows)
+    if original is None:
+
+        def original(_windows):
+            return TorchEvaluator(Path("reference"), opts.threads, model=model, tokenizer=object())
+
     reference = reference_logprobs(
-        loaded.model, windows, opts.kl_windows, cache_dir, key, opts.threads
+        lambda: original(windows), windows, opts.kl_windows, cache_dir, key
     )
     ids = {t: loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in PLAIN_TEXTS}
     np.save(workdir / "windows.npy", windows)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 from ..default_model import cache_dir
@@ -12,6 +14,7 @@ from ..progress import ProgressFactory, no_progress
 from ..tokenizer_check import chat_stop_record
 from .artifact_eval import ReportRow, check_tokenizer, evaluate_artifact, torch_record
 from .evaluators import artifact_kind
+from .layerwise_rows import layerwise_record
 from .reference import EvalOptions, new_workdir, prepare
 
 
@@ -40,57 +43,62 @@ def torch_row(model, tokenizer, evaluation, path: str, pruned: bool, layers: int
     return row.to_dict() | torch_record(model, tokenizer, evaluation, label)
 
 
+def layerwise_row(evaluator, evaluation, path: str, pruned: bool) -> dict:
+    """The report row of a model evaluated one layer at a time (layerwise_rows.py)."""
+    label = "pruned" if pruned else "original"
+    size, layers = evaluator.parameter_bytes(), len(evaluator.keep)
+    row = ReportRow(path, label, "hf", "torch fp32", pruned, layers, size)
+    return row.to_dict() | layerwise_record(evaluator, evaluation)
+
+
 def measure_artifacts(
     loaded,
     entries: list[ReportRow],
     opts: EvalOptions,
     *,
     keep: list[int] | None = None,
+    patches: dict | None = None,
     root: Path | None = None,
     progress: ProgressFactory = no_progress,
 ) -> dict:
     """Evaluate the reference model, its pruned view (``keep``) and every entry.
 
-    Entry paths are taken relative to ``root`` when it is given.
+    Entry paths are taken relative to ``root`` when it is given. A model scored layer by
+    layer (offload.StreamedModel, ``loaded.model`` None) is evaluated one layer at a time,
+    its pruned view with the healed down projections ``patches`` (by original layer).
     """
-    from ..pruning import pruned_view
-
     workdir = new_workdir()
-    try:
+    with ExitStack() as closing:
+        closing.callback(shutil.rmtree, workdir, ignore_errors=True)
+        evaluators = _LayerwiseEvaluators(loaded, opts, closing, progress)
         with progress("reference log-probabilities", None):
-            evaluation = prepare(loaded, opts, cache_dir() / "reference", workdir)
+            evaluation = prepare(
+                loaded,
+                opts,
+                cache_dir() / "reference",
+                workdir,
+                evaluators.original if loaded.model is None else None,
+            )
         source = loaded.source
         paths = [(root / entry.path) if root else Path(entry.path) for entry in entries]
         with progress("checking the artifacts' tokenizers", None):
             for path in paths:  # a mismatch fails before any slow measurement
                 check_tokenizer(path, evaluation)
-        records = []
-        with progress("original (torch)", None):
-            records.append(
-                torch_row(
-                    loaded.model,
-                    loaded.tokenizer,
-                    evaluation,
-                    str(source.path),
-                    pruned=False,
-                    layers=source.num_layers,
+        pruned = keep is not None and len(keep) < source.num_layers
+        if loaded.model is None:
+            records = [
+                layerwise_row(
+                    evaluators.original(evaluation.windows), evaluation, str(source.path), False
                 )
-            )
-        if keep is not None and len(keep) < source.num_layers:
-            with (
-                progress("pruned (torch)", None),
-                pruned_view(loaded.model, source.spec, keep) as model,
-            ):
-                records.append(
-                    torch_row(
-                        model,
-                        loaded.tokenizer,
-                        evaluation,
-                        "(pruned view)",
-                        pruned=True,
-                        layers=len(keep),
-                    )
-                )
+            ]
+            if pruned:
+                with (
+                    progress("pruned (torch, layer by layer)", None),
+                    contextlib.closing(evaluators.pruned(keep, patches, evaluation.windows)) as ev,
+                ):
+                    records.append(layerwise_row(ev, evaluation, "(pruned view)", True))
+        else:
+            records = _torch_rows(loaded, evaluation, keep if pruned else None, progress)
         for entry, path in zip(entries, paths, strict=True):
             with progress(f"validating {path.name}", None):
                 record = entry.to_dict() | evaluate_artifact(path, evaluation)
@@ -98,8 +106,61 @@ def measure_artifacts(
                     record["chat_stop"] = chat_stop_record(evaluation.truth, path)
                 records.append(record)
         return {"eval": evaluation.describe(), "artifacts": records}
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _torch_rows(loaded, evaluation, keep: list[int] | None, progress) -> list[dict]:
+    """The original model's row and (``keep``) its pruned view's, in memory."""
+    from ..pruning import pruned_view
+
+    source = loaded.source
+    with progress("original (torch)", None):
+        rows = [
+            torch_row(
+                loaded.model,
+                loaded.tokenizer,
+                evaluation,
+                str(source.path),
+                pruned=False,
+                layers=source.num_layers,
+            )
+        ]
+    if keep is not None:
+        with (
+            progress("pruned (torch)", None),
+            pruned_view(loaded.model, source.spec, keep) as model,
+        ):
+            rows.append(
+                torch_row(
+                    model, loaded.tokenizer, evaluation, "(pruned view)", pruned=True,
+                    layers=len(keep),
+                )
+            )  # fmt: skip
+    return rows
+
+
+class _LayerwiseEvaluators:
+    """Layer-by-layer evaluators of a StreamedModel: the original one made once, for the
+    reference log-probabilities and its own row (closed with ``closing``)."""
+
+    def __init__(self, loaded, opts: EvalOptions, closing: ExitStack, progress):
+        self.loaded, self.opts, self.closing, self.progress = loaded, opts, closing, progress
+        self._original = None
+
+    def pruned(self, keep: list[int], patches: dict | None, windows):
+        from .layerwise_rows import LayerwiseEvaluator
+
+        return LayerwiseEvaluator(
+            self.loaded, keep, windows, patches, threads=self.opts.threads,
+            progress=self.progress,
+        )  # fmt: skip
+
+    def original(self, windows):
+        if self._original is None:
+            with self.progress("original (torch, layer by layer)", None):
+                every = list(range(self.loaded.source.num_layers))
+                evaluator = self.pruned(every, None, windows)
+            self._original = self.closing.enter_context(contextlib.closing(evaluator))
+        return self._original
 
 
 def check_quality_gate(report: dict, max_increase: float | None) -> None:
