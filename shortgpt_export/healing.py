@@ -525,7 +525,6 @@ def _refit_kept(
     kept only if it lowers the held-out next-token loss below ``baseline`` (the run-patched
     model's), else every refit is undone.
     """
-    import torch
 
     n = len(stack.layers)
     states = list(original_states[first])
@@ -555,24 +554,10 @@ def _refit_kept(
                     for w, fit in fits.items():
                         fit.add(mm, rr, y, w)
                 parts.append((out, m))
-            eye = torch.eye(hidden, dtype=torch.float64)
-            before = check.relative_residual(eye)
-            scored = []
-            for w, lam in tries:
-                t = fits[w].solve(lam)
-                scored.append((check.relative_residual(t), w, lam, t))
-            after, w, lam, t = min(scored, key=lambda x: x[0])
-            entry = {
-                "layer": q,
-                "held_out_residual_before": round(before, 6),
-                "held_out_residual_after": round(after, 6),
-                "weighting": w,
-                "ridge": lam,
-                "kept": after < before,
-            }
+            entry, t = choose_refit(q, fits, check, tries)
             layers.append(entry)
             linear = down_proj(stack, q)
-            if after < before:
+            if t is not None:
                 originals.setdefault(q, linear.weight.detach().clone())
                 changed[q] = linear.weight.detach().clone()
                 linear.weight.data.copy_(patched_weight(changed[q], t))
@@ -582,13 +567,44 @@ def _refit_kept(
                 states = [out for out, _ in parts]
             advance(1)
     loss = mean_loss(stack, [states[k] for k in held], [batches[k] for k in held])
-    kept = loss < baseline
-    if kept:
+    record = refit_record(baseline, loss, layers)
+    if record["kept"]:
         for q in changed:
             weights[q] = down_proj(stack, q).weight.detach().clone()
     else:
         for q, weight in changed.items():
             down_proj(stack, q).weight.data.copy_(weight)
+    return record
+
+
+def choose_refit(q: int, fits: dict, check: GramFit, tries: list[tuple[str, float]]):
+    """(log entry, ``T`` or None) of kept layer ``q``'s refit: the candidate with the
+    lowest held-out relative residual (``check``), kept only if it lowers it."""
+    import torch
+
+    eye = torch.eye(check.mm.shape[0], dtype=torch.float64)
+    before = check.relative_residual(eye)
+    scored = []
+    for w, lam in tries:
+        t = fits[w].solve(lam)
+        scored.append((check.relative_residual(t), w, lam, t))
+    after, w, lam, t = min(scored, key=lambda x: x[0])
+    entry = {
+        "layer": q,
+        "held_out_residual_before": round(before, 6),
+        "held_out_residual_after": round(after, 6),
+        "weighting": w,
+        "ridge": lam,
+        "kept": after < before,
+    }
+    return entry, (t if after < before else None)
+
+
+def refit_record(baseline: float, loss: float, layers: list[dict]) -> dict:
+    """``heal.refit`` of plan.json: kept only if the held-out loss went down (logged if
+    not)."""
+    kept = loss < baseline
+    if not kept:
         log.warning(
             "refit of the kept layers undone: held-out loss %.4f with it, %.4f without",
             loss,

@@ -192,26 +192,16 @@ def _load(
         )
 
 
-def _after_streamed_scoring(streamed, source, model_opts, plan_opts, export, progress):
-    """After layer-by-layer scoring: the whole model when a later step needs it (``--heal
-    refit``, export from memory); selection (streamed_greedy.py), linear healing
+def _after_streamed_scoring(streamed, source, model_opts, export, progress):
+    """After layer-by-layer scoring: the whole model when the export converts from memory
+    (a Hugging Face folder or ONNX from a GGUF source); selection (streamed_greedy.py), healing
     (streamed_healing.py), the ``--remove auto`` budget, export verification
     (offload.stream_loss_sums, stream_logprobs) and validation's torch rows
     (validation/layerwise_rows.py) stream too."""
-    from .streamed_healing import streams
-
-    needs = [
-        why
-        for why, yes in (
-            (f"--heal {plan_opts.heal}", plan_opts.heal != "none" and not streams(plan_opts.heal)),
-            ("export from memory", export.converts_from_memory(source)),
-        )
-        if yes
-    ]
-    if not needs:
+    if not export.converts_from_memory(source):
         return streamed
     log.warning(
-        "scored layer by layer, but %s needs the whole model: loading it now", ", ".join(needs)
+        "scored layer by layer, but export from memory needs the whole model: loading it now"
     )
     return _load(source, model_opts, progress)
 
@@ -406,8 +396,8 @@ def run(
         blocks=plan_opts.select == "block",
         holdout=plan_opts.auto,
     )
-    if loaded.model is None:
-        loaded = _after_streamed_scoring(loaded, source, model_opts, plan_opts, export, progress)
+    if loaded.model is None and not dry_run:
+        loaded = _after_streamed_scoring(loaded, source, model_opts, export, progress)
     check_finite_scores(scores, str(getattr(loaded.model, "dtype", "")) or None)
     choice = choose(
         loaded,

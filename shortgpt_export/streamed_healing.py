@@ -22,6 +22,11 @@ So ``1 + 2 x runs`` passes (``runs``: the removed runs with a kept layer before 
 one after); a layer is loaded at most ``1 + runs`` times in all (in the first pass, then
 per run in its fitting or its guard pass); the final norm and LM head are loaded at the
 first guard pass and kept.
+
+4. ``--heal refit`` (:func:`_refit`): one more pass from ``position`` on, carrying the
+   original model's states (every layer, checkpoint weights) beside the refitted model's
+   (the kept layers, run patches and earlier refits merged); each kept layer is fitted to
+   the original state entering the next kept layer, as :func:`healing._refit_kept` does.
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from . import offload
+from .architectures import submodule
 from .calibration import CalibrationSet
-from .errors import ShortGPTError
 from .healing import (
     DEFAULT_RIDGE,
     DEFAULT_WEIGHTING,
@@ -42,12 +47,15 @@ from .healing import (
     HealResult,
     _warn_if_few_tokens,
     check_heal_options,
+    choose_refit,
     down_proj,
     guard_batch_size,
     guard_split,
     judge_patch,
     merged_weight,
     mlp_parts,
+    patched_weight,
+    refit_record,
     runs_to_heal,
     skip_unguarded,
     solve_candidates,
@@ -59,14 +67,6 @@ from .recipe import subset
 from .selection import block_heal_options, block_held_out, closest_blocks, healed_block_choice
 
 log = logging.getLogger(__name__)
-
-
-def streams(heal: str) -> bool:
-    """Whether a run's healing step can be done layer by layer: ``--heal linear`` (or
-    auto) after any selection, including the block choice that heals its candidates
-    (:func:`healed_block_streamed`) and every step of ``--remove auto``; ``--heal refit``
-    loads the model."""
-    return heal in ("auto", "linear")
 
 
 class _Passes:
@@ -142,6 +142,15 @@ class _Passes:
         work.close()
         return targets
 
+    def prefix(self, position: int, progress) -> None:
+        """Every window through layers ``0..position - 1`` (none is patched), in place."""
+        with progress("healing layer by layer: original hidden states", position) as advance:
+            for index in range(position):
+                with self.loaded(index):
+                    for b in range(len(self.stream.batches)):
+                        self.run(index, self.states.data, self.stream.rows(b), b)
+                advance(1)
+
     def fit_run(self, layers: list[int], p: int, target, fits: dict, parts) -> object:
         """Pass 2: ``layers`` on every window, then layer ``p``'s MLP output and residual:
         Gram sums on the fitting windows, (r, m) kept for the held-out ones. Returns p's
@@ -208,25 +217,26 @@ def stream_heal_linear(
     ridge: float | None = DEFAULT_RIDGE,
     weighting: str | None = DEFAULT_WEIGHTING,
     guard: bool = True,
+    refit: bool = False,
     batch_size: int = 4,
     spill: bool | None = None,
     spill_dir: Path | None = None,
     progress: ProgressFactory = no_progress,
 ) -> HealResult:
-    """:func:`healing.heal_linear` (no refit) for a source read one layer at a time.
+    """:func:`healing.heal_linear` for a source read one layer at a time.
 
-    The batches and held-out windows are heal_linear's (every 4th batch), so the patches
-    and losses equal the in-memory heal's to rounding. ``spill`` / ``spill_dir``: the hidden-state
-    buffers' memory-mapped files, as in offload.stream_scores."""
+    The batches and held-out windows are heal_linear's (every 4th batch), so the patches,
+    refits and losses equal the in-memory heal's to rounding. ``spill`` / ``spill_dir``:
+    the hidden-state buffers' memory-mapped files, as in offload.stream_scores."""
     import torch
 
-    tries = check_heal_options(source.spec, ridge, weighting, guard, False)
+    tries = check_heal_options(source.spec, ridge, weighting, guard, refit)
     began = time.perf_counter()
     n = source.num_layers
     keep = [i for i in range(n) if i not in set(remove)]
-    result = HealResult(ridge=ridge, weighting=weighting, guard=guard, refit=False)
+    result = HealResult(ridge=ridge, weighting=weighting, guard=guard, refit=refit)
     todo = runs_to_heal(remove, n, result)
-    if not todo:
+    if not todo and not refit:
         return result
     dtype = dtype or torch.float32
     size = guard_batch_size(batch_size, calib.input_ids.shape[0]) if guard else batch_size
@@ -251,8 +261,15 @@ def stream_heal_linear(
         _warn_if_few_tokens(sum(batches[b].tokens for b in passes.fit), passes.stack)
         hidden = states.data.shape[-1]
         with torch.inference_mode():
-            position = max(min(remove) - 1, 0)
-            targets = passes.original(position, todo, progress)
+            position = cut = max(min(remove) - 1, 0)
+            if todo:
+                targets = passes.original(position, todo, progress)
+            else:  # a refit alone: the state entering ``cut``, all windows
+                passes.prefix(cut, progress)
+            start = None
+            if refit:  # the original model's state entering ``cut``
+                start = new(states.data.shape)
+                start.data.copy_(states.data)
             held_windows = sum(s.stop - s.start for s in passes.held_rows.values())
             parts = passes.buffer(held_windows, 2) if held_windows else None
             unhealed_loss = None
@@ -278,26 +295,109 @@ def stream_heal_linear(
                             unhealed_loss = loss
                     result.runs.append(entry)
                     advance(1)
+            if refit:
+                result.refit = _refit(passes, keep, cut, start, tries, unhealed_loss, progress)
     result.weights = {p: w.clone() for p, w in result.weights.items()}
     result.runs.sort(key=lambda entry: entry["run"][0])
     result.seconds = time.perf_counter() - began
     return result
 
 
-def heal_streamed(
-    streamed, calib: CalibrationSet, remove: list[int], *, refit: bool = False, **options
-) -> HealResult:
+def heal_streamed(streamed, calib: CalibrationSet, remove: list[int], **options) -> HealResult:
     """:func:`stream_heal_linear` for an offload.StreamedModel (the recipe's heal step);
-    ``options``: its ridge, weighting, batch_size and progress."""
-    if refit:
-        raise ShortGPTError(
-            "--heal refit needs the whole model in memory",
-            hint="use --offload none, or --heal linear",
-        )
+    ``options``: its ridge, weighting, guard, refit, batch_size and progress."""
     log.info("healing layer by layer (--offload layers): one decoder layer in memory at a time")
     return stream_heal_linear(
         streamed.source, calib, remove, device=streamed.device, dtype=streamed.dtype, **options
     )
+
+
+def _refit(passes: _Passes, keep, first: int, start, tries, baseline, progress) -> dict:
+    """:func:`healing._refit_kept` in one layer-by-layer pass from ``first`` (``start``: the
+    original state entering it, all windows); kept refits go into ``passes.result.weights``.
+
+    ``orig`` runs every layer with the checkpoint's weights (the fit targets), ``cur`` the
+    kept layers with the run patches and the refits so far, and, when ``baseline`` is not
+    known, ``base`` the held-out windows through the run-patched model alone."""
+    stream, stack, weights = passes.stream, passes.stack, passes.result.weights
+    n, count = len(stream.layers), len(stream.batches)
+    rows = [stream.rows(b) for b in range(count)]
+    held = set(passes.held)
+    orig, cur = start, passes.new(start.data.shape)
+    cur.data.copy_(start.data)
+    outs, mlps = passes.new(start.data.shape), passes.new(start.data.shape)
+    base = None
+    if baseline is None:
+        base = passes.new(start.data.shape)
+        base.data.copy_(start.data)
+    refits, layers = {}, []
+    hidden = start.data.shape[-1]
+
+    def original_through(indices) -> None:  # removed layers: the original model only
+        for index in indices:
+            with stream.layer(index):
+                for b in range(count):
+                    passes.run(index, orig.data, rows[b], b)
+
+    with progress("healing layer by layer: refitting kept layers", len(keep) - first) as advance:
+        # ``start`` enters layer ``first``, ``cur`` the pruned model's keep[first] (later
+        # when the cut starts at layer 0)
+        original_through(range(first, keep[first]))
+        for idx in range(first, len(keep)):
+            q = keep[idx]
+            target = keep[idx + 1] if idx + 1 < len(keep) else n
+            with stream.layer(q) as layer:  # the checkpoint's weights: the original model
+                for b in range(count):
+                    passes.run(q, orig.data, rows[b], b)
+                linear = submodule(layer, stream.spec.down_proj_path)
+                before = weights.get(q)
+                if before is None:
+                    before = linear.weight.detach().clone()
+                linear.weight.data = before.to(device=stream.dev, dtype=linear.weight.dtype)
+                for b in range(count):
+                    if base is not None and b in held:
+                        passes.run(q, base.data, rows[b], b)
+                    x = cur.data[rows[b]].to(stream.dev)
+                    out, m = mlp_parts(stack, q, x, stream.batches[b])
+                    outs.data[rows[b]], mlps.data[rows[b]] = out.cpu(), m.cpu()
+            original_through(range(q + 1, target))
+            fits = {w: GramFit(hidden) for w in {w for w, _ in tries}}
+            check = GramFit(hidden)  # held-out, unweighted
+            for b, batch in enumerate(stream.batches):
+                mask = batch.mask.cpu()
+                m, out = mlps.data[rows[b]][mask], outs.data[rows[b]][mask]
+                y = orig.data[rows[b]][mask]
+                if b in held:
+                    check.add(m, out - m, y, "none")
+                else:
+                    for w, fit in fits.items():
+                        fit.add(m, out - m, y, w)
+            entry, t = choose_refit(q, fits, check, tries)
+            layers.append(entry)
+            if t is None:
+                cur.data.copy_(outs.data)
+            else:
+                refits[q] = patched_weight(before, t)
+                tf = t.to(mlps.data.dtype)
+                for b in range(count):
+                    m = mlps.data[rows[b]]
+                    cur.data[rows[b]] = outs.data[rows[b]] - m + m @ tf
+            advance(1)
+    if not passes.output_loaded:
+        stream.load_output()
+        passes.output_loaded = True
+    held_batches = [stream.batches[b] for b in passes.held]
+
+    def held_loss(buffer) -> float:
+        return mean_loss(stack, (buffer.data[rows[b]].to(stream.dev) for b in passes.held),
+                         held_batches)  # fmt: skip
+
+    if base is not None:
+        baseline = held_loss(base)
+    record = refit_record(baseline, held_loss(cur), layers)
+    if record["kept"]:
+        weights.update(refits)
+    return record
 
 
 def healed_block_streamed(
@@ -342,4 +442,4 @@ def healed_block_streamed(
     return healed_block_choice(num_layers, distances, n, tried, scores)
 
 
-__all__ = ["heal_streamed", "healed_block_streamed", "stream_heal_linear", "streams"]
+__all__ = ["heal_streamed", "healed_block_streamed", "stream_heal_linear"]

@@ -228,14 +228,29 @@ def test_export_verifies_without_the_whole_model(
     assert verify["kl_divergence"] < 1e-3 and verify["top1_agreement"] > 0.95, verify
 
 
-def test_refit_after_offload_loads_the_whole_model(tiny_llama_dir, calib_file, tmp_path, capsys):
-    """--heal linear streams (tests/test_streamed_healing.py); refit still loads the model."""
-    code, _, err = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "o", *FAST,
-        "--offload", "layers", "--heal", "refit", "--remove", "1", "--to", "hf",
-    )  # fmt: skip
-    assert code == 0, err
-    assert "--heal refit needs the whole model" in " ".join(err.split())
+def test_only_export_from_memory_loads_the_whole_model_after_streaming(
+    tiny_llama_dir, tmp_path, caplog, monkeypatch
+):
+    """A Hugging Face folder or ONNX from a GGUF source is written from the pruned model
+    in memory: the one step left that loads the whole model after layer-by-layer scoring,
+    with a warning saying so."""
+    import shortgpt_export.pipeline as pipeline
+    from shortgpt_export.export_options import ExportOptions
+
+    gguf = _tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf", "F32")
+    streamed = offload.StreamedModel(gguf, None, "cpu", torch.float32)
+    monkeypatch.setattr(pipeline, "_load", lambda *a, **k: "whole model")
+    for source, formats, loads in (
+        (gguf, ["onnx"], True),
+        (gguf, ["hf"], True),
+        (gguf, ["gguf"], False),
+        (resolve_source(str(tiny_llama_dir)), ["hf", "onnx", "gguf"], False),
+    ):
+        export = ExportOptions(formats=formats)
+        caplog.clear()
+        got = pipeline._after_streamed_scoring(streamed, source, None, export, None)
+        assert (got == "whole model") == loads, (source.kind, formats)
+        assert ("export from memory needs the whole model" in caplog.text) == loads
 
 
 def test_pickle_checkpoints_cannot_be_streamed():

@@ -86,6 +86,48 @@ def test_later_runs_see_earlier_patches_and_spilled_buffers_are_removed(tiny_lla
     assert float((alone.weights[2] - memory.weights[2]).abs().max()) > 1e-3
 
 
+def assert_same_refit(streamed: dict, memory: dict):
+    assert streamed["kept"] == memory["kept"]
+    for key in ("held_out_loss_before", "held_out_loss_after"):
+        assert streamed[key] == pytest.approx(memory[key], rel=REL, abs=2e-6), key
+    assert len(streamed["layers"]) == len(memory["layers"])
+    for s_layer, m_layer in zip(streamed["layers"], memory["layers"], strict=True):
+        assert_same_entry(s_layer, m_layer)
+
+
+@pytest.mark.parametrize("remove", [[2, 4], [0]])
+def test_streamed_refit_equals_in_memory(tiny_model_dir, remove):
+    """--heal refit: the run patches, then every kept layer from the first cut refitted to
+    the original model's next state, in one more layer-by-layer pass; the same refits,
+    residuals and held-out losses (a removal at layer 0 has no run to patch: a refit
+    alone, its baseline computed in the pass)."""
+    source = resolve_source(str(tiny_model_dir))
+    calib = random_calibration(source.config.vocab_size, 10, 24, pad_last=5)
+    memory, streamed = both(source, calib, remove, refit=True, ridge=None)
+    assert isinstance(memory.refit, dict) and len(memory.refit["layers"]) >= 3
+    assert_same_refit(streamed.refit, memory.refit)
+    assert_same_heal(streamed, memory)
+
+
+def test_kept_refit_changes_the_weights_like_in_memory(tiny_llama_dir, tmp_path):
+    """A calibration set where the refit is kept: the refitted down projections (not only
+    the run patches) come back, equal to the in-memory ones, spilled buffers removed."""
+    source = resolve_source(str(tiny_llama_dir))
+    calib = random_calibration(source.config.vocab_size, 48, 24)
+    loaded = load_model(source, dtype="float32")
+    memory = heal_linear(loaded.model, source.spec, calib, [1], batch_size=2, refit=True)
+    streamed = stream_heal_linear(
+        source, calib, [1], batch_size=2, refit=True, spill=True, spill_dir=tmp_path
+    )
+    refit = memory.refit  # measured: 3 layers refitted, held-out loss 7.1215 -> 7.0537
+    assert refit["kept"] and refit["held_out_loss_after"] < refit["held_out_loss_before"]
+    refitted = [e["layer"] for e in refit["layers"] if e["kept"]]
+    assert len(refitted) >= 2 and set(refitted) <= set(memory.weights)
+    assert_same_refit(streamed.refit, memory.refit)
+    assert_same_heal(streamed, memory)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_decoder_layer_in_memory_at_a_time(tiny_llama_dir, monkeypatch):
     source = resolve_source(str(tiny_llama_dir))
     calib = random_calibration(source.config.vocab_size, 8, 16)
@@ -145,6 +187,28 @@ def test_cli_offload_layers_heals_without_the_whole_model(
         for key, tensor in m_tensors.items():
             scale = float(tensor.abs().max()) or 1.0
             assert float((s_tensors[key] - tensor).abs().max()) <= REL * scale, key
+
+
+def test_cli_refit_streams(tiny_llama_dir, calib_file, tmp_path, capsys, monkeypatch):
+    args = ("--heal", "refit", "--remove", "2")
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "m", *FAST,
+        "--to", "hf", "--offload", "none", *args,
+    )  # fmt: skip
+    assert code == 0, err
+    memory = json.loads((tmp_path / "m" / "plan.json").read_text())
+    import shortgpt_export.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    code, _, err = run_cli(
+        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "s", *FAST,
+        "--to", "hf", "--offload", "layers", *args,
+    )  # fmt: skip
+    assert code == 0, err
+    streamed = json.loads((tmp_path / "s" / "plan.json").read_text())
+    assert streamed["remove"] == memory["remove"]
+    assert isinstance(memory["heal"]["refit"], dict)
+    assert_same_refit(streamed["heal"]["refit"], memory["heal"]["refit"])
 
 
 def test_gguf_source_with_a_tied_head_heals_the_same(tiny_tokenizer_dir, tmp_path):

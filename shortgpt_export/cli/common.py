@@ -113,9 +113,9 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
         "--offload",
         choices=("auto", "none", "layers"),
         default="auto",
-        help="layers: score, select (any --select, --remove auto), heal linearly and verify "
-        "the exports with one decoder layer in memory at a time, for models larger than "
-        "memory; auto (default): only when the model does not fit the device's free memory",
+        help="layers: score, select (any --select, --remove auto), heal, verify and validate "
+        "with one decoder layer in memory at a time, for models larger than memory; auto "
+        "(default): only when the model does not fit the device's free memory",
     )
 
 
