@@ -149,19 +149,30 @@ def healed_block_plan(
                 needed = None
             states = record_original_states(stack, batches, progress, needed)
     held = block_held_out(len(batches), rows)
+
+    def heal_and_judge(remove: list[int], keep: list[int]):
+        heal = heal_linear(
+            model, spec, calib, remove, batches=batches, original_states=states, **options
+        )
+        return heal, patched_loss(stack, batches, states, keep, heal.weights, held)
+
+    tried = try_blocks(starts, n, num_layers, heal_and_judge, progress)
+    return healed_block_choice(num_layers, distances, n, tried, scores)
+
+
+def try_blocks(starts: list[int], n: int, num_layers: int, heal_and_judge, progress) -> list:
+    """``(held-out loss, first layer, heal)`` of each candidate block of ``n`` layers;
+    ``heal_and_judge(remove, keep)`` heals one and returns ``(heal, loss)``."""
     tried = []
     with progress(f"block: healing the {len(starts)} closest blocks", len(starts)) as advance:
         for start in starts:
             remove = list(range(start, start + n))
             keep = [i for i in range(num_layers) if i not in set(remove)]
-            heal = heal_linear(
-                model, spec, calib, remove, batches=batches, original_states=states, **options
-            )
-            loss = patched_loss(stack, batches, states, keep, heal.weights, held)
+            heal, loss = heal_and_judge(remove, keep)
             log.info("block %d..%d: held-out loss %.4f after healing", start, start + n - 1, loss)
             tried.append((loss, start, heal))
             advance(1)
-    return healed_block_choice(num_layers, distances, n, tried, scores)
+    return tried
 
 
 def healed_block_choice(

@@ -64,7 +64,13 @@ from .layerwise import mean_loss
 from .planning import Plan
 from .progress import ProgressFactory, no_progress
 from .recipe import subset
-from .selection import block_heal_options, block_held_out, closest_blocks, healed_block_choice
+from .selection import (
+    block_heal_options,
+    block_held_out,
+    closest_blocks,
+    healed_block_choice,
+    try_blocks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -424,21 +430,17 @@ def healed_block_streamed(
     # streaming their windows in batches of ``size`` batches them as heal_linear does
     windows = subset(calib, [w for k in held for w in range(k * size, min((k + 1) * size, rows))])
     starts = closest_blocks(distances, n, candidates)
-    tried = []
-    with progress(f"block: healing the {len(starts)} closest blocks", len(starts)) as advance:
-        for start in starts:
-            remove = list(range(start, start + n))
-            keep = [i for i in range(num_layers) if i not in set(remove)]
-            heal = heal_streamed(
-                streamed, calib, remove, batch_size=batch_size, progress=progress, **options
-            )
-            sums = offload.stream_loss_sums(
-                streamed, windows, keep, heal.weights, batch_size=size, progress=progress
-            )
-            loss = sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1)
-            log.info("block %d..%d: held-out loss %.4f after healing", start, start + n - 1, loss)
-            tried.append((loss, start, heal))
-            advance(1)
+
+    def heal_and_judge(remove: list[int], keep: list[int]):
+        heal = heal_streamed(
+            streamed, calib, remove, batch_size=batch_size, progress=progress, **options
+        )
+        sums = offload.stream_loss_sums(
+            streamed, windows, keep, heal.weights, batch_size=size, progress=progress
+        )
+        return heal, sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1)
+
+    tried = try_blocks(starts, n, num_layers, heal_and_judge, progress)
     return healed_block_choice(num_layers, distances, n, tried, scores)
 
 

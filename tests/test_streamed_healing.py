@@ -190,22 +190,19 @@ def test_cli_offload_layers_heals_without_the_whole_model(
 
 
 def test_cli_refit_streams(tiny_llama_dir, calib_file, tmp_path, capsys, monkeypatch):
-    args = ("--heal", "refit", "--remove", "2")
-    code, _, err = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "m", *FAST,
-        "--to", "hf", "--offload", "none", *args,
-    )  # fmt: skip
-    assert code == 0, err
-    memory = json.loads((tmp_path / "m" / "plan.json").read_text())
+    def plan(out, offload):
+        code, _, err = run_cli(
+            capsys, tiny_llama_dir, "--calib", calib_file, "--out", out, *FAST, "--to", "hf",
+            "--offload", offload, "--heal", "refit", "--remove", "2",
+        )  # fmt: skip
+        assert code == 0, err
+        return json.loads((out / "plan.json").read_text())
+
+    memory = plan(tmp_path / "m", "none")
     import shortgpt_export.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    code, _, err = run_cli(
-        capsys, tiny_llama_dir, "--calib", calib_file, "--out", tmp_path / "s", *FAST,
-        "--to", "hf", "--offload", "layers", *args,
-    )  # fmt: skip
-    assert code == 0, err
-    streamed = json.loads((tmp_path / "s" / "plan.json").read_text())
+    streamed = plan(tmp_path / "s", "layers")
     assert streamed["remove"] == memory["remove"]
     assert isinstance(memory["heal"]["refit"], dict)
     assert_same_refit(streamed["heal"]["refit"], memory["heal"]["refit"])

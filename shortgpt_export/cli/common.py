@@ -109,13 +109,18 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
         default="bi",
         help="bi: 1 - mean cosine (ShortGPT); angular: arccos(cos)/pi (Gromov et al.)",
     )
-    group.add_argument(
-        "--offload",
-        choices=("auto", "none", "layers"),
-        default="auto",
-        help="layers: score, select (any --select, --remove auto), heal, verify and validate "
-        "with one decoder layer in memory at a time, for models larger than memory; auto "
+    add_offload_argument(
+        group,
+        "layers: score, select (any --select, --remove auto), heal, verify and validate with "
+        "one decoder layer in memory at a time, for models larger than memory; auto "
         "(default): only when the model does not fit the device's free memory",
+    )
+
+
+def add_offload_argument(parser, help_text: str) -> None:
+    """``--offload auto|none|layers`` (pipeline.ScoreOptions.offload)."""
+    parser.add_argument(
+        "--offload", choices=("auto", "none", "layers"), default="auto", help=help_text
     )
 
 

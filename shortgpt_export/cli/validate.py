@@ -27,13 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--offload",
-        choices=("auto", "none", "layers"),
-        default="auto",
-        help="layers: compute the reference's log-probabilities and torch row one decoder "
-        "layer in memory at a time (no torch latency or QA), for references larger than "
-        "memory; auto (default): only when the reference does not fit the free memory",
+    common.add_offload_argument(
+        parser,
+        "layers: compute the reference's log-probabilities and torch row one decoder layer "
+        "in memory at a time (no torch latency or QA), for references larger than memory; "
+        "auto (default): only when the reference does not fit the free memory",
     )
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--allow-pickle", action="store_true")
