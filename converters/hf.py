@@ -15,7 +15,8 @@ class HFConverter:
         pass  # a pruned folder can be written from any source the loader accepts
 
     def needs_model(self, source_kind: str, options: ExportOptions) -> bool:
-        return source_kind in ("gguf", "pickle")  # written from memory, not streamed
+        # safetensors and GGUF sources are written one tensor at a time (pruning.py)
+        return source_kind == "pickle"
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
         out = ctx.out_dir / "hf"

@@ -193,11 +193,12 @@ def _load(
 
 
 def _after_streamed_scoring(streamed, source, model_opts, export, progress):
-    """After layer-by-layer scoring: the whole model when the export converts from memory
-    (a Hugging Face folder or ONNX from a GGUF source); selection (streamed_greedy.py), healing
+    """After layer-by-layer scoring: the whole model if an export format converts from
+    memory (none of the registered ones does for a source that streams: safetensors and
+    GGUF folders are written tensor by tensor); selection (streamed_greedy.py), healing
     (streamed_healing.py), the ``--remove auto`` budget, export verification
     (offload.stream_loss_sums, stream_logprobs) and validation's torch rows
-    (validation/layerwise_rows.py) stream too."""
+    (validation/layerwise_rows.py) stream."""
     if not export.converts_from_memory(source):
         return streamed
     log.warning(

@@ -353,8 +353,10 @@ def write_pruned_model(
     """Write the pruned Hugging Face folder for ``source`` into the (new) folder ``out_dir``.
 
     Safetensors folders are streamed from disk (a multimodal checkpoint's text model
-    alone, renamed on the fly: a plain causal LM of its family); GGUF and pickle sources
-    are written from the ``loaded`` model with a pruned view.
+    alone, renamed on the fly: a plain causal LM of its family); a GGUF source is written
+    from the ``loaded`` model with a pruned view, or, with no model in memory (``loaded``
+    None or an offload.StreamedModel), dequantized one tensor at a time (gguf_to_hf.py);
+    a pickle source from the ``loaded`` model.
     """
     spec = source.spec
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,9 +375,21 @@ def write_pruned_model(
         )
         skip = source.text_of.dropped_files if source.text_of else ()
         copy_companions(source.path, out_dir, skip)
+    elif source.kind == "gguf" and getattr(loaded, "model", None) is None:
+        from .gguf_to_hf import write_gguf_as_pruned_hf
+
+        write_gguf_as_pruned_hf(
+            source,
+            plan,
+            out_dir,
+            dtype=getattr(loaded, "dtype", None),
+            tokenizer=getattr(loaded, "tokenizer", None),
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
     else:
         if loaded is None:
-            raise ValueError("a GGUF or pickle source is pruned from the loaded model")
+            raise ValueError("a pickle source is pruned from the loaded model")
         with (
             progress("writing pruned model", None),
             healed(loaded.model, plan.keep, plan.patch_weights(spec)),

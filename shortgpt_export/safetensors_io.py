@@ -11,7 +11,7 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,24 @@ class TensorRef:
 
     def renamed(self, name: str) -> TensorRef:
         return TensorRef(name, self.dtype, self.shape, self.path, self.start, self.end)
+
+
+@dataclass(frozen=True)
+class ComputedTensor:
+    """A tensor made when it is written: ``produce()`` returns its ``nbytes`` bytes
+    (a GGUF tensor dequantized, for instance); renamed like a TensorRef."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    produce: Callable[[], object]  # -> a bytes-like object
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    def renamed(self, name: str) -> ComputedTensor:
+        return ComputedTensor(name, self.dtype, self.shape, self.produce)
 
 
 MAX_JSON_DEPTH = 4  # {name: {"shape": [..]}} needs 3; deeper nesting is refused unparsed
@@ -154,9 +172,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
 
 
 def write_safetensors(
-    path: Path, tensors: Iterable[TensorRef], metadata: dict | None = None
+    path: Path, tensors: Iterable[TensorRef | ComputedTensor], metadata: dict | None = None
 ) -> int:
-    """Write ``tensors`` (in the given order) to ``path``, copying bytes from their sources.
+    """Write ``tensors`` (in the given order) to ``path``, copying bytes from their sources
+    (or, for a ComputedTensor, writing what it produces, one tensor in memory at a time).
 
     Returns the number of bytes written.
     """
@@ -178,6 +197,12 @@ def write_safetensors(
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             for ref in tensors:
+                if isinstance(ref, ComputedTensor):
+                    data = memoryview(ref.produce()).cast("B")
+                    if data.nbytes != ref.nbytes:
+                        raise ValueError(f"{ref.name}: {data.nbytes} bytes, not {ref.nbytes}")
+                    out.write(data)
+                    continue
                 if ref.path not in maps:
                     with open(ref.path, "rb") as src:
                         maps[ref.path] = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)

@@ -228,29 +228,86 @@ def test_export_verifies_without_the_whole_model(
     assert verify["kl_divergence"] < 1e-3 and verify["top1_agreement"] > 0.95, verify
 
 
-def test_only_export_from_memory_loads_the_whole_model_after_streaming(
+def test_no_export_format_loads_the_whole_model_after_streaming(
     tiny_llama_dir, tmp_path, caplog, monkeypatch
 ):
-    """A Hugging Face folder or ONNX from a GGUF source is written from the pruned model
-    in memory: the one step left that loads the whole model after layer-by-layer scoring,
-    with a warning saying so."""
+    """Every format writes from a streamed source without the whole model (a Hugging Face
+    folder or ONNX from a GGUF: dequantized tensor by tensor, gguf_to_hf.py); a format
+    that converts from memory would load it, with a warning saying so."""
     import shortgpt_export.pipeline as pipeline
     from shortgpt_export.export_options import ExportOptions
 
     gguf = _tiny_gguf(tiny_llama_dir, tmp_path / "t.gguf", "F32")
     streamed = offload.StreamedModel(gguf, None, "cpu", torch.float32)
     monkeypatch.setattr(pipeline, "_load", lambda *a, **k: "whole model")
-    for source, formats, loads in (
-        (gguf, ["onnx"], True),
-        (gguf, ["hf"], True),
-        (gguf, ["gguf"], False),
-        (resolve_source(str(tiny_llama_dir)), ["hf", "onnx", "gguf"], False),
-    ):
-        export = ExportOptions(formats=formats)
-        caplog.clear()
-        got = pipeline._after_streamed_scoring(streamed, source, None, export, None)
-        assert (got == "whole model") == loads, (source.kind, formats)
-        assert ("export from memory needs the whole model" in caplog.text) == loads
+    for source in (gguf, resolve_source(str(tiny_llama_dir))):
+        export = ExportOptions(formats=["hf", "gguf", "onnx"])
+        assert pipeline._after_streamed_scoring(streamed, source, None, export, None) is streamed
+    assert "needs the whole model" not in caplog.text
+    from_memory = type("Export", (), {"converts_from_memory": lambda self, source: True})()
+    got = pipeline._after_streamed_scoring(streamed, gguf, None, from_memory, None)
+    assert got == "whole model" and "export from memory needs the whole model" in caplog.text
+
+
+def test_gguf_source_writes_the_pruned_folder_tensor_by_tensor(
+    tiny_tokenizer_dir, calib_file, tmp_path, capsys, monkeypatch
+):
+    """--offload layers on a GGUF source with --to hf: the folder is dequantized one
+    tensor at a time (no whole model) and equals the folder written from the model in
+    memory (tensors, config, logits of the loaded folders); a healed plan's patched down
+    projection goes in both ways alike."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from shortgpt_export.healing import save_patches
+    from shortgpt_export.planning import make_plan
+    from shortgpt_export.pruning import write_pruned_model
+
+    folder = build_tiny_model(
+        "llama", tiny_tokenizer_dir, tmp_path / "hf", tie_word_embeddings=True
+    )
+    gguf = _tiny_gguf(folder, tmp_path / "tied.gguf", "Q8_0")
+
+    def same_folders(memory, streamed):
+        m_tensors = load_file(memory / "model.safetensors")
+        s_tensors = load_file(streamed / "model.safetensors")
+        assert sorted(s_tensors) == sorted(m_tensors) and "lm_head.weight" not in s_tensors
+        for name, tensor in m_tensors.items():
+            scale = float(tensor.abs().max()) or 1.0
+            assert float((s_tensors[name] - tensor).abs().max()) <= 1e-5 * scale, name
+        configs = [json.loads((f / "config.json").read_text()) for f in (memory, streamed)]
+        assert configs[0] == configs[1] and configs[1]["num_hidden_layers"] == 4
+        ids = torch.randint(3, 200, (1, 24))
+        with torch.inference_mode():
+            logits = [
+                AutoModelForCausalLM.from_pretrained(f)(ids).logits for f in (memory, streamed)
+            ]
+        assert (logits[0] - logits[1]).abs().max() < 1e-4
+        return m_tensors
+
+    def run(out, offload):
+        code, _, err = run_cli(
+            capsys, gguf.path, "--calib", calib_file, "--out", out, *FAST, "--to", "hf",
+            "--layers", "2,3", "--heal", "none", "--offload", offload,
+        )  # fmt: skip
+        assert code == 0, err
+        return out / "hf"
+
+    memory = run(tmp_path / "m", "none")
+    import shortgpt_export.pipeline as pipeline
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        same_folders(memory, run(tmp_path / "s", "layers"))
+    plan = make_plan(gguf.num_layers, layers=[2, 3])
+    loaded = load_model(gguf, dtype="float32")
+    weight = loaded.model.model.layers[1].mlp.down_proj.weight.detach() * 0.5
+    save_patches(tmp_path / "heal.safetensors", gguf.spec, {1: weight})
+    plan.patch_file, plan.root = "heal.safetensors", str(tmp_path)
+    write_pruned_model(gguf, plan, tmp_path / "pm", loaded=loaded)
+    write_pruned_model(gguf, plan, tmp_path / "ps", loaded=None)
+    tensors = same_folders(tmp_path / "pm", tmp_path / "ps")
+    torch.testing.assert_close(tensors["model.layers.1.mlp.down_proj.weight"], weight)
 
 
 def test_pickle_checkpoints_cannot_be_streamed():

@@ -52,7 +52,8 @@ class ONNXConverter:
             check_int4_block(options.int4_block_size, sizes)
 
     def needs_model(self, source_kind: str, options: ExportOptions) -> bool:
-        return bool(options.verify) or source_kind in ("gguf", "pickle")
+        # optimum exports the pruned folder, which only a pickle source writes from memory
+        return bool(options.verify) or source_kind == "pickle"
 
     def export(self, ctx: ExportContext) -> list[Artifact]:
         precisions = parse_precisions(ctx.options.onnx_precisions)
