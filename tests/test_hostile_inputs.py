@@ -623,6 +623,35 @@ def test_reference_cache_key_follows_the_weights(tmp_path, model, tiny_llama_dir
     assert first != cache_key(model_fingerprint(source, torch.float32), windows, 2)
 
 
+def test_reference_cache_key_follows_the_code(tmp_path, model, monkeypatch):
+    """A reference cached by another version of the package, torch or transformers is
+    recomputed: the key holds their identity, and the package's changes when a source
+    file does."""
+    import numpy as np
+
+    import shortgpt_export.validation.reference as reference
+    from shortgpt_export.source import resolve_source
+
+    windows = np.arange(64).reshape(2, 32)
+    source = resolve_source(str(model))
+    identity = reference.code_identity()
+    assert "torch " in identity and "transformers " in identity
+    first = reference.cache_key(reference.model_fingerprint(source, torch.float32), windows, 2)
+    monkeypatch.setattr(reference, "code_identity", lambda: identity + " (patched)")
+    assert first != reference.cache_key(
+        reference.model_fingerprint(source, torch.float32), windows, 2
+    )
+    # an edited source file of the package changes the identity
+    package = tmp_path / "pkg" / "shortgpt_export" / "validation"
+    package.mkdir(parents=True)
+    (package.parent / "a.py").write_text("x = 1\n")
+    monkeypatch.undo()  # the real code_identity, reading the files under ``package``
+    monkeypatch.setattr(reference, "__file__", str(package / "reference.py"))
+    before = reference.code_identity()
+    (package.parent / "a.py").write_text("x = 2\n")
+    assert reference.code_identity() != before
+
+
 def test_huge_single_line_calibration_is_read_within_budget(
     tmp_path, tiny_tokenizer_dir, monkeypatch
 ):

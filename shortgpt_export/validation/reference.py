@@ -71,9 +71,28 @@ def reference_logprobs(evaluator, windows: np.ndarray, kl_windows: int, cache_di
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
 
 
+def code_identity() -> str:
+    """What computes the reference besides the weights: torch's and transformers' versions
+    and a hash of this package's source, so a reference cached by another version of any
+    of them is recomputed, never reused (one cached before a loading fix in this package
+    gave the original model KL 0.14 against itself)."""
+    import torch
+    import transformers
+
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode())
+        digest.update(path.read_bytes())
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, " + (
+        f"shortgpt_export source {digest.hexdigest()[:16]}"
+    )
+
+
 def model_fingerprint(source, dtype) -> str:
     """What identifies the reference's log-probs: the resolved path, the size and mtime of
-    every weight and config file, and the dtype the model runs in."""
+    every weight and config file, the dtype the model runs in, and the code that runs it
+    (:func:`code_identity`)."""
     path = Path(source.path).resolve()
     files = (
         [path]
@@ -82,7 +101,7 @@ def model_fingerprint(source, dtype) -> str:
             p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name == "config.json"
         )
     )
-    parts = [str(path), str(dtype)]
+    parts = [str(path), str(dtype), code_identity()]
     for file in files:
         stat = file.stat()
         parts.append(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}")
