@@ -18,22 +18,22 @@ from .safetensors_io import TORCH_DTYPES, ComputedTensor
 SAFETENSORS_DTYPES = {torch_name: name for name, torch_name in TORCH_DTYPES.items()}
 
 
-def gguf_tensors(source, dtype, patches: dict | None = None):
+def gguf_tensors(source, weights, dtype, patches: dict | None = None):
     """(tensors, class name): every tensor a Hugging Face checkpoint of ``source`` holds
-    (a tied LM head once) by name, each dequantized and cast to ``dtype`` when written
-    (``patches``, by original layer, replace down projections); and the causal-LM class
-    they belong to, for config.json."""
+    (a tied LM head once) by name, each read from ``weights`` (gguf_layers.GGUFWeights)
+    and cast to ``dtype`` when written (``patches``, by original layer, replace down
+    projections); and the causal-LM class they belong to, for config.json."""
     import torch
 
-    from .gguf_layers import GGUFWeights
     from .offload import skeleton
 
     model = skeleton(source.config, dtype)
     head = model.get_output_embeddings()
-    tied = head is not None and bool(getattr(source.config, "tie_word_embeddings", False))
-    skip = {name for name, p in model.named_parameters() if tied and p is head.weight}
+    skip = set()
+    if head is not None and getattr(source.config, "tie_word_embeddings", False):
+        # by name: a skeleton that ties the head would list it under the embeddings' name
+        skip = {next(name for name, m in model.named_modules() if m is head) + ".weight"}
     buffers = dict(model.named_buffers())  # computed on the CPU by the skeleton
-    weights = GGUFWeights(Path(source.path), source.spec, source.config)
     down = {source.spec.down_proj_tensor(p): w for p, w in (patches or {}).items()}
     st_dtype = SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]
 
@@ -72,14 +72,21 @@ def write_gguf_as_pruned_hf(
     import torch
     from transformers import GenerationConfig
 
+    from .gguf_layers import GGUFWeights
     from .offload import load_tokenizer
     from .pruning import prune_config_dict, write_pruned_safetensors
 
     dtype = dtype or torch.float32
-    tensors, architecture = gguf_tensors(source, dtype, plan.patch_weights(source.spec))
-    write_pruned_safetensors(
-        tensors, source.spec, plan, out_dir, max_shard_bytes=max_shard_bytes, progress=progress
-    )
+    weights = GGUFWeights(Path(source.path), source.spec, source.config)
+    try:
+        patches = plan.patch_weights(source.spec)
+        tensors, architecture = gguf_tensors(source, weights, dtype, patches)
+        write_pruned_safetensors(
+            tensors, source.spec, plan, out_dir, max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )  # fmt: skip
+    finally:
+        weights.close()
     pruned = prune_config_dict(source.config_dict(), source.spec, plan.keep)
     config = type(source.config).from_dict(pruned)
     config.architectures = config.architectures or [architecture]

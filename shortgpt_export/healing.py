@@ -116,6 +116,8 @@ class GramFit:
         ``weighting="token"`` weighs each token by ``1 / |y|^2``, so that the few tokens
         with massive activations (attention sinks) do not decide the fit alone.
         """
+        # the sums stay on the CPU in float64 (which MPS lacks), whatever the model's device
+        m, r, y = m.detach().cpu(), r.detach().cpu(), y.detach().cpu()
         m, e, y = m.double(), (y.double() - r.double()), y.double()
         w = None
         if weighting == "token":
@@ -157,8 +159,15 @@ def down_proj(stack: Stack, index: int):
 
 
 def patched_weight(weight, t):
-    """``T^T W`` in ``weight``'s dtype (``t`` float64)."""
-    return (t.T @ weight.double()).to(weight.dtype)
+    """``T^T W`` in ``weight``'s dtype and on its device (``t`` float64 on the CPU, where
+    the product is computed)."""
+    merged = t.T @ weight.detach().cpu().double()
+    return merged.to(device=weight.device, dtype=weight.dtype)
+
+
+def apply_patch(m, t):
+    """``m @ T`` on ``m``'s device and in its dtype (``t`` a patch from :class:`GramFit`)."""
+    return m @ t.to(device=m.device, dtype=m.dtype)
 
 
 @dataclass
@@ -438,7 +447,7 @@ def heal_linear(
                         total, count = 0.0, 0
                         for k in held:
                             r, m = parts[k]
-                            h = r + m if t is None else r + m @ t.to(m.dtype)
+                            h = r + m if t is None else r + apply_patch(m, t)
                             s, c = stack.loss_sums(stack.run_many(after, h, batches[k]), batches[k])
                             total, count = total + s, count + c
                         return total / max(count, 1)
@@ -561,8 +570,7 @@ def _refit_kept(
                 originals.setdefault(q, linear.weight.detach().clone())
                 changed[q] = linear.weight.detach().clone()
                 linear.weight.data.copy_(patched_weight(changed[q], t))
-                tf = t.to(parts[0][1].dtype)
-                states = [out - m + m @ tf for out, m in parts]
+                states = [out - m + apply_patch(m, t) for out, m in parts]
             else:
                 states = [out for out, _ in parts]
             advance(1)

@@ -568,7 +568,7 @@ def stream_logprobs(
     return torch.cat(out)
 
 
-def stream_loss_sums(
+def stream_mean_loss(
     streamed: StreamedModel,
     calib,
     keep: list[int],
@@ -576,21 +576,22 @@ def stream_loss_sums(
     *,
     batch_size: int = 4,
     progress: ProgressFactory = no_progress,
-) -> list[tuple[float, int]]:
-    """Per batch of ``batch_size`` windows of ``calib``: the summed next-token loss over
-    real tokens and their count (layerwise.Stack.loss_sums) of the pruned model, one
-    decoder layer in memory at a time."""
+) -> float:
+    """The pruned model's mean next-token loss over the real tokens of ``calib`` (summed
+    per batch of ``batch_size`` windows by layerwise.Stack.loss_sums, as the in-memory
+    passes do), one decoder layer in memory at a time."""
     import torch
 
-    sums = []
+    total, count = 0.0, 0
     with (
         pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
         torch.inference_mode(),
     ):
         for b, batch in enumerate(stream.batches):
             x = states.data[stream.rows(b)].to(stream.dev)
-            sums.append(stream.recorder.loss_sums(x, batch))
-    return sums
+            s, c = stream.recorder.loss_sums(x, batch)
+            total, count = total + s, count + c
+    return total / max(count, 1)
 
 
 def score_streamed(

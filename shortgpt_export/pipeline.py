@@ -197,7 +197,7 @@ def _after_streamed_scoring(streamed, source, model_opts, export, progress):
     memory (none of the registered ones does for a source that streams: safetensors and
     GGUF folders are written tensor by tensor); selection (streamed_greedy.py), healing
     (streamed_healing.py), the ``--remove auto`` budget, export verification
-    (offload.stream_loss_sums, stream_logprobs) and validation's torch rows
+    (offload.stream_mean_loss, stream_logprobs) and validation's torch rows
     (validation/layerwise_rows.py) stream."""
     if not export.converts_from_memory(source):
         return streamed

@@ -224,10 +224,9 @@ def held_out_perplexity(loaded, calib: CalibrationSet, keep, weights, batch_size
     import torch
 
     if loaded.model is None:  # offload.StreamedModel: one layer at a time
-        from .offload import stream_loss_sums
+        from .offload import stream_mean_loss
 
-        sums = stream_loss_sums(loaded, calib, list(keep), weights, batch_size=batch_size)
-        return math.exp(sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1))
+        return math.exp(stream_mean_loss(loaded, calib, list(keep), weights, batch_size=batch_size))
 
     from .layerwise import Stack
     from .pruning import healed, pruned_view

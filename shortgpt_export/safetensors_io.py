@@ -200,7 +200,11 @@ def write_safetensors(
                 if isinstance(ref, ComputedTensor):
                     data = memoryview(ref.produce()).cast("B")
                     if data.nbytes != ref.nbytes:
-                        raise ValueError(f"{ref.name}: {data.nbytes} bytes, not {ref.nbytes}")
+                        raise CorruptModelError(
+                            f"tensor {ref.name} came out as {data.nbytes} bytes, its shape "
+                            f"{list(ref.shape)} needs {ref.nbytes}",
+                            hint="check that the model's metadata matches its tensors",
+                        )
                     out.write(data)
                     continue
                 if ref.path not in maps:

@@ -28,6 +28,7 @@ from .healing import (
     DEFAULT_WEIGHTING,
     GramFit,
     HealResult,
+    apply_patch,
     check_healable,
     down_proj,
     guard_batch_size,
@@ -380,7 +381,7 @@ def _candidate(
         weight.data.copy_(current)
     total, count = 0.0, 0
     for (r, m), b in zip(parts, batches, strict=True):
-        h = r + m @ t
+        h = r + apply_patch(m, t)
         s, c = stack.loss_sums(stack.run_many(after, h, b), b)
         total, count = total + s, count + c
     return total / max(count, 1), t.double()

@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .calibration import CalibrationSet
-from .healing import check_healable, down_proj, patched_weight
+from .healing import apply_patch, check_healable, down_proj, patched_weight
 from .layerwise import mean_loss
 from .offload import Activations, LayerStream
 from .selection import GreedyStep, _shortlist, fit_patch, greedy_steps
@@ -200,7 +200,7 @@ class _Search:
             self.weighting,
         )
         for r, (res, m) in zip(rows, parts, strict=True):
-            self.branches[k, r] = (res + m @ t).cpu()
+            self.branches[k, r] = (res + apply_patch(m, t)).cpu()
         return t.double()
 
     def _loss(self, final) -> float:

@@ -46,6 +46,7 @@ from .healing import (
     GramFit,
     HealResult,
     _warn_if_few_tokens,
+    apply_patch,
     check_heal_options,
     choose_refit,
     down_proj,
@@ -81,6 +82,7 @@ class _Passes:
 
     def __init__(self, stream, states, group_size: int, guard: bool, result: HealResult, new):
         self.stream, self.states, self.result, self.new = stream, states, result, new
+        self.window_shape = tuple(states.data.shape[1:])  # [tokens, hidden]
         self.stack = stream.recorder
         count = len(stream.batches)
         groups = math.ceil(states.data.shape[0] / group_size)
@@ -105,7 +107,7 @@ class _Passes:
 
     def buffer(self, count: int, *lead: int):
         """A ``[*lead, count, tokens, hidden]`` Activations buffer (freed with the heal)."""
-        return self.new((*lead, count, *self.states.data.shape[1:]))
+        return self.new((*lead, count, *self.window_shape))
 
     @contextmanager
     def loaded(self, index: int):
@@ -190,7 +192,7 @@ class _Passes:
             for b in self.held:
                 r = parts.data[0, self.held_rows[b]].to(stream.dev)
                 m = parts.data[1, self.held_rows[b]].to(stream.dev)
-                h = r + m if t is None else r + m @ t.to(device=m.device, dtype=m.dtype)
+                h = r + m if t is None else r + apply_patch(m, t)
                 branches.data[j, self.held_rows[b]] = h.cpu()
         for index in layers:
             with self.loaded(index):
@@ -268,6 +270,7 @@ def stream_heal_linear(
         hidden = states.data.shape[-1]
         with torch.inference_mode():
             position = cut = max(min(remove) - 1, 0)
+            targets = None
             if todo:
                 targets = passes.original(position, todo, progress)
             else:  # a refit alone: the state entering ``cut``, all windows
@@ -277,7 +280,7 @@ def stream_heal_linear(
                 start = new(states.data.shape)
                 start.data.copy_(states.data)
             held_windows = sum(s.stop - s.start for s in passes.held_rows.values())
-            parts = passes.buffer(held_windows, 2) if held_windows else None
+            parts = passes.buffer(held_windows, 2) if held_windows and todo else None
             unhealed_loss = None
             with progress("healing layer by layer: fitting patches", len(todo)) as advance:
                 for i, (a, b) in enumerate(todo):
@@ -302,6 +305,9 @@ def stream_heal_linear(
                     result.runs.append(entry)
                     advance(1)
             if refit:
+                for done in (states, parts, targets):  # the run passes' buffers
+                    if done is not None:
+                        done.close()
                 result.refit = _refit(passes, keep, cut, start, tries, unhealed_loss, progress)
     result.weights = {p: w.clone() for p, w in result.weights.items()}
     result.runs.sort(key=lambda entry: entry["run"][0])
@@ -332,10 +338,11 @@ def _refit(passes: _Passes, keep, first: int, start, tries, baseline, progress) 
     orig, cur = start, passes.new(start.data.shape)
     cur.data.copy_(start.data)
     outs, mlps = passes.new(start.data.shape), passes.new(start.data.shape)
-    base = None
+    base = None  # the held-out windows only, at passes.held_rows
     if baseline is None:
-        base = passes.new(start.data.shape)
-        base.data.copy_(start.data)
+        base = passes.buffer(sum(r.stop - r.start for r in passes.held_rows.values()))
+        for b in passes.held:
+            base.data[passes.held_rows[b]] = start.data[rows[b]]
     refits, layers = {}, []
     hidden = start.data.shape[-1]
 
@@ -362,7 +369,7 @@ def _refit(passes: _Passes, keep, first: int, start, tries, baseline, progress) 
                 linear.weight.data = before.to(device=stream.dev, dtype=linear.weight.dtype)
                 for b in range(count):
                     if base is not None and b in held:
-                        passes.run(q, base.data, rows[b], b)
+                        passes.run(q, base.data, passes.held_rows[b], b)
                     x = cur.data[rows[b]].to(stream.dev)
                     out, m = mlp_parts(stack, q, x, stream.batches[b])
                     outs.data[rows[b]], mlps.data[rows[b]] = out.cpu(), m.cpu()
@@ -384,23 +391,22 @@ def _refit(passes: _Passes, keep, first: int, start, tries, baseline, progress) 
                 cur.data.copy_(outs.data)
             else:
                 refits[q] = patched_weight(before, t)
-                tf = t.to(mlps.data.dtype)
                 for b in range(count):
                     m = mlps.data[rows[b]]
-                    cur.data[rows[b]] = outs.data[rows[b]] - m + m @ tf
+                    cur.data[rows[b]] = outs.data[rows[b]] - m + apply_patch(m, t)
             advance(1)
     if not passes.output_loaded:
         stream.load_output()
         passes.output_loaded = True
     held_batches = [stream.batches[b] for b in passes.held]
 
-    def held_loss(buffer) -> float:
-        return mean_loss(stack, (buffer.data[rows[b]].to(stream.dev) for b in passes.held),
+    def held_loss(buffer, at) -> float:
+        return mean_loss(stack, (buffer.data[at[b]].to(stream.dev) for b in passes.held),
                          held_batches)  # fmt: skip
 
     if base is not None:
-        baseline = held_loss(base)
-    record = refit_record(baseline, held_loss(cur), layers)
+        baseline = held_loss(base, passes.held_rows)
+    record = refit_record(baseline, held_loss(cur, rows), layers)
     if record["kept"]:
         weights.update(refits)
     return record
@@ -435,10 +441,9 @@ def healed_block_streamed(
         heal = heal_streamed(
             streamed, calib, remove, batch_size=batch_size, progress=progress, **options
         )
-        sums = offload.stream_loss_sums(
+        return heal, offload.stream_mean_loss(
             streamed, windows, keep, heal.weights, batch_size=size, progress=progress
         )
-        return heal, sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1)
 
     tried = try_blocks(starts, n, num_layers, heal_and_judge, progress)
     return healed_block_choice(num_layers, distances, n, tried, scores)

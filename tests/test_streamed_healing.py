@@ -95,12 +95,13 @@ def assert_same_refit(streamed: dict, memory: dict):
         assert_same_entry(s_layer, m_layer)
 
 
-@pytest.mark.parametrize("remove", [[2, 4], [0]])
+@pytest.mark.parametrize("remove", [[2, 4], [0], [0, 3]])
 def test_streamed_refit_equals_in_memory(tiny_model_dir, remove):
     """--heal refit: the run patches, then every kept layer from the first cut refitted to
     the original model's next state, in one more layer-by-layer pass; the same refits,
     residuals and held-out losses (a removal at layer 0 has no run to patch: a refit
-    alone, its baseline computed in the pass)."""
+    alone, its baseline computed in the pass; with a later run too, the refit pass starts
+    at layer 0 of the original and layer 1 of the pruned model)."""
     source = resolve_source(str(tiny_model_dir))
     calib = random_calibration(source.config.vocab_size, 10, 24, pad_last=5)
     memory, streamed = both(source, calib, remove, refit=True, ridge=None)

@@ -150,6 +150,27 @@ class HFTokenizerEvaluator(Evaluator):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's thread count is process-wide: set ``threads`` for one call, then restore
+    the caller's (torch evaluators also run inside the pipeline's own process)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def torch_quant_label(dtype) -> str:
+    """The report's quant label of a torch row: ``torch fp32``, ``torch bf16``, ..."""
+    name = str(dtype).removeprefix("torch.")
+    short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+    return f"torch {short.get(name, name)}"
+
+
 class TorchEvaluator(HFTokenizerEvaluator):
     backend = "torch"
 
@@ -170,18 +191,8 @@ class TorchEvaluator(HFTokenizerEvaluator):
         config = getattr(self.model, "generation_config", None)
         self.eog_ids = hf_eog_ids(self.tokenizer, getattr(config, "eos_token_id", None))
 
-    @contextlib.contextmanager
     def _threads(self):
-        """torch's thread count is process-wide: set ``threads`` for one call, then restore
-        the caller's (this evaluator also runs inside the pipeline's own process)."""
-        import torch
-
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        return torch_threads(self.threads)
 
     def logprobs(self, window):
         from ..fidelity import torch_logprobs

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..progress import ProgressFactory, no_progress
-from .evaluators import Evaluator
+from .evaluators import Evaluator, torch_threads
 from .measure import provenance, quality
 
 NOT_MEASURED = {
@@ -53,17 +53,19 @@ class LayerwiseEvaluator(Evaluator):
         calib = CalibrationSet(ids, torch.ones_like(ids), "evaluation windows", ids.shape[1])
         self._index = {_key(w): i for i, w in enumerate(ids.numpy())}
         self.keep = list(keep)
+        self.dtype = streamed.dtype or torch.float32
         with ExitStack() as closing:  # kept open until close() unless this raises
-            self._stream, self._states = closing.enter_context(
-                pruned_pass(streamed, calib, keep, patches, batch_size, progress)
-            )
+            with torch_threads(threads):
+                self._stream, self._states = closing.enter_context(
+                    pruned_pass(streamed, calib, keep, patches, batch_size, progress)
+                )
             self._closing = closing.pop_all()
 
     def logprobs(self, window):
         import torch
 
         index = self._index[_key(window)]
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.threads):
             hidden = self._states.data[index : index + 1].to(self._stream.dev)
             logits = self._stream.recorder.logits(hidden)[0].cpu()
         return torch.log_softmax(logits.double(), dim=-1)

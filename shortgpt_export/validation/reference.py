@@ -54,13 +54,15 @@ def evaluation_windows(tokenizer, opts: EvalOptions, max_context: int | None):
 def reference_logprobs(evaluator, windows: np.ndarray, kl_windows: int, cache_dir: Path, key: str):
     """Float32 [kl_windows * ctx, vocab] log-probs of the reference, cached under ``key``.
 
-    Computed by the evaluator of the original model's torch row, so the reference
-    measured against itself gives KL 0 and top-1 agreement 1. ``evaluator()`` returns it.
+    Computed by the evaluator of the original model's torch row (``evaluator()`` returns
+    it), so the reference measured against itself gives KL 0 and top-1 agreement 1 (to
+    rounding when the in-memory and the layer-by-layer evaluator share a cached entry).
     """
     path = cache_dir / f"reference-{key}.npy"
     if path.is_file():
         return path
-    rows = [evaluator().logprobs(window).float().numpy() for window in windows[:kl_windows]]
+    original = evaluator()
+    rows = [original.logprobs(window).float().numpy() for window in windows[:kl_windows]]
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp.npy")
     np.save(partial, np.concatenate(rows))

@@ -8,12 +8,14 @@ import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
+import numpy as np
+
 from ..default_model import cache_dir
 from ..errors import QualityGateError
 from ..progress import ProgressFactory, no_progress
 from ..tokenizer_check import chat_stop_record
 from .artifact_eval import ReportRow, check_tokenizer, evaluate_artifact, torch_record
-from .evaluators import artifact_kind
+from .evaluators import artifact_kind, torch_quant_label
 from .layerwise_rows import layerwise_record
 from .reference import EvalOptions, new_workdir, prepare
 
@@ -39,7 +41,8 @@ def parameter_bytes(model) -> int:
 def torch_row(model, tokenizer, evaluation, path: str, pruned: bool, layers: int) -> dict:
     """The report row of an in-memory torch model: the original or its pruned view."""
     label = "pruned" if pruned else "original"
-    row = ReportRow(path, label, "hf", "torch fp32", pruned, layers, parameter_bytes(model))
+    quant = torch_quant_label(model.dtype)
+    row = ReportRow(path, label, "hf", quant, pruned, layers, parameter_bytes(model))
     return row.to_dict() | torch_record(model, tokenizer, evaluation, label)
 
 
@@ -47,7 +50,8 @@ def layerwise_row(evaluator, evaluation, path: str, pruned: bool) -> dict:
     """The report row of a model evaluated one layer at a time (layerwise_rows.py)."""
     label = "pruned" if pruned else "original"
     size, layers = evaluator.parameter_bytes(), len(evaluator.keep)
-    row = ReportRow(path, label, "hf", "torch fp32", pruned, layers, size)
+    quant = torch_quant_label(evaluator.dtype)
+    row = ReportRow(path, label, "hf", quant, pruned, layers, size)
     return row.to_dict() | layerwise_record(evaluator, evaluation)
 
 
@@ -86,11 +90,9 @@ def measure_artifacts(
                 check_tokenizer(path, evaluation)
         pruned = keep is not None and len(keep) < source.num_layers
         if loaded.model is None:
-            records = [
-                layerwise_row(
-                    evaluators.original(evaluation.windows), evaluation, str(source.path), False
-                )
-            ]
+            original = evaluators.original(evaluation.windows)
+            records = [layerwise_row(original, evaluation, str(source.path), False)]
+            original.close()  # its states and LM head are not needed any more
             if pruned:
                 with (
                     progress("pruned (torch, layer by layer)", None),
@@ -144,7 +146,7 @@ class _LayerwiseEvaluators:
 
     def __init__(self, loaded, opts: EvalOptions, closing: ExitStack, progress):
         self.loaded, self.opts, self.closing, self.progress = loaded, opts, closing, progress
-        self._original = None
+        self._original, self._windows = None, None
 
     def pruned(self, keep: list[int], patches: dict | None, windows):
         from .layerwise_rows import LayerwiseEvaluator
@@ -155,11 +157,15 @@ class _LayerwiseEvaluators:
         )  # fmt: skip
 
     def original(self, windows):
+        """The original model's evaluator of ``windows`` (the evaluation's), made once."""
         if self._original is None:
             with self.progress("original (torch, layer by layer)", None):
                 every = list(range(self.loaded.source.num_layers))
                 evaluator = self.pruned(every, None, windows)
             self._original = self.closing.enter_context(contextlib.closing(evaluator))
+            self._windows = windows
+        elif not np.array_equal(windows, self._windows):
+            raise ValueError("the original model's evaluator was made for other windows")
         return self._original
 
 
