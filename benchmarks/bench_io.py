@@ -112,6 +112,17 @@ def _copy_s(path: Path) -> float:
     return elapsed
 
 
+def _f16_export_and_copy(ctx, out: Path) -> tuple[float, float]:
+    """Seconds of one F16 GGUF export into a new file ``out`` (the last one deleted before
+    the clock starts, as the copy's is), and of a plain copy of what it wrote."""
+    from shortgpt_export.converters.gguf import hf_to_gguf
+
+    out.unlink(missing_ok=True)
+    began = time.perf_counter()
+    hf_to_gguf.convert_pruned(ctx, out)
+    return time.perf_counter() - began, _copy_s(out)
+
+
 def export_throughput(reps: int) -> dict:
     """GGUF F16 and HF folder exports against plain copies, interleaved."""
     from shortgpt_export.converters.gguf import hf_to_gguf
@@ -135,11 +146,9 @@ def export_throughput(reps: int) -> dict:
             # each export writes a new file, as the copy does (and as the exporter's
             # staging folder does): overwriting the last rep's output would time its
             # truncation too
-            gguf_out.unlink(missing_ok=True)
-            began = time.perf_counter()
-            hf_to_gguf.convert_pruned(gguf_ctx, gguf_out)
-            runs["gguf"].append(time.perf_counter() - began)
-            runs["gguf_copy"].append(_copy_s(gguf_out))
+            export_s, copy_s = _f16_export_and_copy(gguf_ctx, gguf_out)
+            runs["gguf"].append(export_s)
+            runs["gguf_copy"].append(copy_s)
             shutil.rmtree(hf_out, ignore_errors=True)
             began = time.perf_counter()
             write_pruned_model(hf_ctx.source, hf_ctx.plan, hf_out)
@@ -238,7 +247,6 @@ def ensure_large_copy() -> Path:
 def large_export_throughput(reps: int) -> dict:
     """F16 GGUF export of the 0.8B random model against a plain copy, interleaved."""
     from shortgpt_export.converters import ExportContext
-    from shortgpt_export.converters.gguf import hf_to_gguf
     from shortgpt_export.planning import make_plan
     from shortgpt_export.source import resolve_source
 
@@ -249,11 +257,9 @@ def large_export_throughput(reps: int) -> dict:
     runs: dict = {"gguf": [], "copy": []}
     load_before = os.getloadavg()[0]
     for _ in range(reps):
-        out.unlink(missing_ok=True)
-        began = time.perf_counter()
-        hf_to_gguf.convert_pruned(ctx, out)
-        runs["gguf"].append(time.perf_counter() - began)
-        runs["copy"].append(_copy_s(out))
+        export_s, copy_s = _f16_export_and_copy(ctx, out)
+        runs["gguf"].append(export_s)
+        runs["copy"].append(copy_s)
     result = {k: statistics.median(v) for k, v in runs.items()}
     result["bytes"] = out.stat().st_size
     result["load"] = (load_before, os.getloadavg()[0])

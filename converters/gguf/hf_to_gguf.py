@@ -10,6 +10,7 @@ from pathlib import Path
 from shortgpt_export.errors import CorruptModelError, ExportError
 from shortgpt_export.pruning import plan_tensors, prune_config_dict
 from shortgpt_export.safetensors_io import TensorRef, read_tensor_into
+from shortgpt_export.torch_threads import torch_threads
 
 from .metadata import add_general_metadata
 from .packing import PackedStrings, pack_strings
@@ -277,18 +278,6 @@ def _gc_paused():
             gc.enable()
 
 
-@contextmanager
-def _torch_threads(count: int):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 CHUNK_ELEMENTS = 1 << 20  # elements converted and written per step (2-4 MB buffers)
 
 
@@ -407,7 +396,7 @@ def _write_tensors(out, refs, plan_types, spec, heads: int, kv_heads: int, advan
     bufs = _Buffers()
     files: dict = {}  # source files, open for the whole loop
     try:
-        with _torch_threads(1):
+        with torch_threads(1):
             for (gguf_name, ref), qtype in zip(refs, plan_types, strict=True):
                 out.align()
                 n_heads = 0

@@ -6,7 +6,6 @@ measures latency the same way: prompt processing, then greedy generation with th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelNotFoundError
+from ..torch_threads import torch_threads
 from .devices import ORT_PROVIDERS, require
 from .qa import FALLBACK_PROMPT
 
@@ -148,20 +148,6 @@ class HFTokenizerEvaluator(Evaluator):
 
     def detokenize(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """torch's thread count is process-wide: set ``threads`` for one call, then restore
-    the caller's (torch evaluators also run inside the pipeline's own process)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def torch_quant_label(dtype) -> str:
