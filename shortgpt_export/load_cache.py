@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import default_model
+from .code_identity import code_identity
 from .errors import CorruptModelError, ShortGPTError
 
 log = logging.getLogger(__name__)
@@ -111,13 +112,19 @@ def check_entry(entry: Path, gguf: Path, dtype: str, *, checksums: bool = True) 
     """The entry's manifest if every file is whole and it belongs to ``gguf`` in ``dtype``.
 
     Raises ``CacheEntryError`` naming the first problem: a manifest for another GGUF (or
-    an older version of it) or dtype, a missing or resized file, a safetensors header
+    an older version of it), dtype, or converter (another version of this package, torch,
+    transformers or gguf: code_identity), a missing or resized file, a safetensors header
     that does not tile its file, or (with ``checksums``) a CRC-32 mismatch.
     """
     from .safetensors_io import read_header
 
     manifest = _read_manifest(entry)
-    expected = {"version": FORMAT_VERSION, "gguf": gguf_identity(gguf), "dtype": dtype}
+    expected = {
+        "version": FORMAT_VERSION,
+        "converter": code_identity(),
+        "gguf": gguf_identity(gguf),
+        "dtype": dtype,
+    }
     for key, value in expected.items():
         if manifest.get(key) != value:
             raise CacheEntryError(f"manifest {key} is {manifest.get(key)!r}, expected {value!r}")
@@ -169,7 +176,11 @@ def cached_source_config(gguf: Path):
         folder = entry / SOURCE_CONFIG
         try:
             manifest = _read_manifest(entry)
-            if manifest.get("gguf") != gguf_identity(gguf) or not folder.is_dir():
+            if (
+                manifest.get("gguf") != gguf_identity(gguf)
+                or manifest.get("converter") != code_identity()
+                or not folder.is_dir()
+            ):
                 continue
             from transformers import AutoConfig
 
@@ -223,6 +234,7 @@ def store_entry(gguf: Path, dtype: str, model, tokenizer, source_config) -> Path
             return None
         manifest = {
             "version": FORMAT_VERSION,
+            "converter": code_identity(),
             "gguf": gguf_identity(gguf),
             "dtype": dtype,
             "files": files,

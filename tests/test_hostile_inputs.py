@@ -630,26 +630,26 @@ def test_reference_cache_key_follows_the_code(tmp_path, model, monkeypatch):
     import numpy as np
 
     import shortgpt_export.validation.reference as reference
+    from shortgpt_export.code_identity import code_identity
     from shortgpt_export.source import resolve_source
 
     windows = np.arange(64).reshape(2, 32)
     source = resolve_source(str(model))
-    identity = reference.code_identity()
-    assert "torch " in identity and "transformers " in identity
+    identity = code_identity()
+    assert "torch 2" in identity and "transformers 4" in identity and "gguf " in identity
     first = reference.cache_key(reference.model_fingerprint(source, torch.float32), windows, 2)
     monkeypatch.setattr(reference, "code_identity", lambda: identity + " (patched)")
     assert first != reference.cache_key(
         reference.model_fingerprint(source, torch.float32), windows, 2
     )
     # an edited source file of the package changes the identity
-    package = tmp_path / "pkg" / "shortgpt_export" / "validation"
-    package.mkdir(parents=True)
-    (package.parent / "a.py").write_text("x = 1\n")
-    monkeypatch.undo()  # the real code_identity, reading the files under ``package``
-    monkeypatch.setattr(reference, "__file__", str(package / "reference.py"))
-    before = reference.code_identity()
-    (package.parent / "a.py").write_text("x = 2\n")
-    assert reference.code_identity() != before
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "a.py").write_text("x = 1\n")
+    before = code_identity(package)
+    assert code_identity(package) == before
+    (package / "sub" / "a.py").write_text("x = 2\n")
+    assert code_identity(package) != before
 
 
 def test_huge_single_line_calibration_is_read_within_budget(

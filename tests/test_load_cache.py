@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from shortgpt_export import load_cache
+from shortgpt_export.code_identity import code_identity
 from shortgpt_export.source import load_model, resolve_source
 from tests.helpers import run_cli
 
@@ -77,6 +78,10 @@ def _corrupt(entry: Path, how: str) -> None:
         manifest = json.loads((entry / "manifest.json").read_text())
         manifest["gguf"]["mtime_ns"] -= 1
         (entry / "manifest.json").write_text(json.dumps(manifest))
+    elif how == "other converter":  # written by another version of the code or libraries
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest["converter"] = manifest["converter"].replace("transformers ", "transformers 0")
+        (entry / "manifest.json").write_text(json.dumps(manifest))
     elif how == "missing file":
         (entry / "tokenizer.json").unlink()
 
@@ -92,6 +97,15 @@ def test_cached_load_equals_the_gguf_load_and_damage_is_rebuilt(tiny_gguf, cache
     assert {k: v for k, v in cached_config.to_dict().items() if k not in skip} == {
         k: v for k, v in uncached.source.config.to_dict().items() if k not in skip
     }
+    # ... unless the entry was made by another converter (code or library version)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert manifest["converter"] == code_identity()
+    real = manifest["converter"]
+    manifest["converter"] = "an older version"
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+    assert load_cache.cached_source_config(tiny_gguf) is None
+    manifest["converter"] = real
+    (entry / "manifest.json").write_text(json.dumps(manifest))
     caplog.clear()
     cached = _load(tiny_gguf)
     assert "from the load cache" in caplog.text
@@ -100,7 +114,8 @@ def test_cached_load_equals_the_gguf_load_and_damage_is_rebuilt(tiny_gguf, cache
 
     pristine = cache.parent / "pristine"
     shutil.copytree(entry, pristine)
-    for how in ("bad header", "flipped byte", "key mismatch", "missing file", "truncated"):
+    hows = ("bad header", "flipped byte", "key mismatch", "other converter", "missing file")
+    for how in (*hows, "truncated"):
         _corrupt(entry, how)
         with pytest.raises(load_cache.CacheEntryError):
             load_cache.check_entry(entry, tiny_gguf, "float32")

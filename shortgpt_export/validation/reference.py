@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..code_identity import code_identity
 from ..errors import ShortGPTError, ValidationError
 from ..tokenizer_check import PLAIN_TEXTS, source_fingerprint
 from .evaluators import TorchEvaluator
@@ -73,28 +74,11 @@ def reference_logprobs(evaluator, windows: np.ndarray, kl_windows: int, cache_di
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
 
 
-def code_identity() -> str:
-    """What computes the reference besides the weights: torch's and transformers' versions
-    and a hash of this package's source, so a reference cached by another version of any
-    of them is recomputed, never reused (one cached before a loading fix in this package
-    gave the original model KL 0.14 against itself)."""
-    import torch
-    import transformers
-
-    package = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode())
-        digest.update(path.read_bytes())
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, " + (
-        f"shortgpt_export source {digest.hexdigest()[:16]}"
-    )
-
-
 def model_fingerprint(source, dtype) -> str:
     """What identifies the reference's log-probs: the resolved path, the size and mtime of
     every weight and config file, the dtype the model runs in, and the code that runs it
-    (:func:`code_identity`)."""
+    (:func:`code_identity.code_identity`: a reference cached before a loading fix in this
+    package gave the original model KL 0.14 against itself)."""
     path = Path(source.path).resolve()
     files = (
         [path]
