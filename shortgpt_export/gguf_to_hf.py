@@ -25,14 +25,14 @@ def gguf_tensors(source, weights, dtype, patches: dict | None = None):
     projections); and the causal-LM class they belong to, for config.json."""
     import torch
 
-    from .offload import skeleton
+    from .offload import module_path, skeleton
 
     model = skeleton(source.config, dtype)
     head = model.get_output_embeddings()
     skip = set()
     if head is not None and getattr(source.config, "tie_word_embeddings", False):
         # by name: a skeleton that ties the head would list it under the embeddings' name
-        skip = {next(name for name, m in model.named_modules() if m is head) + ".weight"}
+        skip = {module_path(model, head) + ".weight"}
     buffers = dict(model.named_buffers())  # computed on the CPU by the skeleton
     down = {source.spec.down_proj_tensor(p): w for p, w in (patches or {}).items()}
     st_dtype = SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]

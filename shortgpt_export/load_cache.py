@@ -168,17 +168,18 @@ def cached_source_config(gguf: Path):
         return None
     root = cache_root()
     try:
-        key = _source_key(gguf_identity(gguf))
-        candidates = sorted(root.glob(f"{key}-*"))
+        identity = gguf_identity(gguf)
+        candidates = sorted(root.glob(f"{_source_key(identity)}-*"))
     except OSError:
         return None
+    converter = code_identity()
     for entry in candidates:
         folder = entry / SOURCE_CONFIG
         try:
             manifest = _read_manifest(entry)
             if (
-                manifest.get("gguf") != gguf_identity(gguf)
-                or manifest.get("converter") != code_identity()
+                manifest.get("gguf") != identity
+                or manifest.get("converter") != converter
                 or not folder.is_dir()
             ):
                 continue

@@ -242,7 +242,8 @@ def row_embedder(embed, name: str, weights, device, dtype):
     return lookup
 
 
-def _module_path(root, module) -> str:
+def module_path(root, module) -> str:
+    """The dotted name of ``module`` inside ``root``."""
     return next(name for name, m in root.named_modules() if m is module)
 
 
@@ -328,7 +329,7 @@ class LayerStream:
         self.size = size = batch_size
         self.weights = open_weights(source)
         try:
-            self.embed_name = _module_path(model, embed) + ".weight"
+            self.embed_name = module_path(model, embed) + ".weight"
             lookup = row_embedder(embed, self.embed_name, self.weights, self.dev, dtype)
             if lookup is None:
                 materialize(embed, self.embed_name[: -len("weight")], self.weights, self.dev, dtype)
@@ -370,7 +371,7 @@ class LayerStream:
         tied to the embeddings reads the embedding matrix."""
         stack = self.recorder
         for module in (stack.norm, stack.head):
-            prefix = _module_path(self.model, module) + "."
+            prefix = module_path(self.model, module) + "."
             weights = self.weights
             if module is stack.head and self.tied:
                 weights = _Renamed(self.weights, {prefix + "weight": self.embed_name})
@@ -582,16 +583,14 @@ def stream_mean_loss(
     passes do), one decoder layer in memory at a time."""
     import torch
 
-    total, count = 0.0, 0
+    from .layerwise import mean_loss
+
     with (
         pruned_pass(streamed, calib, keep, patches, batch_size, progress) as (stream, states),
         torch.inference_mode(),
     ):
-        for b, batch in enumerate(stream.batches):
-            x = states.data[stream.rows(b)].to(stream.dev)
-            s, c = stream.recorder.loss_sums(x, batch)
-            total, count = total + s, count + c
-    return total / max(count, 1)
+        finals = (states.data[stream.rows(b)].to(stream.dev) for b in range(len(stream.batches)))
+        return mean_loss(stream.recorder, finals, stream.batches)
 
 
 def score_streamed(

@@ -74,7 +74,8 @@ class LayerwiseEvaluator(Evaluator):
         """Bytes of the evaluated model's parameters in its dtype (the removed layers left
         out, a tied LM head once), as session.parameter_bytes counts a model in memory."""
         stream = self._stream
-        left_out = [layer for i, layer in enumerate(stream.layers) if i not in set(self.keep)]
+        kept = set(self.keep)
+        left_out = [layer for i, layer in enumerate(stream.layers) if i not in kept]
         if stream.tied:
             left_out.append(stream.recorder.head)
         skip = {id(p) for module in left_out for p in module.parameters()}
