@@ -15,7 +15,7 @@ from tiny_models import TINY_CONFIGS
 
 from shortgpt_export.architectures import spec_for
 from shortgpt_export.converters import ExportContext
-from shortgpt_export.converters.gguf import hf_to_gguf, tokenizer
+from shortgpt_export.converters.gguf import hf_to_gguf, tensor_stream, tokenizer
 from shortgpt_export.converters.gguf.hf_to_gguf import (
     BlockNameMap,
     _fast_writer_class,
@@ -103,12 +103,16 @@ def test_chunked_tensor_stream_writes_the_torch_casts(
     tiny_llama_dir, tmp_path, monkeypatch, out_type
 ):
     folder = _bf16_copy(tiny_llama_dir, tmp_path / "bf16")
+    monkeypatch.setattr(hf_to_gguf, "usable_cpus", lambda: 1)  # written in the caller's thread
     whole = _export(folder, tmp_path / "whole.gguf", out_type)
     # q is 4 heads of 1024 elements, k 2: 1000 puts one head in a chunk, 2500 two heads
-    # (and splits the 8192-element MLP matrices unevenly)
-    for chunk in (1000, 2500):
-        monkeypatch.setattr(hf_to_gguf, "CHUNK_ELEMENTS", chunk)
-        assert _export(folder, tmp_path / f"chunk{chunk}.gguf", out_type) == whole
+    # (and splits the 8192-element MLP matrices unevenly); with a writer thread, 1000 puts
+    # dozens of chunks in flight through its three buffers
+    for cpus in (1, 2):
+        monkeypatch.setattr(hf_to_gguf, "usable_cpus", lambda cpus=cpus: cpus)
+        for chunk in (1000, 2500):
+            monkeypatch.setattr(tensor_stream, "CHUNK_ELEMENTS", chunk)
+            assert _export(folder, tmp_path / f"chunk{chunk}-{cpus}.gguf", out_type) == whole
 
     config = json.loads((folder / "config.json").read_text())
     source = resolve_source(str(folder))
@@ -129,6 +133,55 @@ def test_chunked_tensor_stream_writes_the_torch_casts(
         expected = expected.to(wide if len(ref.shape) > 1 else torch.float32).contiguous()
         assert bytes(tensor.data.tobytes()) == expected.numpy().tobytes(), ref.name
     assert reader.data_offset % 32 == 0 and len(whole) % 32 == 0
+
+
+def test_pipelined_output_bounds_its_buffers_and_keeps_the_order(tmp_path):
+    """Chunks are written in submission order by the writer thread, never more than
+    ``depth`` buffers exist, and a buffer is refilled only once written."""
+    path = tmp_path / "out.bin"
+    created = []
+    with (
+        open(path, "wb") as fh,
+        tensor_stream.TensorOutput(fh.fileno(), 0, 32, pipelined=True, depth=2) as out,
+    ):
+        for i in range(50):
+            raw = out.buffer(1000 - i)  # never grows: the pool's buffers are reused
+            created.append(raw._gguf_base.data_ptr())
+            raw.fill_(i % 251)
+            out.submit(raw)
+            out.submit(b"|")
+        out.align()
+    data = path.read_bytes()
+    expected = b"".join(bytes([i % 251]) * (1000 - i) + b"|" for i in range(50))
+    assert data[: len(expected)] == expected
+    assert len(data) % 32 == 0 and set(data[len(expected) :]) <= {0}
+    assert len(set(created)) == 2
+
+
+def test_pipelined_write_error_reaches_the_caller(tmp_path, monkeypatch):
+    calls = []
+
+    def failing_write(fd, view):
+        calls.append(len(view))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tensor_stream.os, "write", failing_write)
+    with (
+        open(tmp_path / "out.bin", "wb") as fh,
+        pytest.raises(OSError, match="No space left"),
+        tensor_stream.TensorOutput(fh.fileno(), 0, 32, pipelined=True) as out,
+    ):
+        for _ in range(20):  # the error surfaces at a later buffer() or on exit
+            out.submit(out.buffer(4096))
+    assert calls == [4096]  # nothing written after the failure
+    # an error in the caller's block is not masked by the writer's
+    with (
+        open(tmp_path / "out.bin", "wb") as fh,
+        pytest.raises(ValueError, match="caller"),
+        tensor_stream.TensorOutput(fh.fileno(), 0, 32, pipelined=True) as out,
+    ):
+        out.submit(out.buffer(16))
+        raise ValueError("caller")
 
 
 def test_fast_tokenizer_path_writes_what_stock_gguf_writes(tiny_llama_dir, tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def test_gguf_streamed_agrees_with_the_gguf_loaded_whole(
 
 
 def test_deinterleave_undoes_the_gguf_export_permutation():
-    # the export's q/k reorder (hf_to_gguf._write_tensors): per head, (2, r) rows -> (r, 2)
+    # the export's q/k reorder (tensor_stream.stream_float): per head, (2, r) rows -> (r, 2)
     weight = torch.arange(8 * 16 * 3).reshape(8 * 16, 3)
     interleaved = weight.view(8, 2, 8, 3).transpose(1, 2).reshape(weight.shape).numpy()
     back = gguf_layers.deinterleave_rope_rows(interleaved, 8)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from shortgpt_export.errors import CorruptModelError, ExportError
+from shortgpt_export.errors import ExportError
 from shortgpt_export.pruning import plan_tensors, prune_config_dict
-from shortgpt_export.safetensors_io import TensorRef, read_tensor_into
-from shortgpt_export.torch_threads import torch_threads
+from shortgpt_export.safetensors_io import TensorRef
 
 from .metadata import add_general_metadata
 from .packing import PackedStrings, pack_strings
+from .tensor_stream import TensorOutput, usable_cpus, write_tensors
 from .tokenizer import add_tokenizer
 
 # F32/F16 are the bases the GGUF back-end writes; Q8_0 (gguf-py's own quantizer) lets tests
@@ -144,6 +142,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
     """Write the pruned model of a safetensors source straight to a GGUF file."""
     import gguf
     import numpy as np
+    import torch
 
     if out_type not in OUT_TYPES:
         raise ExportError(f"the built-in converter writes {', '.join(OUT_TYPES)}, not {out_type}")
@@ -209,16 +208,41 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
         fout.flush()  # from here on the tensor data goes straight to the file descriptor
-        out = _TensorOutput(fout.fileno(), fout.tell(), writer.data_alignment)
+        floats = {gguf.GGMLQuantizationType.F32: torch.float32,
+                  gguf.GGMLQuantizationType.F16: torch.float16}  # fmt: skip
+        tensors = [
+            (ref, floats.get(qtype), _qk_heads(spec, gguf_name, heads, kv_heads))
+            for (gguf_name, ref), qtype in zip(refs, plan_types, strict=True)
+        ]
+        quantized = iter([q for q in plan_types if q not in floats])
+
+        def quantize(tensor):  # called for the non-float targets, in order
+            return _convert(tensor.float().numpy(), next(quantized))
+
         total = sum(ref.nbytes for _, ref in refs)
-        with ctx.progress(f"writing {target.name}", total) as advance:
-            _write_tensors(out, refs, plan_types, spec, heads, kv_heads, advance)
+        with (
+            ctx.progress(f"writing {target.name}", total) as advance,
+            TensorOutput(
+                fout.fileno(), fout.tell(), writer.data_alignment, pipelined=usable_cpus() > 1
+            ) as out,  # fmt: skip
+        ):
+            write_tensors(out, tensors, quantize, advance)
             for _, array in extra:
                 out.align()
-                out.write(array)
+                out.submit(array)
             out.align()
     finally:
         writer.close()
+
+
+def _qk_heads(spec, gguf_name: str, heads: int, kv_heads: int) -> int:
+    """Heads whose rows are reordered for llama.cpp's rope (q and k of families that need
+    it: rotate-half rows -> adjacent pairs, per head), else 0."""
+    if not spec.gguf_permute_qk:
+        return 0
+    if gguf_name.endswith("attn_q.weight"):
+        return heads
+    return kv_heads if gguf_name.endswith("attn_k.weight") else 0
 
 
 def _fast_writer_class():
@@ -276,150 +300,3 @@ def _gc_paused():
     finally:
         if was_enabled:
             gc.enable()
-
-
-CHUNK_ELEMENTS = 1 << 20  # elements converted and written per step (2-4 MB buffers)
-
-
-class _TensorOutput:
-    """The tensor-data section of a GGUF file, appended with unbuffered ``os.write`` calls.
-
-    Each tensor starts at a multiple of ``alignment``, zero-padded, as ``gguf.GGUFWriter``
-    lays it out; ``offset`` is the absolute position in the file.
-    """
-
-    def __init__(self, fd: int, offset: int, alignment: int):
-        self.fd, self.offset, self.alignment = fd, offset, alignment
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            done = os.write(self.fd, view)
-            view = view[done:]
-            self.offset += done
-
-    def align(self) -> None:
-        pad = -self.offset % self.alignment
-        if pad:
-            self.write(bytes(pad))
-
-
-class _Buffers:
-    """Growable scratch buffers, one per role, reused for every chunk of every tensor."""
-
-    def __init__(self):
-        self._bufs: dict = {}
-
-    def get(self, role: str, count: int, dtype):
-        import torch
-
-        nbytes = count * dtype.itemsize
-        buf = self._bufs.get(role)
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[role] = torch.empty(nbytes, dtype=torch.uint8)
-        return buf[:nbytes].view(dtype)
-
-
-def _read_range(ref, first: int, view, files: dict) -> None:
-    """Bytes ``first .. first + len(view)`` of ``ref``'s data into ``view``."""
-    if ref.path not in files:
-        files[ref.path] = open(ref.path, "rb", buffering=0)  # noqa: SIM115
-    fh = files[ref.path]
-    fh.seek(ref.start + first)
-    done = 0
-    while done < len(view):
-        got = fh.readinto(view[done:])
-        if not got:
-            raise CorruptModelError(
-                f"{ref.path} ends inside tensor {ref.name}", hint="re-download the model"
-            )
-        done += got
-
-
-def _stream_float(ref, dtype, n_heads: int, out: _TensorOutput, files: dict, bufs: _Buffers):
-    """Write one tensor converted to the float ``dtype``, a chunk at a time.
-
-    A chunk is read into a reused buffer, converted into another and written, so the
-    data stays in the CPU cache between the steps. bf16 -> f16 goes through a float32
-    chunk: torch's direct cast is about half as fast, and the result is the same (bf16
-    to float32 is exact). With ``n_heads``, q/k rows are reordered per head for llama.cpp's
-    rope: (2, r, ..) -> (r, 2, ..); a chunk then holds whole heads.
-    """
-    import torch
-
-    from shortgpt_export.safetensors_io import TORCH_DTYPES
-
-    if ref.dtype not in TORCH_DTYPES:
-        raise CorruptModelError(f"tensor {ref.name} has dtype {ref.dtype}, which cannot be read")
-    src_dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
-    total = math.prod(ref.shape)
-    unit = max(1, total // n_heads if n_heads else 1)  # elements that stay in one chunk
-    step = max(1, CHUNK_ELEMENTS // unit) * unit
-    widen = src_dtype != dtype and torch.float32 not in (src_dtype, dtype)
-    for first in range(0, total, step):
-        count = min(step, total - first)
-        src = bufs.get("in", count, src_dtype)
-        _read_range(
-            ref, first * src_dtype.itemsize, memoryview(src.view(torch.uint8).numpy()), files
-        )
-        if not n_heads and src_dtype == dtype:
-            out.write(src.view(torch.uint8).numpy())
-            continue
-        if widen:
-            wide = bufs.get("f32", count, torch.float32)
-            wide.copy_(src)
-            src = wide
-        dst = bufs.get("out", count, dtype)
-        if n_heads:
-            rest = ref.shape[1:]
-            half = ref.shape[0] // n_heads // 2
-            heads = count // unit
-            dst.view(heads, half, 2, *rest).copy_(src.view(heads, 2, half, *rest).transpose(1, 2))
-        else:
-            dst.copy_(src)
-        out.write(dst.view(torch.uint8).numpy())
-
-
-def _write_tensors(out, refs, plan_types, spec, heads: int, kv_heads: int, advance) -> None:
-    """Read, convert and write each tensor in chunks through buffers reused for all of them.
-
-    Float targets are streamed by ``_stream_float``: memory stays at a few chunk buffers
-    whatever the tensor size, and every byte is read once and written once with large
-    unbuffered writes. Quantized targets (Q8_0) are converted whole by gguf-py. The
-    conversion runs on one torch thread: it is memory-bound, and on a busy machine torch's
-    thread pool cost ten times what it saved. Two other ways to use the second core were
-    slower on the default model (2 shared cores, medians): writing from a background thread
-    (315 ms against 287 ms for the whole export) and two threads each streaming half of
-    the tensors with positioned writes (294 ms against 273 ms).
-    """
-    floats = _float_dtypes()
-    bufs = _Buffers()
-    files: dict = {}  # source files, open for the whole loop
-    try:
-        with torch_threads(1):
-            for (gguf_name, ref), qtype in zip(refs, plan_types, strict=True):
-                out.align()
-                n_heads = 0
-                if spec.gguf_permute_qk and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-                    # rotate-half rows -> adjacent pairs, per head: (h, 2, r, ..) -> (h, r, 2, ..)
-                    n_heads = heads if gguf_name.endswith("attn_q.weight") else kv_heads
-                if qtype in floats:
-                    _stream_float(ref, floats[qtype], n_heads, out, files, bufs)
-                else:
-                    source = read_tensor_into(ref, bytearray(ref.nbytes), files)
-                    if n_heads:
-                        half = ref.shape[0] // n_heads // 2
-                        source = source.view(n_heads, 2, half, *ref.shape[1:]).transpose(1, 2)
-                    out.write(_convert(source.float().reshape(ref.shape).numpy(), qtype))
-                advance(ref.nbytes)
-    finally:
-        for fh in files.values():
-            fh.close()
-
-
-def _float_dtypes() -> dict:
-    import gguf
-    import torch
-
-    t = gguf.GGMLQuantizationType
-    return {t.F32: torch.float32, t.F16: torch.float16}
