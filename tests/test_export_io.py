@@ -23,6 +23,7 @@ from shortgpt_export.converters.gguf.hf_to_gguf import (
 )
 from shortgpt_export.converters.gguf.packing import pack_strings
 from shortgpt_export.converters.gguf.tokenizer import _special_vocab, merge_strings
+from shortgpt_export.errors import ExportError
 from shortgpt_export.planning import make_plan
 from shortgpt_export.pruning import plan_tensors, source_tensors
 from shortgpt_export.safetensors_io import load_tensor, read_header, read_tensor_into
@@ -197,6 +198,49 @@ def test_fast_tokenizer_path_writes_what_stock_gguf_writes(tiny_llama_dir, tmp_p
     assert fast == stock
     reader = gguf.GGUFReader(tmp_path / "fast.gguf")
     assert "tokenizer.chat_template" in reader.fields
+
+
+def _plain_token_arrays(vocab, added, size):
+    tokens = {i: t for t, i in vocab.items()}
+    types = dict.fromkeys(tokens, int(gguf.TokenType.NORMAL))
+    for a in added:
+        tokens[a["id"]] = a["content"]
+        kind = gguf.TokenType.CONTROL if a["special"] else gguf.TokenType.USER_DEFINED
+        types[a["id"]] = int(kind)
+    return (
+        [tokens.get(i, f"[PAD{i}]") for i in range(size)],
+        [types.get(i, int(gguf.TokenType.UNUSED)) for i in range(size)],
+    )
+
+
+def test_token_arrays_do_not_depend_on_the_vocabulary_order():
+    """The in-order fast path and the general one give what a plain per-id loop gives:
+    shuffled ids, a gap, added tokens over the vocabulary and beyond it."""
+    import random
+
+    ordered = {f"t{i}": i for i in range(40)}
+    added = [
+        {"id": 3, "content": "<s>", "special": True},
+        {"id": 40, "content": "<user>", "special": False},
+    ]
+    shuffled = list(ordered.items())
+    random.Random(0).shuffle(shuffled)
+    gapped = {t: i for t, i in ordered.items() if i != 7}
+    for vocab in (ordered, dict(shuffled), gapped):
+        for vocab_size in (10, 48):
+            got = tokenizer.token_arrays(vocab, added, vocab_size, Path("t.json"))
+            size = max(vocab_size, 41)  # 41 .. 47 of 48 have no token, nor 7 when gapped
+            assert got == _plain_token_arrays(vocab, added, size)
+    with pytest.raises(ExportError, match="outside the vocabulary"):
+        tokenizer.token_arrays({"a": 0, "b": "1"}, [], 2, Path("t.json"))
+
+
+def test_read_json_falls_back_to_the_standard_parser(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": {"vocab": {"a": 0}}, "x": NaN, "big": 123456789012345678901234}')
+    data = tokenizer.read_json(path)
+    assert data["model"] == {"vocab": {"a": 0}} and data["x"] != data["x"]
+    assert data["big"] == 123456789012345678901234
 
 
 def test_special_vocab_without_links_reads_the_folder(tiny_llama_dir, monkeypatch):
