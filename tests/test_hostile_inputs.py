@@ -306,7 +306,8 @@ def _raw(old: bytes, new: bytes):
 
 HOSTILE_SAFETENSORS = {
     "negative shape": (_set(Q, "shape", [-64, -64]), "not non-negative integers"),
-    "float shape": (_raw(b'"shape": [64, 64]', b'"shape": [1e400, 64]'), "not non-negative"),
+    "float shape": (_raw(b'"shape": [64, 64]', b'"shape": [64.0, 64]'), "not non-negative"),
+    "infinite shape": (_raw(b'"shape": [64, 64]', b'"shape": [1e400, 64]'), "infinity"),
     "unknown dtype": (_set(Q, "dtype", "F7"), "unknown dtype 'F7'"),
     "past the end": (
         lambda h: {**h, Q: {**h[Q], "data_offsets": [10**12, 10**12 + 16384]}},

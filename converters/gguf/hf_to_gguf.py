@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
             hint="fix vocab_size in config.json",
         )
     writer = _fast_writer_class()(target, spec.gguf_arch)
-    parameters = sum(int(np.prod(ref.shape)) for _, ref in refs)
+    parameters = sum(math.prod(ref.shape) for _, ref in refs)
     add_general_metadata(writer, folder, source.name, parameters)
     _add_hparams(writer, config)
     writer.add_file_type(
@@ -195,7 +196,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
             gguf.GGMLQuantizationType.F32: np.float32,
             gguf.GGMLQuantizationType.F16: np.float16,
         }.get(qtype, np.uint8)
-        nbytes = int(np.prod(byte_shape)) * np.dtype(dtype).itemsize
+        nbytes = math.prod(byte_shape) * np.dtype(dtype).itemsize
         writer.add_tensor_info(gguf_name, byte_shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
         plan_types.append(qtype)
     for gguf_name, array in extra:
