@@ -9,8 +9,11 @@ in-memory pass (scoring._LayerAccumulator), and goes back to the meta device. Th
 outputs replace the inputs in one activation buffer (windows x tokens x hidden, in the
 scoring dtype), which is a memory-mapped temporary file when it does not fit in memory.
 
-Batches are the in-memory pass's and each block sees the same inputs, so the scores are
-the in-memory scores, bit for bit on the same device and dtype.
+Each block sees the same inputs as in the in-memory pass, so the scores are the in-memory
+scores: bit for bit on the same device and dtype with the same batches. Scoring runs one
+window per batch (score_streamed), which leaves the per-token sums as they are; the other
+passes (healing, held-out losses) keep the caller's batches, which set their held-out
+split.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ OFFLOAD_MODES = ("auto", "none", "layers")
 FIT_FRACTION = 0.8
 # activations are kept in memory when they take at most this share of the free memory
 ACTIVATIONS_FRACTION = 0.5
+SCORING_WINDOWS_PER_PASS = 1  # score_streamed's batches
 
 
 class SafetensorsWeights:
@@ -602,7 +606,14 @@ def score_streamed(
     blocks: bool = False,
     progress: ProgressFactory = no_progress,
 ):
-    """:func:`scoring.score_model` for a :class:`StreamedModel`, one layer at a time."""
+    """:func:`scoring.score_model` for a :class:`StreamedModel`, one layer at a time.
+
+    Each layer runs one calibration window per forward pass, whatever ``batch_size`` (the
+    in-memory scorer's grouping, in the signature both share): the BI and angular sums are
+    per token, so the grouping leaves the scores as they are, and beside one layer and the
+    activations the pass's intermediates are most of the memory (measured in
+    benchmarks/bench_offload.py).
+    """
     from .scoring import timed_scores
 
     return timed_scores(
@@ -612,7 +623,7 @@ def score_streamed(
             device=streamed.device,
             dtype=streamed.dtype,
             metric=metric,
-            batch_size=batch_size,
+            batch_size=SCORING_WINDOWS_PER_PASS,
             blocks=blocks,
             progress=progress,
         ),

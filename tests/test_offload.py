@@ -43,6 +43,31 @@ def test_streamed_scores_equal_in_memory_for_every_family(tiny_model_dir):
         assert_close(s_row, row)
 
 
+def test_streamed_scoring_runs_one_window_per_pass_with_the_in_memory_scores(
+    tiny_model_dir, monkeypatch
+):
+    """score_streamed (what --offload layers scores with) groups one window per batch; the
+    in-memory scorer's batches of 3 (a short last one, padding) give the same scores."""
+    source = resolve_source(str(tiny_model_dir))
+    calib = random_calibration(source.config.vocab_size, 7, 24, pad_last=5)
+    loaded = load_model(source, dtype="float32")
+    memory = score_layers(loaded.model, source.spec, calib, batch_size=3, blocks=True)
+    streams = []
+    real = offload.LayerStream
+
+    def recording(*args, **kwargs):
+        streams.append(real(*args, **kwargs))
+        return streams[-1]
+
+    monkeypatch.setattr(offload, "LayerStream", recording)
+    streamed = offload.StreamedModel(source, None, "cpu", loaded.model.dtype)
+    result = offload.score_streamed(streamed, calib, batch_size=3, blocks=True)
+    assert [len(s.batches) for s in streams] == [7]
+    assert_close(result.scores, memory[0])
+    for row, s_row in zip(memory[1], result.block_distances, strict=True):
+        assert_close(s_row, row)
+
+
 def test_spilled_activations_and_bfloat16_give_the_same_scores(tiny_llama_dir, tmp_path):
     source = resolve_source(str(tiny_llama_dir))
     calib = random_calibration(source.config.vocab_size, 5, 16, pad_last=3)

@@ -39,7 +39,7 @@ class LayerwiseEvaluator(Evaluator):
         patches: dict | None = None,
         *,
         threads: int = 1,
-        batch_size: int = 4,
+        batch_size: int = 1,  # one window per forward pass, as the in-memory rows run them
         progress: ProgressFactory = no_progress,
     ):
         import torch
