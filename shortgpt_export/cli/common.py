@@ -100,7 +100,10 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     group.add_argument(
-        "--batch-size", type=int, default=4, help="windows per forward pass (default 4)"
+        "--batch-size",
+        type=int,
+        default=4,
+        help="windows per forward pass (default 4; layer-by-layer scoring runs one at a time)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
     group.add_argument(
