@@ -1,16 +1,20 @@
 """Minimal streaming safetensors reader/writer.
 
-Reading parses only the JSON header; writing copies each tensor's bytes straight from the
-memory-mapped source file into the output, a chunk at a time. Peak memory is one chunk,
-whatever the size of the model.
+Reading parses only the JSON header; writing copies each tensor's bytes from the source
+file into the output inside the kernel (``copy_file_range``/``sendfile``, as a plain file
+copy does), else from a memory map a chunk at a time. Peak memory is one chunk, whatever
+the size of the model.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import mmap
+import os
 import struct
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +22,8 @@ from pathlib import Path
 import orjson
 
 from .errors import CorruptModelError
+
+log = logging.getLogger(__name__)
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
@@ -182,35 +188,106 @@ def write_safetensors(
         offset += ref.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
-    maps: dict[Path, mmap.mmap] = {}
-    try:
-        with open(path, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            for ref in tensors:
-                if isinstance(ref, ComputedTensor):
-                    data = memoryview(ref.produce()).cast("B")
-                    if data.nbytes != ref.nbytes:
-                        raise CorruptModelError(
-                            f"tensor {ref.name} came out as {data.nbytes} bytes, its shape "
-                            f"{list(ref.shape)} needs {ref.nbytes}",
-                            hint="check that the model's metadata matches its tensors",
-                        )
-                    out.write(data)
-                    continue
-                if ref.path not in maps:
-                    with open(ref.path, "rb") as src:
-                        maps[ref.path] = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
-                view = memoryview(maps[ref.path])
+    with open(path, "wb", buffering=0) as out, _RangeCopier(out.fileno()) as copier:
+        _write_all(out.fileno(), struct.pack("<Q", len(blob)) + blob)
+        for ref in tensors:
+            if isinstance(ref, ComputedTensor):
+                data = memoryview(ref.produce()).cast("B")
+                if data.nbytes != ref.nbytes:
+                    raise CorruptModelError(
+                        f"tensor {ref.name} came out as {data.nbytes} bytes, its shape "
+                        f"{list(ref.shape)} needs {ref.nbytes}",
+                        hint="check that the model's metadata matches its tensors",
+                    )
+                copier.flush()
+                _write_all(out.fileno(), data)
+            else:
+                copier.add(ref.path, ref.start, ref.end)
+    return 8 + len(blob) + offset
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _RangeCopier:
+    """Byte ranges of source files appended to the file descriptor ``fd``, adjacent ranges
+    of one file merged, copied inside the kernel (``copy_file_range``, else ``sendfile``)
+    as a plain file copy is: no page of the source is mapped or read into this process.
+    A call the OS refuses for these files (EXDEV, EINVAL, ENOSYS) is dropped for the rest
+    of the copy; with neither left, ranges are written from a memory map of the source."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.pending: tuple[Path, int, int] | None = None
+        self.files: dict[Path, object] = {}
+        self.calls = _kernel_copies()
+
+    def add(self, path: Path, start: int, end: int) -> None:
+        if self.pending and self.pending[0] == path and self.pending[2] == start:
+            self.pending = (path, self.pending[1], end)
+            return
+        self.flush()
+        self.pending = (path, start, end)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        path, start, end = self.pending
+        self.pending = None
+        if path not in self.files:
+            self.files[path] = open(path, "rb", buffering=0)  # noqa: SIM115
+        src = self.files[path].fileno()
+        while start < end and self.calls:
+            try:
+                done = self.calls[0](src, self.fd, start, end - start)
+            except OSError as exc:  # this pair of files or this OS: the next way
+                log.debug("%s refused (%s)", self.calls.pop(0).__name__, exc)
+                continue
+            if not done:
+                raise CorruptModelError(
+                    f"{path} ends before byte {end}", hint="re-download the model"
+                )
+            start += done
+        if start < end:
+            with mmap.mmap(src, 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
                 try:
-                    for pos in range(ref.start, ref.end, COPY_CHUNK):
-                        out.write(view[pos : min(pos + COPY_CHUNK, ref.end)])
+                    for pos in range(start, end, COPY_CHUNK):
+                        _write_all(self.fd, view[pos : min(pos + COPY_CHUNK, end)])
                 finally:
                     view.release()
-    finally:
-        for mapped in maps.values():
-            mapped.close()
-    return 8 + len(blob) + offset
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self.flush()
+        finally:
+            for fh in self.files.values():
+                fh.close()
+
+
+def _copy_file_range(src: int, dst: int, offset: int, count: int) -> int:
+    """Up to ``count`` bytes of ``src`` from ``offset`` appended at ``dst``'s position."""
+    return os.copy_file_range(src, dst, count, offset)
+
+
+def _sendfile(src: int, dst: int, offset: int, count: int) -> int:
+    return os.sendfile(dst, src, offset, count)
+
+
+def _kernel_copies() -> list:
+    """The in-kernel copies this OS has, preferred first (sendfile writes to regular files
+    on Linux only)."""
+    calls = [_copy_file_range] if hasattr(os, "copy_file_range") else []
+    if hasattr(os, "sendfile") and sys.platform.startswith("linux"):
+        calls.append(_sendfile)
+    return calls
 
 
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",

@@ -82,6 +82,77 @@ def test_read_tensor_into_reuses_one_buffer(tiny_llama_dir):
         fh.close()
 
 
+def _copied(tiny_llama_dir, path, monkeypatch, calls, order=None):
+    """write_safetensors of the tiny model's tensors (a computed one in the middle), with
+    the in-kernel copies limited to ``calls``; returns the file's bytes and the calls made."""
+    from shortgpt_export import safetensors_io
+    from shortgpt_export.safetensors_io import ComputedTensor, write_safetensors
+
+    made = []
+
+    def spy(call):
+        def wrapped(src, dst, offset, count):
+            made.append(call.__name__)
+            return call(src, dst, offset, count)
+
+        wrapped.__name__ = call.__name__
+        return wrapped
+
+    monkeypatch.setattr(safetensors_io, "_kernel_copies", lambda: [spy(c) for c in calls])
+    refs, _ = read_header(tiny_llama_dir / "model.safetensors")
+    items = [refs[name] for name in (order or refs)]
+    computed = ComputedTensor("computed", "F32", (3,), lambda: torch.arange(3.0).numpy())
+    write_safetensors(path, [*items[:5], computed, *items[5:]], {"format": "pt"})
+    written = load_file(path)
+    assert torch.equal(written.pop("computed"), torch.arange(3.0))
+    original = load_file(tiny_llama_dir / "model.safetensors")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)
+    return path.read_bytes(), made
+
+
+def test_kernel_range_copies_write_what_the_memory_map_writes(
+    tiny_llama_dir, tmp_path, monkeypatch
+):
+    """copy_file_range, sendfile (when the first is refused) and the memory map write the
+    same file; tensors adjacent in the source are copied in one call."""
+    from shortgpt_export import safetensors_io as sio
+
+    mapped, none = _copied(tiny_llama_dir, tmp_path / "m.safetensors", monkeypatch, [])
+    assert none == []
+    kernel, made = _copied(tiny_llama_dir, tmp_path / "k.safetensors", monkeypatch,
+                           [sio._copy_file_range, sio._sendfile])  # fmt: skip
+    assert kernel == mapped
+    # file order: the computed tensor splits the run in two spans, one call each
+    assert made == ["_copy_file_range"] * 2
+
+    def refused(src, dst, offset, count):
+        raise OSError(18, "Invalid cross-device link")
+
+    refused.__name__ = "_copy_file_range"
+    fallback, made = _copied(tiny_llama_dir, tmp_path / "s.safetensors", monkeypatch,
+                             [refused, sio._sendfile])  # fmt: skip
+    assert fallback == mapped and made == ["_copy_file_range", "_sendfile", "_sendfile"]
+    refs, _ = read_header(tiny_llama_dir / "model.safetensors")
+    backwards = sorted(refs, key=lambda n: -refs[n].start)  # nothing adjacent
+    _, made = _copied(tiny_llama_dir, tmp_path / "b.safetensors", monkeypatch,
+                      [sio._copy_file_range], order=backwards)  # fmt: skip
+    assert len(made) == len(refs)
+
+
+def test_range_copy_of_a_truncated_source_is_refused(tiny_llama_dir, tmp_path):
+    from shortgpt_export.errors import CorruptModelError
+    from shortgpt_export.safetensors_io import write_safetensors
+
+    source = tmp_path / "model.safetensors"
+    shutil.copy(tiny_llama_dir / "model.safetensors", source)
+    refs, _ = read_header(source)
+    with open(source, "r+b") as fh:  # cut after the header was read
+        fh.truncate(source.stat().st_size - 100)
+    with pytest.raises(CorruptModelError, match="ends before byte"):
+        write_safetensors(tmp_path / "out.safetensors", refs.values())
+
+
 def _bf16_copy(folder, target):
     """``folder`` with its weights re-saved as bfloat16 (the default model's dtype)."""
     shutil.copytree(folder, target)
