@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 from shortgpt_export.errors import ExportError
@@ -127,16 +128,11 @@ def _target_type(shape: tuple[int, ...], out_type: str):
     return getattr(t, out_type)
 
 
-def _convert(array, qtype):
+def _quantized(tensor, qtype):
+    """A whole tensor quantized by gguf-py (Q8_0), as bytes to write."""
     import gguf
-    import numpy as np
 
-    t = gguf.GGMLQuantizationType
-    if qtype == t.F32:
-        return array.astype(np.float32)
-    if qtype == t.F16:
-        return array.astype(np.float16)
-    return gguf.quants.quantize(array.astype(np.float32), qtype)
+    return gguf.quants.quantize(tensor.float().numpy(), qtype)
 
 
 def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
@@ -212,22 +208,21 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
         floats = {gguf.GGMLQuantizationType.F32: torch.float32,
                   gguf.GGMLQuantizationType.F16: torch.float16}  # fmt: skip
         tensors = [
-            (ref, floats.get(qtype), _qk_heads(spec, gguf_name, heads, kv_heads))
+            (
+                ref,
+                floats.get(qtype) or partial(_quantized, qtype=qtype),
+                _qk_heads(spec, gguf_name, heads, kv_heads),
+            )
             for (gguf_name, ref), qtype in zip(refs, plan_types, strict=True)
         ]
-        quantized = iter([q for q in plan_types if q not in floats])
-
-        def quantize(tensor):  # called for the non-float targets, in order
-            return _convert(tensor.float().numpy(), next(quantized))
-
         total = sum(ref.nbytes for _, ref in refs)
         with (
             ctx.progress(f"writing {target.name}", total) as advance,
             TensorOutput(
                 fout.fileno(), fout.tell(), writer.data_alignment, pipelined=usable_cpus() > 1
-            ) as out,  # fmt: skip
+            ) as out,
         ):
-            write_tensors(out, tensors, quantize, advance)
+            write_tensors(out, tensors, advance)
             for _, array in extra:
                 out.align()
                 out.submit(array)

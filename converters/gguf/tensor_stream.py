@@ -197,32 +197,35 @@ def stream_float(ref, dtype, n_heads: int, out: TensorOutput, files: dict, bufs:
         out.submit(raw)
 
 
-def write_tensors(out: TensorOutput, tensors, convert, advance) -> None:
-    """Read, convert and write ``tensors`` (``(ref, float dtype or None, q/k heads)``) in
-    order, each at the next aligned offset.
+def write_tensors(out: TensorOutput, tensors, advance) -> None:
+    """Read, convert and write ``tensors`` in order, each at the next aligned offset:
+    ``(ref, target, heads)`` with ``target`` a torch float dtype or a function from the
+    whole tensor (q/k rows already reordered for ``heads``) to the bytes to write.
 
     Float targets are streamed by :func:`stream_float`: memory stays at a few chunk buffers
     whatever the tensor size, and every byte is read once and written once with large
-    unbuffered writes. Other targets are read whole and passed to ``convert(tensor)``
-    (heads already reordered), which returns the bytes. The conversion runs on one torch
-    thread: it is memory-bound, and on a busy machine torch's thread pool cost ten times
-    what it saved; the second core, where there is one, does the writes (``out``).
+    unbuffered writes. Other targets (gguf-py's quantizers) are read whole. The conversion
+    runs on one torch thread: it is memory-bound, and on a busy machine torch's thread pool
+    cost ten times what it saved; the second core, where there is one, does the writes
+    (``out``).
     The caller aligns and writes whatever follows, then leaves ``out``'s block.
     """
+    import torch
+
     bufs = _Buffers()
     files: dict = {}  # source files, open for the whole loop
     try:
         with torch_threads(1):
-            for ref, dtype, n_heads in tensors:
+            for ref, target, n_heads in tensors:
                 out.align()
-                if dtype is not None:
-                    stream_float(ref, dtype, n_heads, out, files, bufs)
+                if isinstance(target, torch.dtype):
+                    stream_float(ref, target, n_heads, out, files, bufs)
                 else:
                     source = read_tensor_into(ref, bytearray(ref.nbytes), files)
                     if n_heads:
                         half = ref.shape[0] // n_heads // 2
                         source = source.view(n_heads, 2, half, *ref.shape[1:]).transpose(1, 2)
-                    out.submit(convert(source.reshape(ref.shape)))
+                    out.submit(target(source.reshape(ref.shape)))
                 advance(ref.nbytes)
     finally:
         for fh in files.values():
