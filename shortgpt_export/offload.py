@@ -201,20 +201,22 @@ def release(module) -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD = 1024 * 1024
+MMAP_THRESHOLD = 256 * 1024
 
 
 def fix_mmap_threshold() -> bool:
-    """Serve allocations of 1 MiB and more straight from the OS (glibc only).
+    """Serve allocations of 256 KiB and more straight from the OS (glibc only).
 
     glibc raises its mmap threshold each time a large block is freed, after which large
     blocks come from the heap; a layer's activations freed and allocated again then leave
     the heap fragmented, and the peak grew with every layer (benchmarks/RESULTS.md). A
-    fixed threshold keeps the peak at one layer's working set. 1 MiB rather than 4: torch's
-    worker threads allocate their pieces of a forward pass in their own malloc arenas,
-    where freed blocks of 1-4 MiB stayed resident; on the 4 GB benchmark model the
-    streamed peak growth was 215-216 MB with 1 MiB against 336-344 MB with 4 MiB (four
-    runs each). The setting is process-wide and stays; returns whether it was applied."""
+    fixed threshold keeps the peak at one layer's working set. Torch's worker threads
+    allocate their pieces of a forward pass in their own malloc arenas, where freed blocks
+    below the threshold stay resident. On the 4 GB benchmark model, streamed peak growth:
+    batches of 4 windows, 215-216 MB with 1 MiB against 336-344 MB with 4 MiB; one window
+    per pass (what scoring runs), 180-237 MB with 1 MiB (seven runs; one window's k/v
+    projections, 0.5 MB, fall below that threshold) against 181-190 MB with 256 KiB (five
+    runs). The setting is process-wide and stays; returns whether it was applied."""
     import ctypes
     import ctypes.util
 
