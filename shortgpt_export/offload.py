@@ -618,6 +618,8 @@ def score_streamed(
     """
     from .scoring import timed_scores
 
+    if batch_size < 1:  # unused here, but refused as the in-memory scorer refuses it
+        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
     return timed_scores(
         lambda: stream_scores(
             streamed.source,

@@ -8,6 +8,7 @@ the size of the model.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -72,11 +73,12 @@ class ComputedTensor:
         return ComputedTensor(name, self.dtype, self.shape, self.produce)
 
 
-MAX_JSON_DEPTH = 4  # {name: {"shape": [..]}} needs 3; deeper nesting is refused unparsed
+MAX_JSON_DEPTH = 4  # {name: {"shape": [..]}} needs 3; deeper nesting is refused
 
 
 def _nesting(value, limit: int) -> int:
-    """Bracket nesting of a parsed JSON value, counted no further than ``limit + 1``."""
+    """Bracket nesting of a parsed JSON value; past ``limit`` it stops counting (the
+    result is then ``limit + 2``), so a crafted header costs no more than a valid one."""
     if not isinstance(value, (dict, list)):
         return 0
     if limit < 0:
@@ -115,8 +117,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str]]:
         raw = fh.read(header_len)
     deep = corrupt(f"header JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        # orjson: strict JSON (no NaN, integers within 64 bits, valid UTF-8), nesting
-        # bounded by its own limit, and a few times faster than json on large headers
+        # orjson: strict JSON (no NaN or infinity, valid UTF-8; integers beyond 64 bits
+        # come back as floats, which the shape and offset checks refuse), its own bound
+        # on nesting, and a few times faster than json on large headers
         header = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if "depth limit" in str(exc):
@@ -216,8 +219,12 @@ class _RangeCopier:
     """Byte ranges of source files appended to the file descriptor ``fd``, adjacent ranges
     of one file merged, copied inside the kernel (``copy_file_range``, else ``sendfile``)
     as a plain file copy is: no page of the source is mapped or read into this process.
-    A call the OS refuses for these files (EXDEV, EINVAL, ENOSYS) is dropped for the rest
-    of the copy; with neither left, ranges are written from a memory map of the source."""
+    A call the OS refuses for these files (``REFUSED`` errors), or that copies nothing
+    while the source is long enough (some network and FUSE file systems), is dropped for
+    the rest of the copy; with neither left, ranges are written from a memory map of the
+    source. A source shorter than a range is refused whichever way copies it."""
+
+    REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 
     def __init__(self, fd: int):
         self.fd = fd
@@ -240,19 +247,25 @@ class _RangeCopier:
         if path not in self.files:
             self.files[path] = open(path, "rb", buffering=0)  # noqa: SIM115
         src = self.files[path].fileno()
+        if os.fstat(src).st_size < end:
+            raise CorruptModelError(f"{path} ends before byte {end}", hint="re-download the model")
         while start < end and self.calls:
             try:
                 done = self.calls[0](src, self.fd, start, end - start)
-            except OSError as exc:  # this pair of files or this OS: the next way
+            except OSError as exc:
+                if exc.errno not in self.REFUSED:
+                    raise
                 log.debug("%s refused (%s)", self.calls.pop(0).__name__, exc)
                 continue
-            if not done:
-                raise CorruptModelError(
-                    f"{path} ends before byte {end}", hint="re-download the model"
-                )
+            if not done:  # nothing copied although the source holds the range
+                log.debug("%s copied nothing", self.calls.pop(0).__name__)
             start += done
         if start < end:
             with mmap.mmap(src, 0, access=mmap.ACCESS_READ) as mapped:
+                if len(mapped) < end:  # cut short since the size was checked
+                    raise CorruptModelError(
+                        f"{path} ends before byte {end}", hint="re-download the model"
+                    )
                 view = memoryview(mapped)
                 try:
                     for pos in range(start, end, COPY_CHUNK):

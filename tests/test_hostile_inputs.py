@@ -319,6 +319,7 @@ HOSTILE_SAFETENSORS = {
     ),
     "NaN in header": (_raw(b'"shape": [64, 64]', b'"shape": [NaN, 64]'), "not strict JSON"),
     "deep nesting": (lambda h: b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper"),
+    "nesting past the limit": (lambda h: b'{"x": [[[[[1]]]]]}', "nests deeper"),
     "huge integer": (_raw(b'"shape": [64, 64]', b'"shape": [' + b"9" * 5000 + b", 64]"), "JSON"),
     "not an object": (lambda h: b"[1, 2]", "not a JSON object"),
 }

@@ -4,6 +4,7 @@ converted while the last one is written."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import queue
@@ -15,6 +16,8 @@ from shortgpt_export.torch_threads import torch_threads
 
 CHUNK_ELEMENTS = 1 << 20  # elements converted and written per step (2-4 MB buffers)
 PIPELINE_DEPTH = 3  # chunks converted ahead of the writer: 3 x 4 MB at most
+
+log = logging.getLogger(__name__)
 
 
 def usable_cpus() -> int:
@@ -90,12 +93,21 @@ class TensorOutput:
         return self
 
     def __exit__(self, kind, value, traceback) -> None:
+        interrupt = None
         if self._thread is not None:
             self._pending.put(None)
-            self._thread.join()
+            while self._thread.is_alive():  # the caller closes the file next
+                try:
+                    self._thread.join()
+                except BaseException as exc:  # Ctrl-C while waiting: wait on, raise it after
+                    interrupt = interrupt or exc
             self._thread = None
+        if interrupt is not None:
+            raise interrupt
         if kind is None:
             self._raise_error()
+        elif self._error is not None:
+            log.warning("the GGUF writer failed as well: %s", self._error)
 
     def _write(self, view: memoryview) -> None:
         while view:

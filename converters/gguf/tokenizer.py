@@ -79,7 +79,7 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
 def read_json(path: Path):
     """A JSON file parsed by orjson (about half the time of ``json`` for a tokenizer.json
     of a few MB, read as bytes with no separate decode); ``json`` where orjson refuses a
-    file the standard parser accepts (NaN, integers beyond 64 bits)."""
+    file the standard parser accepts (NaN, Infinity)."""
     import orjson
 
     raw = path.read_bytes()
@@ -102,7 +102,8 @@ def token_arrays(
     # ids size the token arrays: bound them by the vocabulary
     limit = max(vocab_size, len(vocab) + len(added_tokens))
     ids = list(vocab.values())
-    if ids == list(range(len(ids))):  # the usual layout: tokens in id order, none missing
+    # the usual layout: tokens in id order, none missing (and ints: 1.0 == 1 in Python)
+    if ids == list(range(len(ids))) and set(map(type, ids)) <= {int}:
         tokens: dict[int, str] | list[str] = list(vocab)
     else:
         tokens = dict(zip(ids, vocab, strict=True))
@@ -110,7 +111,7 @@ def token_arrays(
     if set(map(type, checked)) - {int} or (
         checked and not 0 <= min(checked) <= max(checked) < limit
     ):
-        bad = [i for i in checked if not isinstance(i, int) or not 0 <= i < limit]
+        bad = [i for i in checked if type(i) is not int or not 0 <= i < limit]
         if bad:
             raise ExportError(
                 f"{path} has token ids outside the vocabulary of {limit} ({bad[0]!r})",
