@@ -166,6 +166,21 @@ def shared_onnx_fp32(monkeypatch, _onnx_fp32_store) -> dict:
     return counts
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_reference_cache(tmp_path_factory):
+    """Validation's cached reference log-probabilities go to a folder of this test session
+    instead of the user's cache (``~/.cache/shortgpt-export/reference``): tests validate
+    tiny, patched and deliberately broken models, and an entry one of them left would be
+    read by a real run with the same key. (CLI subprocesses started by a test still use the
+    user's cache; the tests run the CLI in-process.)"""
+    from shortgpt_export.validation import session
+
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(session, "cache_dir", lambda: folder)
+        yield folder / "reference"
+
+
 @pytest.fixture(autouse=True)
 def torch_threads(request):
     """One torch thread for the tiny models, two for the default model's tests.

@@ -64,6 +64,13 @@ def test_three_backends_agree_on_perplexity(validated, pruned):
         assert art["perplexity"] == pytest.approx(torch_ppl, rel=0.01)
 
 
+def test_validation_references_stay_out_of_the_users_cache(validated, private_reference_cache):
+    from shortgpt_export.default_model import cache_dir
+
+    assert list(private_reference_cache.glob("reference-*.npy"))  # the validated run's
+    assert cache_dir() / "reference" != private_reference_cache
+
+
 def test_reference_against_itself(validated):
     _, _, report = validated
     original = rows(report, False)["torch fp32"]
