@@ -30,7 +30,7 @@ from .architectures import submodule
 from .calibration import CalibrationSet
 from .errors import ShortGPTError
 from .progress import ProgressFactory, no_progress
-from .scoring import METRICS, _LayerAccumulator
+from .scoring import METRICS, _LayerAccumulator, check_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -319,8 +319,7 @@ class LayerStream:
 
         from .layerwise import Stack
 
-        if batch_size < 1:
-            raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+        check_batch_size(batch_size)
         fix_mmap_threshold()
         self.spec, self.dtype, self.dev = source.spec, dtype, torch.device(device)
         self.model = model = skeleton(source.config, dtype)
@@ -618,8 +617,7 @@ def score_streamed(
     """
     from .scoring import timed_scores
 
-    if batch_size < 1:  # unused here, but refused as the in-memory scorer refuses it
-        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+    check_batch_size(batch_size)  # unused here, but refused as the in-memory scorer does
     return timed_scores(
         lambda: stream_scores(
             streamed.source,

@@ -192,7 +192,7 @@ def write_safetensors(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
     with open(path, "wb", buffering=0) as out, _RangeCopier(out.fileno()) as copier:
-        _write_all(out.fileno(), struct.pack("<Q", len(blob)) + blob)
+        write_all(out.fileno(), struct.pack("<Q", len(blob)) + blob)
         for ref in tensors:
             if isinstance(ref, ComputedTensor):
                 data = memoryview(ref.produce()).cast("B")
@@ -203,13 +203,14 @@ def write_safetensors(
                         hint="check that the model's metadata matches its tensors",
                     )
                 copier.flush()
-                _write_all(out.fileno(), data)
+                write_all(out.fileno(), data)
             else:
                 copier.add(ref.path, ref.start, ref.end)
     return 8 + len(blob) + offset
 
 
-def _write_all(fd: int, data) -> None:
+def write_all(fd: int, data) -> None:
+    """All of ``data`` (bytes-like) to the file descriptor ``fd``."""
     view = memoryview(data).cast("B")
     while view:
         view = view[os.write(fd, view) :]
@@ -269,7 +270,7 @@ class _RangeCopier:
                 view = memoryview(mapped)
                 try:
                     for pos in range(start, end, COPY_CHUNK):
-                        _write_all(self.fd, view[pos : min(pos + COPY_CHUNK, end)])
+                        write_all(self.fd, view[pos : min(pos + COPY_CHUNK, end)])
                 finally:
                     view.release()
 
@@ -308,17 +309,24 @@ TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "
                 "BOOL": "bool"}  # fmt: skip
 
 
-def load_tensor(ref: TensorRef):
-    """Read one tensor from its file into a new torch tensor (one copy, nothing cached)."""
+def torch_dtype(ref: TensorRef):
+    """The torch dtype of a tensor's stored bytes; raises for dtypes torch cannot read."""
     import torch
 
     if ref.dtype not in TORCH_DTYPES:
         raise CorruptModelError(f"tensor {ref.name} has dtype {ref.dtype}, which cannot be read")
+    return getattr(torch, TORCH_DTYPES[ref.dtype])
+
+
+def load_tensor(ref: TensorRef):
+    """Read one tensor from its file into a new torch tensor (one copy, nothing cached)."""
+    import torch
+
+    dtype = torch_dtype(ref)
     buffer = bytearray(ref.nbytes)
     with open(ref.path, "rb") as fh:
         fh.seek(ref.start)
         fh.readinto(buffer)
-    dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
     return (
         torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
         if ref.nbytes
@@ -335,28 +343,33 @@ def read_tensor_into(ref: TensorRef, buffer: bytearray, files: dict | None = Non
     """
     import torch
 
-    if ref.dtype not in TORCH_DTYPES:
-        raise CorruptModelError(f"tensor {ref.name} has dtype {ref.dtype}, which cannot be read")
-    dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+    dtype = torch_dtype(ref)
     if not ref.nbytes:
         return torch.empty(ref.shape, dtype=dtype)
     view = memoryview(buffer)[: ref.nbytes]
     owned = files is None
     files = {} if owned else files
+    try:
+        read_range(ref, 0, view, files)
+    finally:
+        if owned:
+            for fh in files.values():
+                fh.close()
+    return torch.frombuffer(view, dtype=dtype).reshape(ref.shape)
+
+
+def read_range(ref: TensorRef, first: int, view, files: dict) -> None:
+    """Bytes ``first .. first + len(view)`` of ``ref``'s data into ``view``; ``files``
+    (path -> open binary file) keeps each source file open across calls."""
     if ref.path not in files:
         files[ref.path] = open(ref.path, "rb", buffering=0)  # noqa: SIM115
     fh = files[ref.path]
-    try:
-        fh.seek(ref.start)
-        done = 0
-        while done < ref.nbytes:
-            got = fh.readinto(view[done:])
-            if not got:
-                raise CorruptModelError(
-                    f"{ref.path} ends inside tensor {ref.name}", hint="re-download the model"
-                )
-            done += got
-    finally:
-        if owned:
-            fh.close()
-    return torch.frombuffer(view, dtype=dtype).reshape(ref.shape)
+    fh.seek(ref.start + first)
+    done = 0
+    while done < len(view):
+        got = fh.readinto(view[done:])
+        if not got:
+            raise CorruptModelError(
+                f"{ref.path} ends inside tensor {ref.name}", hint="re-download the model"
+            )
+        done += got

@@ -148,6 +148,12 @@ class LayerScores:
         return scores
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch size below 1 (the in-memory and the layer-by-layer scorers)."""
+    if batch_size < 1:
+        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+
+
 def score_layers(
     model,
     spec,
@@ -168,8 +174,7 @@ def score_layers(
 
     if metric not in METRICS:
         raise ShortGPTError(f"unknown metric {metric!r}", hint=f"use one of: {', '.join(METRICS)}")
-    if batch_size < 1:
-        raise ShortGPTError(f"--batch-size {batch_size} must be at least 1")
+    check_batch_size(batch_size)
     layers = spec.decoder_layers(model)
     base = getattr(model, model.base_model_prefix, model)
     device = next(model.parameters()).device

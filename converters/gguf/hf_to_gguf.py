@@ -180,21 +180,20 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
     extra = []
     if (config.get("rope_scaling") or {}).get("rope_type") == "llama3":
         extra.append(("rope_freqs.weight", llama3_rope_factors(config)))
-    plan_types = []
+    floats = {gguf.GGMLQuantizationType.F32: (np.float32, torch.float32),
+              gguf.GGMLQuantizationType.F16: (np.float16, torch.float16)}  # fmt: skip
+    tensors = []  # (ref, float dtype streamed or the whole tensor's quantizer, q/k heads)
     for gguf_name, ref in refs:
         qtype = _target_type(ref.shape, out_type)
-        byte_shape = (
-            gguf.quants.quant_shape_to_byte_shape(ref.shape, qtype)
-            if qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-            else ref.shape
-        )
-        dtype = {
-            gguf.GGMLQuantizationType.F32: np.float32,
-            gguf.GGMLQuantizationType.F16: np.float16,
-        }.get(qtype, np.uint8)
+        if qtype in floats:
+            dtype, convert = floats[qtype]
+            byte_shape = ref.shape
+        else:
+            dtype, convert = np.uint8, partial(_quantized, qtype=qtype)
+            byte_shape = gguf.quants.quant_shape_to_byte_shape(ref.shape, qtype)
         nbytes = math.prod(byte_shape) * np.dtype(dtype).itemsize
         writer.add_tensor_info(gguf_name, byte_shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
-        plan_types.append(qtype)
+        tensors.append((ref, convert, _qk_heads(spec, gguf_name, heads, kv_heads)))
     for gguf_name, array in extra:
         writer.add_tensor_info(gguf_name, array.shape, array.dtype, array.nbytes)
 
@@ -205,16 +204,6 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
         writer.write_ti_data_to_file()
         fout = writer.fout[0]
         fout.flush()  # from here on the tensor data goes straight to the file descriptor
-        floats = {gguf.GGMLQuantizationType.F32: torch.float32,
-                  gguf.GGMLQuantizationType.F16: torch.float16}  # fmt: skip
-        tensors = [
-            (
-                ref,
-                floats.get(qtype) or partial(_quantized, qtype=qtype),
-                _qk_heads(spec, gguf_name, heads, kv_heads),
-            )
-            for (gguf_name, ref), qtype in zip(refs, plan_types, strict=True)
-        ]
         total = sum(ref.nbytes for _, ref in refs)
         with (
             ctx.progress(f"writing {target.name}", total) as advance,

@@ -10,8 +10,7 @@ import os
 import queue
 import threading
 
-from shortgpt_export.errors import CorruptModelError
-from shortgpt_export.safetensors_io import read_tensor_into
+from shortgpt_export.safetensors_io import read_range, read_tensor_into, torch_dtype, write_all
 from shortgpt_export.torch_threads import torch_threads
 
 CHUNK_ELEMENTS = 1 << 20  # elements converted and written per step (2-4 MB buffers)
@@ -44,7 +43,6 @@ class TensorOutput:
         import torch
 
         self.fd, self.offset, self.alignment = fd, offset, alignment
-        self.pipelined = pipelined
         depth = (depth or PIPELINE_DEPTH) if pipelined else 1
         self._free: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(depth):
@@ -76,7 +74,7 @@ class TensorOutput:
         self.offset += raw.nbytes
         if self._thread is None:
             try:
-                self._write(raw)
+                write_all(self.fd, raw)
             finally:
                 if base is not None:
                     self._free.put(base)
@@ -109,17 +107,12 @@ class TensorOutput:
         elif self._error is not None:
             log.warning("the GGUF writer failed as well: %s", self._error)
 
-    def _write(self, view: memoryview) -> None:
-        while view:
-            done = os.write(self.fd, view)
-            view = view[done:]
-
     def _drain(self) -> None:
         while (item := self._pending.get()) is not None:
             view, base = item
             if self._error is None:  # after a failure the rest is dropped, buffers freed
                 try:
-                    self._write(view)
+                    write_all(self.fd, view)
                 except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
                     self._error = exc
             if base is not None:
@@ -146,22 +139,6 @@ class _Buffers:
         return buf[:nbytes].view(dtype)
 
 
-def _read_range(ref, first: int, view, files: dict) -> None:
-    """Bytes ``first .. first + len(view)`` of ``ref``'s data into ``view``."""
-    if ref.path not in files:
-        files[ref.path] = open(ref.path, "rb", buffering=0)  # noqa: SIM115
-    fh = files[ref.path]
-    fh.seek(ref.start + first)
-    done = 0
-    while done < len(view):
-        got = fh.readinto(view[done:])
-        if not got:
-            raise CorruptModelError(
-                f"{ref.path} ends inside tensor {ref.name}", hint="re-download the model"
-            )
-        done += got
-
-
 def stream_float(ref, dtype, n_heads: int, out: TensorOutput, files: dict, bufs: _Buffers):
     """Write one tensor converted to the float ``dtype``, a chunk at a time.
 
@@ -173,11 +150,7 @@ def stream_float(ref, dtype, n_heads: int, out: TensorOutput, files: dict, bufs:
     """
     import torch
 
-    from shortgpt_export.safetensors_io import TORCH_DTYPES
-
-    if ref.dtype not in TORCH_DTYPES:
-        raise CorruptModelError(f"tensor {ref.name} has dtype {ref.dtype}, which cannot be read")
-    src_dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
+    src_dtype = torch_dtype(ref)
     total = math.prod(ref.shape)
     unit = max(1, total // n_heads if n_heads else 1)  # elements that stay in one chunk
     step = max(1, CHUNK_ELEMENTS // unit) * unit
@@ -186,11 +159,11 @@ def stream_float(ref, dtype, n_heads: int, out: TensorOutput, files: dict, bufs:
         count = min(step, total - first)
         if not n_heads and src_dtype == dtype:  # the bytes as they are
             raw = out.buffer(count * src_dtype.itemsize)
-            _read_range(ref, first * src_dtype.itemsize, memoryview(raw.numpy()), files)
+            read_range(ref, first * src_dtype.itemsize, memoryview(raw.numpy()), files)
             out.submit(raw)
             continue
         src = bufs.get("in", count, src_dtype)
-        _read_range(
+        read_range(
             ref, first * src_dtype.itemsize, memoryview(src.view(torch.uint8).numpy()), files
         )
         if widen:

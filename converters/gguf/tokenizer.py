@@ -103,11 +103,8 @@ def token_arrays(
     limit = max(vocab_size, len(vocab) + len(added_tokens))
     ids = list(vocab.values())
     # the usual layout: tokens in id order, none missing (and ints: 1.0 == 1 in Python)
-    if ids == list(range(len(ids))) and set(map(type, ids)) <= {int}:
-        tokens: dict[int, str] | list[str] = list(vocab)
-    else:
-        tokens = dict(zip(ids, vocab, strict=True))
-    checked = added_ids if isinstance(tokens, list) else ids + added_ids
+    in_order = ids == list(range(len(ids))) and set(map(type, ids)) <= {int}
+    checked = added_ids if in_order else ids + added_ids
     if set(map(type, checked)) - {int} or (
         checked and not 0 <= min(checked) <= max(checked) < limit
     ):
@@ -117,16 +114,16 @@ def token_arrays(
                 f"{path} has token ids outside the vocabulary of {limit} ({bad[0]!r})",
                 hint="re-save the tokenizer",
             )
-    known = len(tokens) if isinstance(tokens, list) else max(tokens, default=-1) + 1
+    known = len(ids) if in_order else max(ids, default=-1) + 1
     size = max(vocab_size, known, max(added_ids, default=-1) + 1)
-    if isinstance(tokens, list):
-        token_list = tokens + [f"[PAD{i}]" for i in range(len(tokens), size)]
-        types = np.full(size, gguf.TokenType.UNUSED, dtype=np.int32)
-        types[: len(tokens)] = gguf.TokenType.NORMAL
+    types = np.full(size, gguf.TokenType.UNUSED, dtype=np.int32)
+    if in_order:
+        token_list = list(vocab) + [f"[PAD{i}]" for i in range(len(ids), size)]
+        types[: len(ids)] = gguf.TokenType.NORMAL
     else:
+        tokens = dict(zip(ids, vocab, strict=True))
         token_list = [tokens.get(i, f"[PAD{i}]") for i in range(size)]
-        types = np.full(size, gguf.TokenType.UNUSED, dtype=np.int32)
-        types[list(tokens)] = gguf.TokenType.NORMAL
+        types[ids] = gguf.TokenType.NORMAL
     for added in added_tokens:
         token_list[added["id"]] = added["content"]
         types[added["id"]] = (
