@@ -127,7 +127,7 @@ def measure(mode: str, folder: Path) -> dict:
     import psutil
     import torch
 
-    from shortgpt_export.offload import SCORING_WINDOWS_PER_PASS, stream_scores
+    from shortgpt_export.offload import scoring_windows_per_pass, stream_scores
     from shortgpt_export.scoring import score_layers
     from shortgpt_export.source import load_model, resolve_source
 
@@ -142,10 +142,9 @@ def measure(mode: str, folder: Path) -> dict:
         scores = score_layers(loaded.model, source.spec, calib, batch_size=BATCH)
     else:
         loaded_s = 0.0
-        # one window per pass, as score_streamed (what --offload layers runs) scores
-        scores = stream_scores(
-            source, calib, dtype=torch.float32, batch_size=SCORING_WINDOWS_PER_PASS, spill=False
-        )
+        # windows per pass as score_streamed (what --offload layers runs) groups them
+        windows = scoring_windows_per_pass(BATCH)
+        scores = stream_scores(source, calib, dtype=torch.float32, batch_size=windows, spill=False)
     seconds = time.perf_counter() - began
     peak = peak_rss()
     return {
@@ -190,6 +189,9 @@ def report(reps: int = 3) -> str:
         for s in runs["streamed"]
         for a, b in zip(m["scores"], s["scores"], strict=True)
     )
+    from shortgpt_export.offload import SCORING_WINDOWS_PER_PASS, scoring_windows_per_pass
+
+    per_pass = scoring_windows_per_pass(BATCH)
     mb = 1024 * 1024
     mem, streamed = med["memory"], med["streamed"]
     budget = layer_bytes + activation_bytes
@@ -200,9 +202,9 @@ def report(reps: int = 3) -> str:
         f"hidden {CONFIG['hidden_size']}, {total / 1e9:.2f} GB of float32 weights in "
         f"safetensors shards; {WINDOWS} windows x {SEQ_LEN} random tokens, float32 on CPU; "
         f"in memory {BATCH} windows per forward pass (the default `--batch-size`), layer by "
-        "layer one window per pass (what `--offload layers` scores with, whatever "
-        "`--batch-size`). Each run is a fresh process; the two modes alternate; median of "
-        f"{reps} runs each. 1-minute load average of the 2-core machine: "
+        f"layer {per_pass} per pass (what `--offload layers` scores with: `--batch-size`, at "
+        f"most {SCORING_WINDOWS_PER_PASS}). Each run is a fresh process; the two modes "
+        f"alternate; median of {reps} runs each. 1-minute load average of the 2-core machine: "
         f"{load_before:.1f} before the runs, {load_after:.1f} after.",
         "",
         "| mode | time s (load) | peak RSS growth MB |",
@@ -217,13 +219,14 @@ def report(reps: int = 3) -> str:
         f"{streamed['growth'] / budget:.2f}x that (target <= 1.5x) and "
         f"{streamed['growth'] / mem['growth']:.3f}x the in-memory growth",
         f"- the rest of the streamed growth ({(streamed['growth'] - budget) / mb:.0f} MB) is "
-        f"one window's forward-pass intermediates ({SEQ_LEN} tokens through an MLP "
+        f"the forward-pass intermediates of {per_pass} windows ({per_pass * SEQ_LEN} tokens "
+        f"through an MLP "
         f"of {CONFIG['intermediate_size']} and the attention) and bookkeeping (masks, rotary "
         "tables, the recorded batches, heap fragmentation)",
         f"- streamed time is {streamed['seconds'] / mem['seconds']:.2f}x the in-memory "
         "time, loading included (target <= 1.3x)",
         f"- largest relative score difference: {diff:.1e} (same dtype; batches of {BATCH} "
-        "windows against one window per pass)",
+        f"windows against {per_pass} per pass)",
     ]
     return "\n".join(lines) + "\n"
 

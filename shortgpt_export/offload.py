@@ -39,7 +39,7 @@ OFFLOAD_MODES = ("auto", "none", "layers")
 FIT_FRACTION = 0.8
 # activations are kept in memory when they take at most this share of the free memory
 ACTIVATIONS_FRACTION = 0.5
-SCORING_WINDOWS_PER_PASS = 1  # score_streamed's batches
+SCORING_WINDOWS_PER_PASS = 2  # score_streamed's largest batches; see scoring_windows_per_pass
 
 
 class SafetensorsWeights:
@@ -214,7 +214,7 @@ def fix_mmap_threshold() -> bool:
     allocate their pieces of a forward pass in their own malloc arenas, where freed blocks
     below the threshold stay resident. On the 4 GB benchmark model, streamed peak growth:
     batches of 4 windows, 215-216 MB with 1 MiB against 336-344 MB with 4 MiB; one window
-    per pass (what scoring runs), 180-237 MB with 1 MiB (seven runs; one window's k/v
+    per pass (what scoring ran then), 180-237 MB with 1 MiB (seven runs; one window's k/v
     projections, 0.5 MB, fall below that threshold) against 181-190 MB with 256 KiB (five
     runs). The setting is process-wide and stays; returns whether it was applied."""
     import ctypes
@@ -598,6 +598,21 @@ def stream_mean_loss(
         return mean_loss(stream.recorder, finals, stream.batches)
 
 
+def scoring_windows_per_pass(batch_size: int) -> int:
+    """Calibration windows per forward pass of layer-by-layer scoring: ``batch_size``, at
+    most ``SCORING_WINDOWS_PER_PASS``.
+
+    Beside one layer and the activations, a pass's intermediates are most of the memory,
+    and they grow with the windows per pass; fewer windows per pass cost time, since each
+    pass reads the layer's weights again. On the 4 GB benchmark model (float32, 4 windows
+    of 256 tokens, benchmarks/bench_offload.py), peak growth over one layer plus the
+    activations and time against the in-memory run: one window 1.29x and 1.31x, time 1.32x
+    (two runs); two windows 1.43x, time 1.10x; four windows 1.49-1.52x (probe runs).
+    """
+    check_batch_size(batch_size)
+    return min(batch_size, SCORING_WINDOWS_PER_PASS)
+
+
 def score_streamed(
     streamed: StreamedModel,
     calib: CalibrationSet,
@@ -609,15 +624,12 @@ def score_streamed(
 ):
     """:func:`scoring.score_model` for a :class:`StreamedModel`, one layer at a time.
 
-    Each layer runs one calibration window per forward pass, whatever ``batch_size`` (the
-    in-memory scorer's grouping, in the signature both share): the BI and angular sums are
-    per token, so the grouping leaves the scores as they are, and beside one layer and the
-    activations the pass's intermediates are most of the memory (measured in
-    benchmarks/bench_offload.py).
+    Each layer runs :func:`scoring_windows_per_pass` windows per forward pass: the BI and
+    angular sums are per token, so the grouping changes the scores only through rounding.
     """
     from .scoring import timed_scores
 
-    check_batch_size(batch_size)  # unused here, but refused as the in-memory scorer does
+    windows = scoring_windows_per_pass(batch_size)
     return timed_scores(
         lambda: stream_scores(
             streamed.source,
@@ -625,7 +637,7 @@ def score_streamed(
             device=streamed.device,
             dtype=streamed.dtype,
             metric=metric,
-            batch_size=SCORING_WINDOWS_PER_PASS,
+            batch_size=windows,
             blocks=blocks,
             progress=progress,
         ),

@@ -43,11 +43,19 @@ def test_streamed_scores_equal_in_memory_for_every_family(tiny_model_dir):
         assert_close(s_row, row)
 
 
-def test_streamed_scoring_runs_one_window_per_pass_with_the_in_memory_scores(
-    tiny_model_dir, monkeypatch
+def test_scoring_windows_per_pass_follows_batch_size_up_to_two():
+    assert [offload.scoring_windows_per_pass(b) for b in (1, 2, 3, 16)] == [1, 2, 2, 2]
+    with pytest.raises(ShortGPTError, match="--batch-size 0 must be at least 1"):
+        offload.scoring_windows_per_pass(0)
+
+
+@pytest.mark.parametrize(("batch_size", "batches"), [(3, 4), (1, 7)])
+def test_streamed_scoring_runs_at_most_two_windows_per_pass_with_the_in_memory_scores(
+    tiny_model_dir, monkeypatch, batch_size, batches
 ):
-    """score_streamed (what --offload layers scores with) groups one window per batch; the
-    in-memory scorer's batches of 3 (a short last one, padding) give the same scores."""
+    """score_streamed (what --offload layers scores with) runs --batch-size windows per
+    pass, at most two (7 windows: 4 batches, or 7 when one is asked for); the in-memory
+    scorer's batches of 3 (a short last one, padding) give the same scores."""
     source = resolve_source(str(tiny_model_dir))
     calib = random_calibration(source.config.vocab_size, 7, 24, pad_last=5)
     loaded = load_model(source, dtype="float32")
@@ -61,8 +69,8 @@ def test_streamed_scoring_runs_one_window_per_pass_with_the_in_memory_scores(
 
     monkeypatch.setattr(offload, "LayerStream", recording)
     streamed = offload.StreamedModel(source, None, "cpu", loaded.model.dtype)
-    result = offload.score_streamed(streamed, calib, batch_size=3, blocks=True)
-    assert [len(s.batches) for s in streams] == [7]
+    result = offload.score_streamed(streamed, calib, batch_size=batch_size, blocks=True)
+    assert [len(s.batches) for s in streams] == [batches]
     assert_close(result.scores, memory[0])
     for row, s_row in zip(memory[1], result.block_distances, strict=True):
         assert_close(s_row, row)

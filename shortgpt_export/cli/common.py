@@ -103,7 +103,7 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
         "--batch-size",
         type=int,
         default=4,
-        help="windows per forward pass (default 4; layer-by-layer scoring runs one at a time)",
+        help="windows per forward pass (default 4; layer-by-layer scoring runs at most 2)",
     )
     group.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
     group.add_argument(
