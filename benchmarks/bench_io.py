@@ -129,14 +129,18 @@ def _f16_export_and_copy(ctx, out: Path) -> tuple[float, float, float]:
 
 
 def export_throughput(reps: int) -> dict:
-    """GGUF F16 and HF folder exports against plain copies, interleaved."""
+    """GGUF F16, HF folder and GGUF -> GGUF exports against plain copies, interleaved."""
     from shortgpt_export.converters.gguf import hf_to_gguf
+    from shortgpt_export.converters.gguf.prune_gguf import prune_gguf
+    from shortgpt_export.default_model import default_model_path
     from shortgpt_export.pruning import write_pruned_model
 
     gguf_ctx = _context(WORK, [])
     hf_ctx = _context(WORK, REMOVE)
     gguf_out, hf_out = WORK / "io-f16.gguf", WORK / "io-hf"
-    runs: dict = {"gguf": [], "gguf_copy": [], "gguf_loop": [], "hf": [], "hf_copy": []}
+    runs: dict = {"gguf": [], "gguf_copy": [], "gguf_loop": [], "hf": [], "hf_copy": [],
+                  "pruned": [], "pruned_copy": []}  # fmt: skip
+    pruned_out = WORK / "io-pruned.gguf"
     write_tensors = hf_to_gguf.write_tensors
     loop_began: list[float] = []
 
@@ -163,6 +167,12 @@ def export_throughput(reps: int) -> dict:
             runs["hf"].append(time.perf_counter() - began)
             weights = sorted(hf_out.glob("*.safetensors"))
             runs["hf_copy"].append(sum(_copy_s(w) for w in weights))
+            pruned_out.unlink(missing_ok=True)
+            os.sync()
+            began = time.perf_counter()
+            prune_gguf(default_model_path(), hf_ctx.plan, pruned_out)
+            runs["pruned"].append(time.perf_counter() - began)
+            runs["pruned_copy"].append(_copy_s(pruned_out))
     finally:
         hf_to_gguf.write_tensors = write_tensors
     result = {k: statistics.median(v) for k, v in runs.items()}
@@ -170,6 +180,8 @@ def export_throughput(reps: int) -> dict:
     result["gguf_bytes"] = gguf_out.stat().st_size
     result["hf_bytes"] = sum(p.stat().st_size for p in hf_out.iterdir() if p.is_file())
     result["hf_weight_bytes"] = sum(w.stat().st_size for w in weights)
+    result["pruned_bytes"] = pruned_out.stat().st_size
+    pruned_out.unlink()
     gguf_out.unlink()
     profile = cProfile.Profile()
     profile.runcall(hf_to_gguf.convert_pruned, gguf_ctx, gguf_out)
@@ -288,7 +300,7 @@ def report(reps: int = 5) -> str:
     )  # fmt: skip
     m = json.loads(probe.stdout.strip().splitlines()[-1])
     (WORK / "probe.gguf").unlink(missing_ok=True)
-    gmb, hmb = t["gguf_bytes"] / 1e6, t["hf_weight_bytes"] / 1e6
+    gmb, hmb, pmb = t["gguf_bytes"] / 1e6, t["hf_weight_bytes"] / 1e6, t["pruned_bytes"] / 1e6
     f, s = load["first"], load["second"]
     lines = [
         "## Load cache, import cost and export throughput",
@@ -322,6 +334,9 @@ def report(reps: int = 5) -> str:
         f"{gmb / t['gguf_copy']:,.0f} | {t['gguf_copy'] / t['gguf']:.2f}x |",
         f"| pruned HF folder, 23 layers (weights) | {hmb:,.0f} | {t['hf']:.2f} | "
         f"{hmb / t['hf']:,.0f} | {hmb / t['hf_copy']:,.0f} | {t['hf_copy'] / t['hf']:.2f}x |",
+        "| GGUF -> GGUF, the default model's Q4_1 file, same 23 layers | "
+        f"{pmb:,.0f} | {t['pruned']:.2f} | {pmb / t['pruned']:,.0f} | "
+        f"{pmb / t['pruned_copy']:,.0f} | {t['pruned_copy'] / t['pruned']:.2f}x |",
         "",
         f"Peak RSS of the F16 export (fresh process, sampled every 5 ms): "
         f"{(m['after'] - m['before']) / 1e6:,.0f} MB above the RSS before it; the largest "

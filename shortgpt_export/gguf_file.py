@@ -42,6 +42,7 @@ class GGUFTensor:
     n_elements: int
     n_bytes: int
     data: Any  # numpy array
+    start: int  # where ``data`` starts in the file
 
 
 class GGUFFile:
@@ -61,6 +62,7 @@ class GGUFFile:
         self.path = Path(path)
         layout = parse_gguf_header(self.path)
         self.data_offset = layout.data_start
+        self.endian = layout.endian  # "<" or ">"
         self.fields = {
             name: GGUFField(
                 name,
@@ -91,7 +93,9 @@ class GGUFFile:
                 data = view.view(dtype).reshape((*rows, dims[0]) if dims else ())
             else:
                 data = view.reshape((*rows, dims[0] // block * type_size))
-            self.tensors.append(GGUFTensor(name, tuple(dims), kind, n_elements, n_bytes, data))
+            self.tensors.append(
+                GGUFTensor(name, tuple(dims), kind, n_elements, n_bytes, data, start)
+            )
 
     def get_field(self, key: str) -> GGUFField | None:
         return self.fields.get(key)

@@ -191,7 +191,7 @@ def write_safetensors(
         offset += ref.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data section starts 8-byte aligned
-    with open(path, "wb", buffering=0) as out, _RangeCopier(out.fileno()) as copier:
+    with open(path, "wb", buffering=0) as out, RangeCopier(out.fileno()) as copier:
         write_all(out.fileno(), struct.pack("<Q", len(blob)) + blob)
         for ref in tensors:
             if isinstance(ref, ComputedTensor):
@@ -216,7 +216,7 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view) :]
 
 
-class _RangeCopier:
+class RangeCopier:
     """Byte ranges of source files appended to the file descriptor ``fd``, adjacent ranges
     of one file merged, copied inside the kernel (``copy_file_range``, else ``sendfile``)
     as a plain file copy is: no page of the source is mapped or read into this process.
@@ -227,6 +227,8 @@ class _RangeCopier:
 
     REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 
+    MERGED_MAX = 64 * 1024 * 1024  # ranges merged up to this size (progress stays current)
+
     def __init__(self, fd: int):
         self.fd = fd
         self.pending: tuple[Path, int, int] | None = None
@@ -234,13 +236,21 @@ class _RangeCopier:
         self.calls = _kernel_copies()
 
     def add(self, path: Path, start: int, end: int) -> None:
-        if self.pending and self.pending[0] == path and self.pending[2] == start:
-            self.pending = (path, self.pending[1], end)
+        """Copy bytes ``start .. end`` of ``path`` next (at the latest on :meth:`flush`)."""
+        pending = self.pending
+        if (
+            pending
+            and pending[0] == path
+            and pending[2] == start
+            and end - pending[1] <= self.MERGED_MAX
+        ):
+            self.pending = (path, pending[1], end)
             return
         self.flush()
         self.pending = (path, start, end)
 
     def flush(self) -> None:
+        """Copy what :meth:`add` left pending (before anything else is written to ``fd``)."""
         if self.pending is None:
             return
         path, start, end = self.pending

@@ -16,12 +16,8 @@ from tiny_models import TINY_CONFIGS
 from shortgpt_export.architectures import spec_for
 from shortgpt_export.converters import ExportContext
 from shortgpt_export.converters.gguf import hf_to_gguf, tensor_stream, tokenizer
-from shortgpt_export.converters.gguf.hf_to_gguf import (
-    BlockNameMap,
-    _fast_writer_class,
-    convert_pruned,
-)
-from shortgpt_export.converters.gguf.packing import pack_strings
+from shortgpt_export.converters.gguf.hf_to_gguf import BlockNameMap, convert_pruned
+from shortgpt_export.converters.gguf.packing import fast_writer_class, pack_strings
 from shortgpt_export.converters.gguf.tokenizer import _special_vocab, merge_strings
 from shortgpt_export.errors import ExportError
 from shortgpt_export.planning import make_plan
@@ -32,8 +28,8 @@ from shortgpt_export.source import resolve_source
 TOKENS = ["<|endoftext|>", "Ġthe", "héllo wörld", "", "日本", "a b", *(f"t{i}" for i in range(300))]
 
 
-def _kv_bytes(writer_class, path) -> bytes:
-    writer = writer_class(path, "llama")
+def _kv_bytes(writer_class, path, endianess=gguf.GGUFEndian.LITTLE) -> bytes:
+    writer = writer_class(path, "llama", endianess=endianess)
     writer.add_token_list(TOKENS)
     writer.add_token_types([gguf.TokenType.NORMAL, gguf.TokenType.CONTROL, 1, 6] * 75)
     writer.add_token_merges(["Ġ t", "h e", "a Ġb"] * 50)
@@ -42,17 +38,34 @@ def _kv_bytes(writer_class, path) -> bytes:
     writer.add_array("test.nested", [[1, 2], [3]])
     writer.add_uint32("test.scalar", 7)
     writer.add_string("test.string", "x y")
+    # item types given, as a GGUF -> GGUF rewrite passes them on
+    array = gguf.GGUFValueType.ARRAY
+    for key, values, item_type in [
+        ("test.f32", [0.5, 3, -1e30], gguf.GGUFValueType.FLOAT32),
+        ("test.f64", [0.1, 2], gguf.GGUFValueType.FLOAT64),
+        ("test.u8", [0, 255, 7], gguf.GGUFValueType.UINT8),
+        ("test.i64", [-(2**40), 5], gguf.GGUFValueType.INT64),
+        ("test.u16", [1, 65535], gguf.GGUFValueType.UINT16),
+        ("test.bool", [False, True, True], gguf.GGUFValueType.BOOL),
+        ("test.strings", ["a", "b c"], gguf.GGUFValueType.STRING),
+        ("test.mixed", [1, True], gguf.GGUFValueType.INT32),  # left to gguf-py
+        ("test.one", [3], gguf.GGUFValueType.UINT32),
+    ]:
+        writer.add_key_value(key, values, array, sub_type=item_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
     return path.read_bytes()
 
 
-def test_fast_writer_packs_the_same_bytes_as_gguf(tmp_path):
-    slow = _kv_bytes(gguf.GGUFWriter, tmp_path / "slow.gguf")
-    fast = _kv_bytes(_fast_writer_class(), tmp_path / "fast.gguf")
+@pytest.mark.parametrize("endianess", list(gguf.GGUFEndian))
+def test_fast_writer_packs_the_same_bytes_as_gguf(tmp_path, endianess):
+    slow = _kv_bytes(gguf.GGUFWriter, tmp_path / "slow.gguf", endianess)
+    fast = _kv_bytes(fast_writer_class(), tmp_path / "fast.gguf", endianess)
     assert len(slow) > 3000
     assert fast == slow
+    if endianess == gguf.GGUFEndian.BIG:
+        return
     # and the reader gets the strings back
     reader = gguf.GGUFReader(tmp_path / "fast.gguf")
     field = reader.fields["tokenizer.ggml.tokens"]
@@ -138,6 +151,12 @@ def test_kernel_range_copies_write_what_the_memory_map_writes(
     _, made = _copied(tiny_llama_dir, tmp_path / "b.safetensors", monkeypatch,
                       [sio._copy_file_range], order=backwards)  # fmt: skip
     assert len(made) == len(refs)
+    # merged runs stop at MERGED_MAX bytes (progress bars follow the copy)
+    largest = max(ref.nbytes for ref in refs.values())
+    monkeypatch.setattr(sio.RangeCopier, "MERGED_MAX", largest)
+    capped, made = _copied(tiny_llama_dir, tmp_path / "c.safetensors", monkeypatch,
+                           [sio._copy_file_range])  # fmt: skip
+    assert capped == mapped and 2 < len(made) <= len(refs)
 
 
 def test_a_copy_that_copies_nothing_falls_back_and_other_errors_are_raised(
@@ -314,7 +333,7 @@ def test_fast_tokenizer_path_writes_what_stock_gguf_writes(tiny_llama_dir, tmp_p
     shutil.copytree(tiny_llama_dir, folder)
     (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}<|im_end|>")
     fast = _export(folder, tmp_path / "fast.gguf", "F16")
-    monkeypatch.setattr(hf_to_gguf, "_fast_writer_class", lambda: gguf.GGUFWriter)
+    monkeypatch.setattr(hf_to_gguf, "fast_writer_class", lambda: gguf.GGUFWriter)
     monkeypatch.setattr(tokenizer, "merge_strings", lambda merges: None)
     stock = _export(folder, tmp_path / "stock.gguf", "F16")
     assert fast == stock

@@ -279,12 +279,12 @@ def test_gguf_attention_pattern_is_written_or_the_plan_refused():
     assert check_plan(spec_for("phi3"), config, breaking) is None
 
 
-def _fake_gguf(path, arch: str, blocks: int):
+def _fake_gguf(path, arch: str, blocks: int, **writer_options):
     """A GGUF with only metadata and one small tensor per block (no model to run)."""
     import numpy as np
     from gguf import GGUFWriter
 
-    writer = GGUFWriter(path, arch)
+    writer = GGUFWriter(path, arch, **writer_options)
     writer.add_block_count(blocks)
     writer.add_head_count_kv([2 + i for i in range(blocks)])  # a per-layer array
     for i in range(blocks):
@@ -319,6 +319,45 @@ def test_gguf_pruning_slices_per_layer_arrays_and_adds_the_pattern(tmp_path):
     assert {t.name: float(t.data[0]) for t in reader.tensors} == norms
 
 
+def test_gguf_pruning_keeps_a_big_endian_source_big_endian_and_its_alignment(tmp_path):
+    """Copied tensor bytes keep the source's byte order, so the header is written in it too;
+    a healed tensor is written in it; tensors start at the source's alignment."""
+    import numpy as np
+    from gguf import GGUFEndian, GGUFValueType
+
+    from shortgpt_export.converters.gguf.prune_gguf import prune_gguf, write_gguf
+    from shortgpt_export.gguf_file import field_value, open_gguf
+
+    src = _fake_gguf(tmp_path / "be.gguf", "llama", 5, endianess=GGUFEndian.BIG)
+    assert open_gguf(src).endian == ">"
+    dst = tmp_path / "dst.gguf"
+    patch = np.array([0.5, -1.5, 2.25, 3.0], dtype=np.float32)
+    prune_gguf(src, make_plan(5, layers=[1, 3]), dst, patches={"blk.2.attn_norm.weight": patch})
+    reader = open_gguf(dst)
+    assert reader.endian == ">"
+    assert field_value(reader, "llama.block_count") == 3
+    assert field_value(reader, "llama.attention.head_count_kv") == [2, 4, 6]
+    values = {t.name: t.data.astype(np.float32).tolist() for t in reader.tensors}
+    assert values == {
+        "blk.0.attn_norm.weight": [0.0] * 4,
+        "blk.1.attn_norm.weight": patch.tolist(),
+        "blk.2.attn_norm.weight": [4.0] * 4,
+    }
+    # a 64-byte alignment carried over: every tensor starts on it
+    wide = _fake_gguf(tmp_path / "a64.gguf", "llama", 4)
+    src64 = tmp_path / "src64.gguf"
+    source = open_gguf(wide)
+    fields = [(f.name, f.contents(), f.types[0], (f.types[1:] or (None,))[0])
+              for f in source.fields.values() if not f.name.startswith("GGUF.")
+              and f.name != "general.architecture"]  # fmt: skip
+    fields.append(("general.alignment", 64, GGUFValueType.UINT32, None))
+    write_gguf(source, src64, "llama", fields, [(t.name, t) for t in source.tensors])
+    prune_gguf(src64, make_plan(4, layers=[0]), dst)
+    reader = open_gguf(dst)
+    assert [t.start % 64 for t in reader.tensors] == [0, 0, 0]
+    assert [float(t.data[0]) for t in reader.tensors] == [1.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize(("family", "remove"), [("gemma2", 2), ("gemma3_text", 1)])
 def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
     family, remove, spm_tokenizer_dir, tmp_path
@@ -334,10 +373,10 @@ def test_gemma_gguf_with_shifted_layers_matches_torch_beyond_the_window(
     from shortgpt_export.converters import ExportContext
     from shortgpt_export.converters.gguf import GGUFConverter
     from shortgpt_export.converters.gguf.attention_pattern import index_pattern, pattern_key
-    from shortgpt_export.converters.gguf.prune_gguf import field_value, open_gguf
     from shortgpt_export.converters.gguf.verify import llama_logprobs, llama_model
     from shortgpt_export.export_options import ExportOptions
     from shortgpt_export.fidelity import compare_logprobs, torch_logprobs
+    from shortgpt_export.gguf_file import field_value, open_gguf
 
     folder = build_tiny_model(family, spm_tokenizer_dir, tmp_path / family)
     source = resolve_source(str(folder))

@@ -85,7 +85,7 @@ def test_gguf_of_the_text_model_matches_torch_beyond_the_window(multimodal_dir, 
     """The same llama.cpp path as gemma3_text: removing layer 1 shifts the global layer 5
     to index 4, so the pruned pattern must be written (64-token windows, window 16)."""
     from shortgpt_export.converters.gguf.attention_pattern import index_pattern, pattern_key
-    from shortgpt_export.converters.gguf.prune_gguf import field_value, open_gguf
+    from shortgpt_export.gguf_file import field_value, open_gguf
 
     source, plan, f16 = check_folder_gguf(multimodal_dir, tmp_path, remove=1)
     sliding = [t == "sliding_attention" for t in source.config.layer_types]

@@ -120,35 +120,21 @@ def add_pattern(path, arch: str, pattern: list[bool]) -> None:
     """Rewrite the GGUF at ``path`` with ``pattern`` as its per-layer sliding-window array."""
     import os
 
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType
 
-    from shortgpt_export.gguf_file import field_value, open_gguf
+    from shortgpt_export.gguf_file import open_gguf
 
-    from .prune_gguf import SKIPPED_KEYS
+    from .prune_gguf import SKIPPED_KEYS, write_gguf
 
     reader = open_gguf(path)
     tmp = path.with_name(path.name + ".pattern")
-    writer = GGUFWriter(tmp, arch)
-    alignment = field_value(reader, "general.alignment")
-    if alignment:
-        writer.data_alignment = int(alignment)
-    try:
-        for field in reader.fields.values():
-            if field.name.startswith(SKIPPED_KEYS) or field.name == pattern_key(arch):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub)
-        writer.add_array(pattern_key(arch), [bool(x) for x in pattern])
-        for t in reader.tensors:
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for t in reader.tensors:
-            writer.write_tensor_data(t.data)
-    finally:
-        writer.close()
+    fields = [
+        (field.name, field.contents(), field.types[0], (field.types[1:] or (None,))[0])
+        for field in reader.fields.values()
+        if not field.name.startswith(SKIPPED_KEYS) and field.name != pattern_key(arch)
+    ]
+    fields.append((pattern_key(arch), [bool(x) for x in pattern], GGUFValueType.ARRAY, None))
+    write_gguf(reader, tmp, arch, fields, [(t.name, t) for t in reader.tensors])
     del reader
     os.replace(tmp, path)
 

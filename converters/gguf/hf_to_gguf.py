@@ -12,7 +12,7 @@ from shortgpt_export.pruning import plan_tensors, prune_config_dict
 from shortgpt_export.safetensors_io import TensorRef
 
 from .metadata import add_general_metadata
-from .packing import PackedStrings, pack_strings
+from .packing import fast_writer_class
 from .tensor_stream import TensorOutput, usable_cpus, write_tensors
 from .tokenizer import add_tokenizer
 
@@ -168,7 +168,7 @@ def convert_pruned(ctx, target: Path, *, out_type: str = "F16") -> None:
             f"{embedding.shape[0]} rows of the token embedding",
             hint="fix vocab_size in config.json",
         )
-    writer = _fast_writer_class()(target, spec.gguf_arch)
+    writer = fast_writer_class()(target, spec.gguf_arch)
     parameters = sum(math.prod(ref.shape) for _, ref in refs)
     add_general_metadata(writer, folder, source.name, parameters)
     _add_hparams(writer, config)
@@ -228,43 +228,6 @@ def _qk_heads(spec, gguf_name: str, heads: int, kv_heads: int) -> int:
     if gguf_name.endswith("attn_q.weight"):
         return heads
     return kv_heads if gguf_name.endswith("attn_k.weight") else 0
-
-
-def _fast_writer_class():
-    """``gguf.GGUFWriter`` that packs long string and integer arrays in one call each.
-
-    The token list, token types and merges are ~150k values packed one ``struct.pack``
-    at a time by the library (seconds per model); the bytes written are the same.
-    """
-    import struct
-
-    import gguf
-
-    vt = gguf.GGUFValueType
-
-    class FastGGUFWriter(gguf.GGUFWriter):
-        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-            if (
-                vtype != vt.ARRAY
-                or not isinstance(val, (list, tuple, PackedStrings))
-                or len(val) < 2
-            ):
-                return super()._pack_val(val, vtype, add_vtype, sub_type)
-            order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
-            strings = isinstance(val, PackedStrings) or set(map(type, val)) == {str}
-            if sub_type in (None, vt.STRING) and strings:
-                body, ltype = pack_strings(val, order), vt.STRING
-            elif sub_type in (None, vt.INT32) and all(
-                issubclass(k, int) and not issubclass(k, bool) for k in set(map(type, val))
-            ):
-                body = struct.pack(f"{order}{len(val)}i", *val)
-                ltype = vt.INT32
-            else:
-                return super()._pack_val(val, vtype, add_vtype, sub_type)
-            head = struct.pack(f"{order}I", vtype) if add_vtype else b""
-            return head + struct.pack(f"{order}IQ", ltype, len(val)) + body
-
-    return FastGGUFWriter
 
 
 @contextmanager

@@ -1,9 +1,10 @@
-"""GGUF string arrays packed without a Python-level loop over the strings.
+"""GGUF metadata arrays packed without a Python-level loop over their items.
 
 The tokenizer's token list and merges are ~100k short strings; gguf-py packs them one
-``struct.pack`` call at a time. Here they are joined into one text (or kept as one),
-encoded in one call, and numpy finds each string's byte length from the separators and
-interleaves the lengths with the bytes.
+``struct.pack`` call at a time (about a second per model). Here strings are joined into one
+text (or kept as one), encoded in one call, and numpy finds each string's byte length from
+the separators and interleaves the lengths with the bytes; numbers are packed in one
+``struct.pack`` call. :func:`fast_writer_class` is the ``gguf.GGUFWriter`` that does so.
 """
 
 from __future__ import annotations
@@ -80,3 +81,53 @@ def pack_strings(strings, order: str) -> bytes:
     text_bytes[prefix_bytes] = False
     body[text_bytes] = blob
     return body.tobytes()
+
+
+def fast_writer_class():
+    """``gguf.GGUFWriter`` that packs each metadata array of two or more strings or numbers
+    in one call; the bytes written are the same."""
+    import gguf
+
+    class FastGGUFWriter(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            packed = None
+            if vtype == gguf.GGUFValueType.ARRAY and isinstance(val, (list, tuple, PackedStrings)):
+                order = "<" if self.endianess == gguf.GGUFEndian.LITTLE else ">"
+                packed = packed_array(val, sub_type, order)
+            if packed is None:
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            head = self._pack("I", vtype) if add_vtype else b""
+            return head + packed
+
+    return FastGGUFWriter
+
+
+def packed_array(values, item_type, order: str) -> bytes | None:
+    """A GGUF array's item type, count and items, as ``gguf.GGUFWriter`` packs them, for
+    two or more strings or numbers of one type (``item_type`` None: inferred as gguf-py
+    does); None for anything else (nested arrays, mixed or numpy items), which gguf-py packs."""
+    import struct
+
+    import gguf
+
+    vt = gguf.GGUFValueType
+    if len(values) < 2:
+        return None
+    kinds = {str} if isinstance(values, PackedStrings) else set(map(type, values))
+    if item_type is None:  # what GGUFValueType.get_type gives for every item
+        item_type = {str: vt.STRING, int: vt.INT32, float: vt.FLOAT32, bool: vt.BOOL}.get(
+            next(iter(kinds)) if len(kinds) == 1 else None
+        )
+    if item_type == vt.STRING and kinds == {str}:
+        body = pack_strings(values, order)
+    elif item_type in NUMBER_CODES and kinds <= NUMBER_ITEMS.get(item_type, {int}):
+        body = struct.pack(f"{order}{len(values)}{NUMBER_CODES[item_type]}", *values)
+    else:
+        return None
+    return struct.pack(f"{order}IQ", item_type, len(values)) + body
+
+
+# gguf.GGUFValueType -> struct code, and the Python types gguf-py packs as each
+NUMBER_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                11: "q", 12: "d"}  # fmt: skip
+NUMBER_ITEMS = {6: {float, int}, 12: {float, int}, 7: {bool}}  # the rest: ints, no bools

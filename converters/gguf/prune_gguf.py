@@ -2,7 +2,7 @@
 
 Works for any architecture llama.cpp knows, since only the ``blk.N.`` naming convention
 and ``{arch}.block_count`` are assumed. Tensor data is copied byte for byte from the
-memory-mapped source, one tensor at a time.
+source file inside the kernel, as a plain file copy is (:func:`write_gguf`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import re
 from pathlib import Path
 
 from shortgpt_export.errors import CorruptModelError, PlanError
-from shortgpt_export.gguf_file import GGUFInfo, field_value, gguf_info, open_gguf
+from shortgpt_export.gguf_file import GGUFInfo, gguf_info, open_gguf
 from shortgpt_export.planning import Plan
 from shortgpt_export.progress import ProgressFactory, no_progress
 
 from .metadata import size_label
+from .packing import fast_writer_class
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ def prune_gguf(
     source lacks, such as a derived attention pattern (attention_pattern.py).
     """
     import numpy as np
-    from gguf import GGMLQuantizationType, GGUFWriter
 
     patches = dict(patches or {})
 
@@ -84,10 +84,6 @@ def prune_gguf(
             hint="use the plan.json made for this model",
         )
     new_index = {old: new for new, old in enumerate(plan.keep)}
-    writer = GGUFWriter(dst, info.arch)
-    alignment = field_value(reader, "general.alignment")
-    if alignment:
-        writer.data_alignment = int(alignment)
     kept = []
     for tensor in reader.tensors:
         match = BLOCK.match(tensor.name)
@@ -106,33 +102,78 @@ def prune_gguf(
             kept.append((name, array))
         else:
             kept.append((name, tensor))
+    if patches:
+        raise PlanError(f"healed tensors {sorted(patches)} are not in {src}")
+    fields = []
     for key, value, vtype, sub_type in sliced_metadata(reader, info.arch, plan.keep):
         if key == "general.size_label":  # the pruned model's size, not the source's
             value = size_label(sum(_elements(t) for _, t in kept))
-        writer.add_key_value(key, value, vtype, sub_type=sub_type)
-    for key, value in (arrays or {}).items():
-        if reader.get_field(key) is None:  # a source array was sliced above
+        fields.append((key, value, vtype, sub_type))
+    fields += [
+        (key, value, None, None)
+        for key, value in (arrays or {}).items()
+        if reader.get_field(key) is None  # a source array was sliced above
+    ]
+    write_gguf(reader, dst, info.arch, fields, kept, progress=progress)
+    return info
+
+
+def write_gguf(reader, dst: Path, arch: str, fields, tensors, *, progress=no_progress) -> None:
+    """Write ``dst`` from the open GGUF ``reader``: ``fields`` as (key, value, value type,
+    item type) (value type None: an array whose item type is inferred) and ``tensors`` as
+    (name, the reader's tensor or a float32 numpy array), in the source's byte order, at
+    the alignment ``fields`` declare (``general.alignment``, else GGUF's 32 bytes).
+
+    A reader's tensor is copied from the source file inside the kernel, byte for byte
+    (``safetensors_io.RangeCopier``: neighbours in the source in one call, nothing read
+    into this process); arrays are written as F32.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFEndian
+
+    from shortgpt_export.safetensors_io import RangeCopier, write_all
+
+    big = reader.endian == ">"
+    writer = fast_writer_class()(dst, arch, endianess=GGUFEndian.BIG if big else GGUFEndian.LITTLE)
+    for key, value, vtype, sub_type in fields:
+        if vtype is None:
             writer.add_array(key, value)
-    for name, tensor in kept:
+        else:
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        if key == "general.alignment":  # the layout the file declares
+            writer.data_alignment = int(value)
+    for name, tensor in tensors:
         if isinstance(tensor, np.ndarray):
-            writer.add_tensor_info(
-                name, tensor.shape, tensor.dtype, tensor.nbytes, GGMLQuantizationType.F32
-            )
-            continue
-        writer.add_tensor_info(
-            name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type
-        )
-    if patches:
-        raise PlanError(f"healed tensors {sorted(patches)} are not in {src}")
+            f32 = GGMLQuantizationType.F32
+            writer.add_tensor_info(name, tensor.shape, tensor.dtype, tensor.nbytes, f32)
+        else:
+            data = tensor.data
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        sizes = [_nbytes(t) for _, t in kept]
-        with progress(f"writing {dst.name}", sum(sizes)) as advance:
-            for (_, tensor), size in zip(kept, sizes, strict=True):
-                writer.write_tensor_data(tensor if isinstance(tensor, np.ndarray) else tensor.data)
+        fout = writer.fout[0]
+        fout.flush()  # from here on the tensor data goes straight to the file descriptor
+        fd, position = fout.fileno(), fout.tell()
+        sizes = [_nbytes(t) for _, t in tensors]
+        with (
+            progress(f"writing {dst.name}", sum(sizes)) as advance,
+            RangeCopier(fd) as copier,
+        ):
+            for (_, tensor), size in zip(tensors, sizes, strict=True):
+                if pad := -position % writer.data_alignment:
+                    copier.flush()
+                    write_all(fd, bytes(pad))
+                if isinstance(tensor, np.ndarray):
+                    copier.flush()
+                    write_all(fd, tensor.astype(">f4" if big else "<f4").tobytes())
+                else:
+                    copier.add(reader.path, tensor.start, tensor.start + size)
+                position += pad + size
                 advance(size)
+            copier.flush()
+            if pad := -position % writer.data_alignment:
+                write_all(fd, bytes(pad))
     finally:
         writer.close()
-    return info
