@@ -69,14 +69,17 @@ class _Cursor:
         return raw
 
 
-def _skip_strings(cur: _Cursor, n: int, what: str) -> None:
-    """Skip ``n`` length-prefixed strings (a tight loop: vocabularies hold ~10^5 of them)."""
+def _string_starts(cur: _Cursor, n: int, what: str) -> list[int]:
+    """Where each of ``n`` length-prefixed strings starts (its length), every bound
+    checked; the cursor moves past them (a tight loop: vocabularies hold ~10^5 strings)."""
     data, pos, end = cur.data, cur.pos, len(cur.data)
     length_at = struct.Struct(cur.endian + "Q").unpack_from
+    starts = []
     for i in range(n):
         if pos + 8 > end:
             cur.pos = pos
             cur.need(8, f"length of {what}[{i}]")
+        starts.append(pos)
         (length,) = length_at(data, pos)
         pos += 8 + length
         if pos > end:
@@ -85,6 +88,7 @@ def _skip_strings(cur: _Cursor, n: int, what: str) -> None:
                 f"but only {end - pos + length} remain"
             )
     cur.pos = pos
+    return starts
 
 
 def _decode(raw, what: str, strict: bool) -> str:
@@ -97,29 +101,40 @@ def _decode(raw, what: str, strict: bool) -> str:
 
 
 def _read_strings(cur: _Cursor, n: int, what: str, strict: bool) -> list[str]:
-    """``n`` length-prefixed strings, decoded (the tight loop of ``_skip_strings``);
-    ``strict``: invalid UTF-8 is an error instead of being replaced."""
-    data, pos, end = cur.data, cur.pos, len(cur.data)
+    """``n`` length-prefixed strings, decoded; ``strict``: invalid UTF-8 is an error instead
+    of being replaced.
+
+    The strings are decoded in one call: numpy drops each 8-byte length and puts a NUL
+    between strings, and the text is split at the NULs. Where a string holds a NUL itself
+    or is not valid UTF-8, each is decoded on its own (replacing, or naming the bad one).
+    """
+    import numpy as np
+
+    first = cur.pos
+    starts = _string_starts(cur, n, what)
+    if not starts:
+        return []
+    raw = np.frombuffer(cur.data, dtype=np.uint8, count=cur.pos - first, offset=first).copy()
+    at = np.asarray(starts, dtype=np.int64) - first
+    keep = np.ones(raw.size, dtype=bool)
+    keep[(at[:, None] + np.arange(8)).ravel()] = False
+    keep[at[1:]] = True  # the first byte of each later length becomes the separator
+    raw[at[1:]] = 0
+    blob = raw[keep].tobytes()
+    if blob.count(0) == n - 1:
+        try:
+            return blob.decode("utf-8").split("\x00")
+        except UnicodeDecodeError:
+            pass
+    return _decode_each(cur, starts, what, strict)
+
+
+def _decode_each(cur: _Cursor, starts: list[int], what: str, strict: bool) -> list[str]:
     length_at = struct.Struct(cur.endian + "Q").unpack_from
     out = []
-    for i in range(n):
-        if pos + 8 > end:
-            cur.pos = pos
-            cur.need(8, f"length of {what}[{i}]")
-        (length,) = length_at(data, pos)
-        pos += 8
-        if pos + length > end:
-            raise _Bad(
-                f"length of {what}[{i}] is {length}, which needs at least {length} bytes "
-                f"but only {end - pos} remain"
-            )
-        raw = data[pos : pos + length]
-        try:
-            out.append(raw.decode("utf-8", "strict" if strict else "replace"))
-        except UnicodeDecodeError:
-            raise _Bad(f"{what}[{i}] is not valid UTF-8") from None
-        pos += length
-    cur.pos = pos
+    for i, pos in enumerate(starts):
+        (length,) = length_at(cur.data, pos)
+        out.append(_decode(cur.data[pos + 8 : pos + 8 + length], f"{what}[{i}]", strict))
     return out
 
 
@@ -147,7 +162,10 @@ def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, strict: bool, dep
         return values
     if item_type == STRING:
         n = cur.count(f"item count of {what}", 8)
-        return _read_strings(cur, n, what, strict) if keep else _skip_strings(cur, n, what)
+        if keep:
+            return _read_strings(cur, n, what, strict)
+        _string_starts(cur, n, what)
+        return None
     if item_type == ARRAY:
         n = cur.count(f"item count of {what}", 12)
         items = [

@@ -135,6 +135,34 @@ def test_gguf_file_reads_big_endian_and_refuses_bad_utf8(tmp_path):
     assert read_gguf_kv(bad)["tokenizer.ggml.tokens"] == ["\ufffd", "b"]  # lenient reader
 
 
+@pytest.mark.parametrize("endian", ["<", ">"])
+@pytest.mark.parametrize(
+    "strings",
+    [
+        [b"Hello", b"", "日本".encode(), b"\xc4\xa0the", b""],  # decoded in one call
+        [b"only"],
+        [b"a\x00b", b"c"],  # a NUL inside: one at a time
+        [b"ok", b"\xe6\x97", b"\xff", b"tail"],  # not UTF-8: one at a time
+    ],
+)
+def test_string_arrays_decode_as_one_string_at_a_time(strings, endian):
+    import struct
+
+    from shortgpt_export import gguf_header as gh
+
+    data = b"pad" + b"".join(struct.pack(endian + "Q", len(x)) + x for x in strings) + b"more"
+    for strict in (False, True):
+        cursor = gh._Cursor(data, endian)
+        cursor.pos = 3
+        try:
+            got = gh._read_strings(cursor, len(strings), "t", strict)
+        except gh._Bad as exc:
+            assert strict and "t[1] is not valid UTF-8" in str(exc)
+            continue
+        assert got == [x.decode("utf-8", "replace") for x in strings]
+        assert cursor.pos == len(data) - 4
+
+
 def test_gguf_file_refuses_a_quantized_scalar(tmp_path, monkeypatch):
     """A tensor entry with no dimensions has no row to hold quantized blocks."""
     import gguf
