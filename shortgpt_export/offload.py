@@ -607,7 +607,8 @@ def scoring_windows_per_pass(batch_size: int) -> int:
     pass reads the layer's weights again. On the 4 GB benchmark model (float32, 4 windows
     of 256 tokens, benchmarks/bench_offload.py), peak growth over one layer plus the
     activations and time against the in-memory run: one window 1.29x and 1.31x, time 1.32x
-    (two runs); two windows 1.43x, time 1.10x; four windows 1.49-1.52x (probe runs).
+    (two runs); two windows 1.43x and 1.38x, time 1.10x and 1.22x (two runs); four
+    windows 1.49-1.52x (probe runs).
     """
     check_batch_size(batch_size)
     return min(batch_size, SCORING_WINDOWS_PER_PASS)
