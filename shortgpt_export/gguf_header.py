@@ -69,17 +69,19 @@ class _Cursor:
         return raw
 
 
-def _string_starts(cur: _Cursor, n: int, what: str) -> list[int]:
+def _string_starts(cur: _Cursor, n: int, what: str, *, keep: bool = True) -> list[int]:
     """Where each of ``n`` length-prefixed strings starts (its length), every bound
-    checked; the cursor moves past them (a tight loop: vocabularies hold ~10^5 strings)."""
+    checked; the cursor moves past them (a tight loop: vocabularies hold ~10^5 strings).
+    Without ``keep`` nothing is collected (a hostile count allocates nothing)."""
     data, pos, end = cur.data, cur.pos, len(cur.data)
     length_at = struct.Struct(cur.endian + "Q").unpack_from
-    starts = []
+    starts: list[int] = []
+    note = starts.append if keep else _ignore
     for i in range(n):
         if pos + 8 > end:
             cur.pos = pos
             cur.need(8, f"length of {what}[{i}]")
-        starts.append(pos)
+        note(pos)
         (length,) = length_at(data, pos)
         pos += 8 + length
         if pos > end:
@@ -89,6 +91,10 @@ def _string_starts(cur: _Cursor, n: int, what: str) -> list[int]:
             )
     cur.pos = pos
     return starts
+
+
+def _ignore(_position: int) -> None:
+    pass
 
 
 def _decode(raw, what: str, strict: bool) -> str:
@@ -164,7 +170,7 @@ def _value(cur: _Cursor, vtype: int, what: str, *, keep: bool, strict: bool, dep
         n = cur.count(f"item count of {what}", 8)
         if keep:
             return _read_strings(cur, n, what, strict)
-        _string_starts(cur, n, what)
+        _string_starts(cur, n, what, keep=False)
         return None
     if item_type == ARRAY:
         n = cur.count(f"item count of {what}", 12)

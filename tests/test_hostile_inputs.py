@@ -238,7 +238,7 @@ def test_stale_temporary_folders_are_reclaimed(capsys, tmp_path, model, calib_fi
     assert (tmp_path / "out" / "plan.json").is_file()
 
 
-# --- hostile GGUF headers: refused in well under a second -------------------------------
+# --- hostile GGUF headers: refused at once, nothing allocated ------------------------
 
 
 def gguf_bytes(n_tensors: int, kvs: bytes = b"", n_kv: int = 0) -> bytes:
@@ -271,7 +271,9 @@ def test_hostile_gguf_header(capsys, tmp_path, case):
     path.write_bytes(data)
     started = time.perf_counter()
     line = refused(capsys, tmp_path, [path], needle, "score", path, "--out", tmp_path / "o")
-    assert time.perf_counter() - started < 2.0
+    # a parser that walked the claimed counts would take hours; the bound leaves room for
+    # the CLI's first imports on a busy machine (2 s failed once that way)
+    assert time.perf_counter() - started < 10.0
     assert "cannot read GGUF file" in line
 
 

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 from itertools import chain
 
 SEPARATOR = "\x00"  # one byte in UTF-8
+# gguf.GGUFValueType -> struct code, and the Python types gguf-py packs as each
+NUMBER_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                11: "q", 12: "d"}  # fmt: skip
+NUMBER_ITEMS = {6: {float, int}, 12: {float, int}, 7: {bool}}  # the rest: ints, no bools
 
 
 class PackedStrings(Sequence):
@@ -125,9 +129,3 @@ def packed_array(values, item_type, order: str) -> bytes | None:
     else:
         return None
     return struct.pack(f"{order}IQ", item_type, len(values)) + body
-
-
-# gguf.GGUFValueType -> struct code, and the Python types gguf-py packs as each
-NUMBER_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
-                11: "q", 12: "d"}  # fmt: skip
-NUMBER_ITEMS = {6: {float, int}, 12: {float, int}, 7: {bool}}  # the rest: ints, no bools
