@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,13 +70,13 @@ class _Cursor:
         return raw
 
 
-def _string_starts(cur: _Cursor, n: int, what: str, *, keep: bool = True) -> list[int]:
+def _string_starts(cur: _Cursor, n: int, what: str, *, keep: bool = True) -> array:
     """Where each of ``n`` length-prefixed strings starts (its length), every bound
     checked; the cursor moves past them (a tight loop: vocabularies hold ~10^5 strings).
     Without ``keep`` nothing is collected (a hostile count allocates nothing)."""
     data, pos, end = cur.data, cur.pos, len(cur.data)
     length_at = struct.Struct(cur.endian + "Q").unpack_from
-    starts: list[int] = []
+    starts = array("q")  # 8 bytes per string, not a Python int each
     note = starts.append if keep else _ignore
     for i in range(n):
         if pos + 8 > end:
@@ -121,10 +122,11 @@ def _read_strings(cur: _Cursor, n: int, what: str, strict: bool) -> list[str]:
     if not starts:
         return []
     raw = np.frombuffer(cur.data, dtype=np.uint8, count=cur.pos - first, offset=first).copy()
-    at = np.asarray(starts, dtype=np.int64) - first
+    at = np.frombuffer(starts, dtype=np.int64) - first
     keep = np.ones(raw.size, dtype=bool)
-    keep[(at[:, None] + np.arange(8)).ravel()] = False
-    keep[at[1:]] = True  # the first byte of each later length becomes the separator
+    for k in range(1, 8):
+        keep[at + k] = False
+    keep[at[:1]] = False  # the first byte of each later length becomes the separator
     raw[at[1:]] = 0
     blob = raw[keep].tobytes()
     if blob.count(0) == n - 1:
@@ -135,7 +137,7 @@ def _read_strings(cur: _Cursor, n: int, what: str, strict: bool) -> list[str]:
     return _decode_each(cur, starts, what, strict)
 
 
-def _decode_each(cur: _Cursor, starts: list[int], what: str, strict: bool) -> list[str]:
+def _decode_each(cur: _Cursor, starts, what: str, strict: bool) -> list[str]:
     length_at = struct.Struct(cur.endian + "Q").unpack_from
     out = []
     for i, pos in enumerate(starts):

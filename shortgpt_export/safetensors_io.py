@@ -227,7 +227,7 @@ class RangeCopier:
 
     REFUSED = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF}
 
-    MERGED_MAX = 64 * 1024 * 1024  # ranges merged up to this size (progress stays current)
+    MERGED_MAX = 64 * 1024 * 1024  # merged up to this size: progress lags one run at most
 
     def __init__(self, fd: int):
         self.fd = fd

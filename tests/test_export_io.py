@@ -17,7 +17,7 @@ from shortgpt_export.architectures import spec_for
 from shortgpt_export.converters import ExportContext
 from shortgpt_export.converters.gguf import hf_to_gguf, tensor_stream, tokenizer
 from shortgpt_export.converters.gguf.hf_to_gguf import BlockNameMap, convert_pruned
-from shortgpt_export.converters.gguf.packing import fast_writer_class, pack_strings
+from shortgpt_export.converters.gguf.packing import fast_writer_class, pack_strings, packed_array
 from shortgpt_export.converters.gguf.tokenizer import _special_vocab, merge_strings
 from shortgpt_export.errors import ExportError
 from shortgpt_export.planning import make_plan
@@ -52,6 +52,13 @@ def _kv_bytes(writer_class, path, endianess=gguf.GGUFEndian.LITTLE) -> bytes:
         ("test.one", [3], gguf.GGUFValueType.UINT32),
     ]:
         writer.add_key_value(key, values, array, sub_type=item_type)
+    # every array above but the nested, mixed and one-item ones takes the fast path
+    fast = [
+        key
+        for key, kv in writer.kv_data[0].items()
+        if kv.type == array and packed_array(kv.value, kv.sub_type, "<") is not None
+    ]
+    assert len(fast) == 12, fast
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()

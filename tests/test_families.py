@@ -323,7 +323,7 @@ def test_gguf_pruning_keeps_a_big_endian_source_big_endian_and_its_alignment(tmp
     """Copied tensor bytes keep the source's byte order, so the header is written in it too;
     a healed tensor is written in it; tensors start at the source's alignment."""
     import numpy as np
-    from gguf import GGUFEndian, GGUFValueType
+    from gguf import GGUFEndian, GGUFValueType, GGUFWriter
 
     from shortgpt_export.converters.gguf.prune_gguf import prune_gguf, write_gguf
     from shortgpt_export.gguf_file import field_value, open_gguf
@@ -356,6 +356,17 @@ def test_gguf_pruning_keeps_a_big_endian_source_big_endian_and_its_alignment(tmp
     reader = open_gguf(dst)
     assert [t.start % 64 for t in reader.tensors] == [0, 0, 0]
     assert [float(t.data[0]) for t in reader.tensors] == [1.0, 2.0, 3.0]
+    # no tensors (a vocabulary-only file): no padding after the header, as gguf-py writes
+    write_gguf(source, tmp_path / "ours.gguf", "llama", fields, [])
+    stock = GGUFWriter(tmp_path / "stock.gguf", "llama")
+    for key, value, vtype, item_type in fields:
+        stock.add_key_value(key, value, vtype, sub_type=item_type)
+    stock.data_alignment = 64
+    stock.write_header_to_file()
+    stock.write_kv_data_to_file()
+    stock.write_ti_data_to_file()
+    stock.close()
+    assert (tmp_path / "ours.gguf").read_bytes() == (tmp_path / "stock.gguf").read_bytes()
 
 
 @pytest.mark.parametrize(("family", "remove"), [("gemma2", 2), ("gemma3_text", 1)])

@@ -238,7 +238,7 @@ def test_stale_temporary_folders_are_reclaimed(capsys, tmp_path, model, calib_fi
     assert (tmp_path / "out" / "plan.json").is_file()
 
 
-# --- hostile GGUF headers: refused at once, nothing allocated ------------------------
+# --- hostile GGUF headers: refused at once ----------------------------------------------
 
 
 def gguf_bytes(n_tensors: int, kvs: bytes = b"", n_kv: int = 0) -> bytes:

@@ -109,7 +109,8 @@ def fast_writer_class():
 def packed_array(values, item_type, order: str) -> bytes | None:
     """A GGUF array's item type, count and items, as ``gguf.GGUFWriter`` packs them, for
     two or more strings or numbers of one type (``item_type`` None: inferred as gguf-py
-    does); None for anything else (nested arrays, mixed or numpy items), which gguf-py packs."""
+    does); None for anything else (nested arrays, mixed items, numpy integers), which
+    gguf-py packs."""
     import struct
 
     import gguf
@@ -117,7 +118,7 @@ def packed_array(values, item_type, order: str) -> bytes | None:
     vt = gguf.GGUFValueType
     if len(values) < 2:
         return None
-    kinds = {str} if isinstance(values, PackedStrings) else set(map(type, values))
+    kinds = {str} if isinstance(values, PackedStrings) else set(map(_base, set(map(type, values))))
     if item_type is None:  # what GGUFValueType.get_type gives for every item
         item_type = {str: vt.STRING, int: vt.INT32, float: vt.FLOAT32, bool: vt.BOOL}.get(
             next(iter(kinds)) if len(kinds) == 1 else None
@@ -129,3 +130,9 @@ def packed_array(values, item_type, order: str) -> bytes | None:
     else:
         return None
     return struct.pack(f"{order}IQ", item_type, len(values)) + body
+
+
+def _base(kind: type) -> type:
+    """The Python type whose packing items of ``kind`` share (enum members are ints,
+    numpy's float64 a float), bool before int; other types as they are."""
+    return next((base for base in (bool, int, float, str) if issubclass(kind, base)), kind)

@@ -134,6 +134,10 @@ def write_gguf(reader, dst: Path, arch: str, fields, tensors, *, progress=no_pro
     from shortgpt_export.safetensors_io import RangeCopier, write_all
 
     big = reader.endian == ">"
+    tensors = [
+        (name, np.ascontiguousarray(t, dtype=np.float32) if isinstance(t, np.ndarray) else t)
+        for name, t in tensors
+    ]
     writer = fast_writer_class()(dst, arch, endianess=GGUFEndian.BIG if big else GGUFEndian.LITTLE)
     for key, value, vtype, sub_type in fields:
         if vtype is None:
@@ -173,7 +177,7 @@ def write_gguf(reader, dst: Path, arch: str, fields, tensors, *, progress=no_pro
                 position += pad + size
                 advance(size)
             copier.flush()
-            if pad := -position % writer.data_alignment:
+            if tensors and (pad := -position % writer.data_alignment):  # as GGUFWriter pads
                 write_all(fd, bytes(pad))
     finally:
         writer.close()
