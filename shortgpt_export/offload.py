@@ -10,10 +10,10 @@ outputs replace the inputs in one activation buffer (windows x tokens x hidden, 
 scoring dtype), which is a memory-mapped temporary file when it does not fit in memory.
 
 Each block sees the same inputs as in the in-memory pass, so the scores are the in-memory
-scores: bit for bit on the same device and dtype with the same batches. Scoring runs one
-window per batch (score_streamed), which leaves the per-token sums as they are; the other
-passes (healing, held-out losses) keep the caller's batches, which set their held-out
-split.
+scores: bit for bit on the same device and dtype with the same batches. Scoring runs at
+most two windows per batch (score_streamed), which changes the per-token sums only through
+rounding; the other passes (healing, held-out losses) keep the caller's batches, which set
+their held-out split.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class SafetensorsWeights:
 
         import torch
 
-        from .safetensors_io import TORCH_DTYPES, load_tensor
+        from .safetensors_io import load_tensor, torch_dtype
 
         ref = self.refs.get(name)
         if ref is None:
@@ -63,13 +63,13 @@ class SafetensorsWeights:
                 f"the checkpoint has no tensor {name!r}",
                 hint="check that the model folder is complete",
             )
-        if ref.dtype not in TORCH_DTYPES or ref.nbytes < mmap.PAGESIZE:
+        dtype = torch_dtype(ref)
+        if ref.nbytes < mmap.PAGESIZE:
             return load_tensor(ref)
         start = ref.start - ref.start % mmap.ALLOCATIONGRANULARITY
         with open(ref.path, "rb") as fh:
             mapped = mmap.mmap(fh.fileno(), ref.end - start, access=mmap.ACCESS_COPY, offset=start)
-        dtype = getattr(torch, TORCH_DTYPES[ref.dtype])
-        count = ref.nbytes // torch.empty((), dtype=dtype).element_size()
+        count = ref.nbytes // dtype.itemsize
         flat = torch.frombuffer(mapped, dtype=dtype, count=count, offset=ref.start - start)
         return flat.view(ref.shape)
 

@@ -330,18 +330,7 @@ def torch_dtype(ref: TensorRef):
 
 def load_tensor(ref: TensorRef):
     """Read one tensor from its file into a new torch tensor (one copy, nothing cached)."""
-    import torch
-
-    dtype = torch_dtype(ref)
-    buffer = bytearray(ref.nbytes)
-    with open(ref.path, "rb") as fh:
-        fh.seek(ref.start)
-        fh.readinto(buffer)
-    return (
-        torch.frombuffer(buffer, dtype=dtype).reshape(ref.shape)
-        if ref.nbytes
-        else torch.empty(ref.shape, dtype=dtype)
-    )
+    return read_tensor_into(ref, bytearray(ref.nbytes))
 
 
 def read_tensor_into(ref: TensorRef, buffer: bytearray, files: dict | None = None):
