@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo-out
+TORCH_INDEX ?=
 
 .PHONY: install demo test test-fast bench bench-recipes bench-io lint format clean
 
@@ -12,8 +13,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	# torch first, pinned to the version the project is tested with.
+	# TORCH_INDEX=https://download.pytorch.org/whl/cpu gets the CPU build where PyPI's
+	# torch would be the CUDA one (Linux)
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/shortgpt-export download-default
 	touch $(STAMP)

@@ -1,19 +1,17 @@
-"""GGUF export speed and memory, and llama.cpp speed of pruned vs. unpruned files.
+"""llama.cpp speed of pruned vs. unpruned GGUF files, and the shared pieces of the GGUF
+benchmarks.
 
-Side by side in one run:
-  * F16 GGUF export throughput (MB written / s) from a bf16 safetensors copy of the default
-    model, against a plain file copy of the same number of bytes on the same disk;
-  * peak RSS growth of that export (fresh process) against the largest tensor's size;
-  * llama.cpp generation and prompt tok/s of the pruned Q4_K_M file against the unpruned
-    Q4_K_M file (both quantized from F16 the same way), against the ideal speed-up from
-    the share of weights removed.
+Side by side in one run: llama.cpp generation and prompt tok/s of the pruned Q4_K_M file
+against the unpruned Q4_K_M file (both quantized from F16 the same way), against the ideal
+speed-up from the share of weights removed. The F16 export's throughput and peak RSS are
+bench_io's (it measures them against plain copies with the page cache settled; it runs
+this module's ``--probe`` for the memory).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -66,26 +64,6 @@ def memory_probe(target: str) -> None:
     with PeakRss(interval=0.005) as rss:
         export_f16(Path(target), [])
     print(json.dumps({"before": before, "after": rss.peak, "largest": largest}))
-
-
-def throughput(reps: int) -> dict:
-    out = WORK / "export-f16.gguf"
-    copy = WORK / "plain-copy.bin"
-    export_s, copy_s = [], []
-    for _ in range(reps):
-        began = time.perf_counter()
-        export_f16(out, [])
-        export_s.append(time.perf_counter() - began)
-        size = out.stat().st_size
-        began = time.perf_counter()
-        shutil.copyfile(out, copy)
-        copy_s.append(time.perf_counter() - began)
-    copy.unlink()
-    return {
-        "bytes": size,
-        "export_s": statistics.median(export_s),
-        "copy_s": statistics.median(copy_s),
-    }
 
 
 def llama_speed(path: Path, prompt: list[int], gen: int, reps: int) -> dict:
@@ -156,7 +134,7 @@ def speed(reps: int) -> dict:
     return results
 
 
-def report(reps: int = 3) -> str:
+def report(reps: int = 5) -> str:
     ensure_hf_copy()
     if not (WORK / "scores.json").is_file():
         subprocess.run(
@@ -164,36 +142,16 @@ def report(reps: int = 3) -> str:
             check=True,
             capture_output=True,
         )
-    t = throughput(reps)
-    probe = subprocess.run(
-        [sys.executable, __file__, "--probe", str(WORK / "probe.gguf")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    m = json.loads(probe.stdout.strip().splitlines()[-1])
-    s = speed(reps=5)
-    mb = t["bytes"] / 1e6
+    s = speed(reps=reps)
     ideal = 1 / (1 - s["removed_share"])
     lines = [
-        "## GGUF export and llama.cpp speed",
+        "## llama.cpp speed of pruned GGUF files",
         "",
-        f"Default model as bf16 safetensors ({HF_DIR.name}), all 30 layers, F16 GGUF of "
-        f"{mb:,.0f} MB; median of {reps} runs.",
-        "",
-        "| step | median s | MB/s | vs. plain copy |",
-        "|---|---:|---:|---:|",
-        f"| F16 GGUF export (read, convert, write) | {t['export_s']:.2f} | "
-        f"{mb / t['export_s']:,.0f} | {t['copy_s'] / t['export_s']:.2f}x |",
-        f"| plain copy of the same bytes | {t['copy_s']:.2f} | {mb / t['copy_s']:,.0f} | 1.00x |",
-        "",
-        f"Peak RSS of the export (fresh process, sampled every 5 ms): {m['after'] / 1e6:,.0f} MB, "
-        f"{(m['after'] - m['before']) / 1e6:,.0f} MB above the RSS just before it; "
-        f"the largest tensor is {m['largest'] / 1e6:,.0f} MB (bf16; its F32 working copy "
-        f"{2 * m['largest'] / 1e6:,.0f} MB).",
+        "The F16 GGUF export's speed and memory are in the next section (load cache, import "
+        "cost and export throughput).",
         "",
         f"llama.cpp {__import__('llama_cpp').__version__}, CPU, 2 threads, Q4_K_M quantized "
-        f"from F16, prompt 128 tokens, 64 generated; median of 5 after a warm-up:",
+        f"from F16, prompt 128 tokens, 64 generated; median of {reps} after a warm-up:",
         "",
         "| file | size MB | prompt tok/s | generation tok/s |",
         "|---|---:|---:|---:|",
