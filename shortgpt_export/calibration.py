@@ -1,9 +1,14 @@
-"""Calibration text: read it, tokenize it once, cut it into fixed-length windows."""
+"""Calibration and evaluation text: read it, tokenize it once, cut it into windows.
+
+Each text a user can name without a file (the built-in one, a dataset) comes in two
+disjoint parts, one for calibration (``--calib``: scoring, selection, healing) and one for
+evaluation (``--eval``), so that nothing is evaluated on the text it was calibrated on."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -12,20 +17,43 @@ from .errors import CalibrationError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SOURCE = "builtin:mixed-v1"
-# name -> (datasets.load_dataset args, kwargs, text field)
-NAMED_DATASETS: dict[str, tuple[tuple, dict, str]] = {
-    "wikitext2": (("wikitext", "wikitext-2-raw-v1"), {"split": "train"}, "text"),
-    "pg19": (("emozilla/pg19",), {"split": "validation"}, "text"),
-    "c4": (
-        ("allenai/c4",),
-        {
-            "data_files": {"validation": "en/c4-validation.00000-of-00008.json.gz"},
-            "split": "validation",
-        },
-        "text",
-    ),
+# use -> (package file, source label); two different texts, written for this project (CC0)
+BUILTIN_TEXTS = {
+    "calibration": ("data/calibration.txt", "builtin:mixed-v1"),
+    "evaluation": ("data/evaluation.txt", "builtin:eval-v1"),
 }
+DEFAULT_SOURCE = BUILTIN_TEXTS["calibration"][1]
+FLAGS = {"calibration": "--calib", "evaluation": "--eval"}
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A dataset ``--calib``/``--eval`` can name: ``datasets.load_dataset`` arguments, and
+    the keyword arguments (split or files) that each use reads; the two never overlap."""
+
+    args: tuple
+    calibration: dict
+    evaluation: dict
+    field: str = "text"
+
+    def part(self, use: str) -> str:
+        """What ``use`` reads, for source labels: its files, else its split."""
+        kwargs = getattr(self, use)
+        files = kwargs.get("data_files")
+        return ", ".join(files.values()) if files else f"{kwargs['split']} split"
+
+
+def _c4_validation_shard(index: int) -> dict:
+    name = f"en/c4-validation.{index:05d}-of-00008.json.gz"
+    return {"data_files": {"validation": name}, "split": "validation"}
+
+
+NAMED_DATASETS: dict[str, NamedDataset] = {
+    "wikitext2": NamedDataset(("wikitext", "wikitext-2-raw-v1"), {"split": "train"},
+                              {"split": "test"}),
+    "pg19": NamedDataset(("emozilla/pg19",), {"split": "validation"}, {"split": "test"}),
+    "c4": NamedDataset(("allenai/c4",), _c4_validation_shard(0), _c4_validation_shard(1)),
+}  # fmt: skip
 MIN_TOKENS = 16  # below this there is nothing to average over
 
 
@@ -105,20 +133,20 @@ def _read_text(path: Path, char_budget: int) -> str:
         raise _not_utf8(path, "", exc) from None
 
 
-def _load_named(name: str, char_budget: int) -> list[str]:
+def _load_named(name: str, char_budget: int, use: str) -> list[str]:
     try:
         import datasets
     except ImportError as exc:
         raise CalibrationError(
-            f"--calib {name} needs the 'datasets' package",
+            f"{FLAGS[use]} {name} needs the 'datasets' package",
             hint="pip install 'shortgpt-export[datasets]', or pass a local .txt/.jsonl file",
         ) from exc
-    args, kwargs, field = NAMED_DATASETS[name]
+    named = NAMED_DATASETS[name]
     try:
-        rows = datasets.load_dataset(*args, streaming=True, **kwargs)
+        rows = datasets.load_dataset(*named.args, streaming=True, **getattr(named, use))
         texts, total = [], 0
         for row in rows:
-            text = row[field]
+            text = row[named.field]
             if text and text.strip():
                 texts.append(text)
                 total += len(text)
@@ -127,29 +155,42 @@ def _load_named(name: str, char_budget: int) -> list[str]:
     except Exception as exc:
         raise CalibrationError(
             f"could not load dataset {name!r} ({type(exc).__name__}: {str(exc)[:120]})",
-            hint="check the network, or pass a local .txt or .jsonl file with --calib",
+            hint=f"check the network, or pass a local .txt or .jsonl file with {FLAGS[use]}",
         ) from exc
     return texts
 
 
 def read_calibration_text(spec: str | None, char_budget: int = 10_000_000) -> tuple[list[str], str]:
-    """Documents and a source label for ``--calib`` (file path, dataset name or None)."""
+    """Documents and a source label for ``--calib`` (file path, dataset name or None: the
+    built-in calibration text)."""
+    return read_text(spec, char_budget, "calibration")
+
+
+def read_evaluation_text(spec: str | None, char_budget: int = 10_000_000) -> tuple[list[str], str]:
+    """Documents and a source label for ``--eval``: a file as ``--calib`` reads it; a
+    dataset's evaluation split and None's built-in evaluation text, both disjoint from what
+    the same name gives ``--calib``."""
+    return read_text(spec, char_budget, "evaluation")
+
+
+def read_text(spec: str | None, char_budget: int, use: str) -> tuple[list[str], str]:
+    """Documents and a source label of ``spec`` for ``use`` ("calibration" or "evaluation")."""
     if spec is None:
-        text = (
-            resources.files("shortgpt_export").joinpath("data/calibration.txt").read_text("utf-8")
-        )
-        return [text], DEFAULT_SOURCE
+        name, label = BUILTIN_TEXTS[use]
+        return [resources.files("shortgpt_export").joinpath(name).read_text("utf-8")], label
     if spec in NAMED_DATASETS:
-        return _load_named(spec, char_budget), spec
+        # calibration keeps the bare name (scores.json of earlier runs says so)
+        label = spec if use == "calibration" else f"{spec} ({NAMED_DATASETS[spec].part(use)})"
+        return _load_named(spec, char_budget, use), label
     path = Path(spec).expanduser()
     if not path.exists():
         raise CalibrationError(
-            f"calibration file {spec!r} does not exist",
+            f"{use} file {spec!r} does not exist",
             hint=f"pass a .txt or .jsonl file, or one of: {', '.join(NAMED_DATASETS)}",
         )
     if not path.is_file():
         raise CalibrationError(
-            f"calibration path {spec!r} is not a file", hint="pass a .txt or .jsonl file"
+            f"{use} path {spec!r} is not a file", hint="pass a .txt or .jsonl file"
         )
     try:
         if path.suffix == ".jsonl":
@@ -157,7 +198,7 @@ def read_calibration_text(spec: str | None, char_budget: int = 10_000_000) -> tu
         return [_read_text(path, char_budget)], str(path)
     except OSError as exc:
         raise CalibrationError(
-            f"cannot read calibration file {path}: {exc.strerror or exc}",
+            f"cannot read {use} file {path}: {exc.strerror or exc}",
             hint="pass a readable .txt or .jsonl file",
         ) from None
 
@@ -167,20 +208,33 @@ def text_budget(max_tokens: int | None) -> int:
     return 8 * max_tokens if max_tokens else 10_000_000
 
 
-def check_calibration_source(spec: str | None, max_tokens: int | None) -> None:
-    """Before the model is loaded: a --calib file exists, is a file, decodes, and is long
-    enough to give the minimum tokens (a token spans at least one byte)."""
+def check_calibration_source(
+    spec: str | None, max_tokens: int | None, use: str = "calibration"
+) -> None:
+    """Before the model is loaded: a --calib (or --eval) file exists, is a file, decodes,
+    and is long enough to give the minimum tokens (a token spans at least one byte)."""
     if spec is None or spec in NAMED_DATASETS:
         return
-    texts, source = read_calibration_text(spec, text_budget(max_tokens))
+    texts, source = read_text(spec, text_budget(max_tokens), use)
     size = sum(len(t.encode("utf-8")) for t in texts if t.strip())
     if size == 0:
-        raise CalibrationError(f"calibration text {source} is empty", hint="pass a non-empty text")
+        raise CalibrationError(f"{use} text {source} is empty", hint="pass a non-empty text")
     if size < MIN_TOKENS:
         raise CalibrationError(
-            f"calibration text from {source} has {size} bytes, too few for {MIN_TOKENS} tokens",
-            hint="pass a longer text with --calib",
+            f"{use} text from {source} has {size} bytes, too few for {MIN_TOKENS} tokens",
+            hint=f"pass a longer text with {FLAGS[use]}",
         )
+
+
+def same_text(calib: str | None, evaluation: str | None) -> bool:
+    """Whether ``--calib`` and ``--eval`` read the same file (the built-in text and the
+    datasets give each use its own part, so only two file paths can coincide)."""
+    if calib is None or evaluation is None or NAMED_DATASETS.keys() & {calib, evaluation}:
+        return False
+    try:
+        return os.path.samefile(Path(calib).expanduser(), Path(evaluation).expanduser())
+    except OSError:  # one of them missing: preflight reports it
+        return False
 
 
 def tokenize_windows(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifacts import Artifact
-from .calibration import check_calibration_source, load_calibration
+from .calibration import check_calibration_source, load_calibration, same_text
 from .errors import NonFiniteScoreError, PlanError, ShortGPTError
 from .export_options import ExportOptions
 from .healing import DEFAULT_HEAL, PATCH_FILE, save_patches
@@ -279,8 +279,11 @@ def _baseline_and_validate(
     scores: LayerScores,
     eval_opts,
     progress: ProgressFactory,
+    *,
+    in_sample: bool,
 ) -> dict:
-    """Export the unpruned model at the same types into baseline/, then measure all."""
+    """Export the unpruned model at the same types into baseline/, then measure all;
+    ``in_sample``: the evaluation text is the calibration text (recorded in the report)."""
     from .report import write_report
     from .validation.artifact_eval import ReportRow
     from .validation.session import measure_artifacts
@@ -317,6 +320,8 @@ def _baseline_and_validate(
         root=stage,
         progress=progress,
     )
+    report["eval"]["calibration"] = scores.calibration.get("source")
+    report["eval"]["in_sample"] = in_sample
     write_report(report, stage, scores=scores.__dict__, removed=plan.remove)
     return report
 
@@ -382,8 +387,17 @@ def run(
         [*_model_inputs(source), ("calibration file", score_opts.calib), ("eval file", eval_file)],
         score_opts,
     )
+    in_sample = False
     if validate is not None:
-        check_calibration_source(validate.eval, validate.max_tokens)
+        check_calibration_source(validate.eval, validate.max_tokens, "evaluation")
+        in_sample = same_text(score_opts.calib, validate.eval)
+        if in_sample:
+            log.warning(
+                "--eval %s is also the calibration text: the layers are chosen (and healed) "
+                "on it, so the report's perplexity and KL are in-sample and flatter the "
+                "pruned model; pass a held-out text with --eval",
+                validate.eval,
+            )
     _check_layer_count(source)
     _check_plan_request(source.num_layers, plan_opts)
     export.check(source)
@@ -448,6 +462,7 @@ def run(
                         scores,
                         validate,
                         progress,
+                        in_sample=in_sample,
                     )
     result = RunResult(out=out, scores=scores, plan=plan, artifacts=artifacts, report=report)
     if validate is not None:
@@ -626,7 +641,7 @@ def validate(
     inputs = [("artifact", path) for path in paths]
     inputs += [*_model_inputs(source), ("eval file", eval_opts.eval)]
     preflight(Path(out), force, inputs)
-    check_calibration_source(eval_opts.eval, eval_opts.max_tokens)
+    check_calibration_source(eval_opts.eval, eval_opts.max_tokens, "evaluation")
     loaded = _load(source, model_opts, progress, offload)
     with staged_output(Path(out), force=force) as stage:
         report = validate_artifacts(loaded, paths, eval_opts, progress=progress)

@@ -190,6 +190,15 @@ def render_markdown(report: dict) -> str:
         f"of {ev['latency_runs']} timed run{'s' * (ev['latency_runs'] != 1)} after a warm-up.",
         "",
     ]
+    if ev.get("in_sample"):
+        lines += [
+            f"**In-sample:** the evaluation text is also the calibration text "
+            f"({ev['calibration']}): the layers were chosen (and healed) on it, so these "
+            "perplexities and KLs flatter the pruned model. Pass a held-out text with `--eval`.",
+            "",
+        ]
+    elif ev.get("calibration"):
+        lines += [f"Calibration text (scoring, selection, healing): {ev['calibration']}.", ""]
     lines += markdown_table(TABLE_HEADER, table_rows(report["artifacts"]))
     lines += ["", *quant_factors(report["artifacts"]), ""]
     accelerated = accelerator_rows(report["artifacts"])

@@ -80,3 +80,79 @@ def test_named_dataset_without_network_says_how_to_work_offline(tokenizer, monke
     with pytest.raises(CalibrationError, match="wikitext2") as info:
         load_calibration(tokenizer, "wikitext2")
     assert ".jsonl" in info.value.hint
+
+
+def _sentences(text: str) -> set[str]:
+    import re
+
+    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
+    return {" ".join(p.split()) for p in parts if len(p.split()) >= 6}
+
+
+def test_builtin_evaluation_text_is_not_the_calibration_text():
+    from shortgpt_export.calibration import read_calibration_text, read_evaluation_text
+
+    (calib,), calib_source = read_calibration_text(None)
+    (evaluation,), eval_source = read_evaluation_text(None)
+    assert (calib_source, eval_source) == (DEFAULT_SOURCE, "builtin:eval-v1")
+    assert len(evaluation) > 10_000  # several windows of 512 tokens for the default model
+    shared = _sentences(calib) & _sentences(evaluation)
+    assert not shared, sorted(shared)[:3]
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "pg19", "c4"])
+def test_named_datasets_give_calibration_and_evaluation_disjoint_parts(name, monkeypatch):
+    """Each use loads its own split (or file) of a named dataset: a fake ``datasets``
+    module records what was asked, so no network is needed."""
+    import sys
+    import types
+
+    from shortgpt_export.calibration import (
+        NAMED_DATASETS,
+        read_calibration_text,
+        read_evaluation_text,
+    )
+
+    asked = []
+
+    def load_dataset(*args, **kwargs):
+        asked.append((args, kwargs))
+        return iter([{"text": f"row of {kwargs['split']}"}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    calib, calib_source = read_calibration_text(name)
+    evaluation, eval_source = read_evaluation_text(name)
+    (calib_args, calib_kwargs), (eval_args, eval_kwargs) = asked
+    assert calib_args == eval_args == NAMED_DATASETS[name].args
+    assert calib_kwargs.pop("streaming") and eval_kwargs.pop("streaming")
+    assert calib_kwargs != eval_kwargs  # another split, or another file of the split
+    assert calib_source == name and eval_source.startswith(f"{name} (")
+    assert eval_source != calib_source and calib and evaluation
+
+
+def test_same_text_only_for_one_file(tmp_path, monkeypatch):
+    from shortgpt_export.calibration import same_text
+
+    text = tmp_path / "text.txt"
+    text.write_text("some text")
+    other = tmp_path / "other.txt"
+    other.write_text("some text")  # equal content, another file: not the same text
+    link = tmp_path / "link.txt"
+    link.symlink_to(text)
+    monkeypatch.chdir(tmp_path)
+    assert same_text(str(text), "text.txt") and same_text(str(link), str(text))
+    assert not same_text(str(text), str(other))
+    assert not same_text(None, None)  # built-in: a calibration and an evaluation text
+    assert not same_text("wikitext2", "wikitext2")  # datasets: disjoint parts
+    assert not same_text(str(text), str(tmp_path / "missing.txt"))
+
+
+def test_evaluation_file_errors_name_the_evaluation(tmp_path):
+    from shortgpt_export.calibration import check_calibration_source
+
+    with pytest.raises(CalibrationError, match="evaluation file .* does not exist"):
+        check_calibration_source(str(tmp_path / "nope.txt"), 100, "evaluation")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    with pytest.raises(CalibrationError, match="evaluation text .* is empty"):
+        check_calibration_source(str(empty), 100, "evaluation")

@@ -71,6 +71,17 @@ def test_validation_references_stay_out_of_the_users_cache(validated, private_re
     assert cache_dir() / "reference" != private_reference_cache
 
 
+def test_default_evaluation_text_is_held_out(validated):
+    _, out, report = validated
+    ev = report["eval"]
+    calib = str(out.parent / "calib.txt")  # export_with_cli's copy of the built-in text
+    assert ev["source"] == "builtin:eval-v1" and ev["calibration"] == calib
+    assert ev["in_sample"] is False
+    markdown = (out / "report.md").read_text()
+    assert f"Calibration text (scoring, selection, healing): {calib}." in markdown
+    assert "In-sample" not in markdown
+
+
 def test_reference_against_itself(validated):
     _, _, report = validated
     original = rows(report, False)["torch fp32"]
@@ -257,12 +268,18 @@ def test_max_ppl_increase_fails_with_figures(capsys, tiny_llama_full, tmp_path):
         "0.01",
         *FAST,
         *EVAL,
+        "--eval",  # the calibration file again: the report must say it is in-sample
+        calib,
     )
     message = " ".join(err.split())
     # random weights: pruning may even lower perplexity, so the limit is far below 1
     assert code == 3 and "(limit 0.01x)" in message
     assert "x the original's" in message
-    assert (tmp_path / "o" / "report.json").is_file()  # the figures are kept for the user
+    assert f"--eval {calib} is also the calibration text" in message
+    report = json.loads((tmp_path / "o" / "report.json").read_text())  # kept for the user
+    assert report["eval"]["in_sample"] is True
+    assert report["eval"]["source"] == report["eval"]["calibration"] == str(calib)
+    assert "**In-sample:**" in (tmp_path / "o" / "report.md").read_text()
 
 
 def test_stacking_table_on_the_default_model(capsys, default_gguf, tmp_path):

@@ -114,9 +114,10 @@ def add_score_args(parser: argparse.ArgumentParser) -> None:
     )
     add_offload_argument(
         group,
-        "layers: score, select (any --select, --remove auto), heal, verify and validate with "
-        "one decoder layer in memory at a time, for models larger than memory; auto "
-        "(default): only when the model does not fit the device's free memory",
+        "layers: one decoder layer in memory at a time, for models larger than memory "
+        "(scoring; on the main command also every --select, --remove auto, healing, "
+        "verification and --validate); auto (default): only when the model does not fit "
+        "the device's free memory",
     )
 
 
@@ -259,7 +260,9 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-verify",
         action="store_true",
-        help="skip checking each written GGUF/ONNX file against the torch model",
+        help="skip checking each written artifact: GGUF/ONNX outputs against the torch "
+        "model, and every artifact's tokenizer, special tokens and chat template against "
+        "the source's",
     )
     group.add_argument(
         "--converter",
@@ -290,8 +293,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--eval",
         default=None,
         metavar="FILE|NAME",
-        help="evaluation text: a .txt/.jsonl file or wikitext2, pg19, c4 "
-        "(default: the built-in text)",
+        help="evaluation text: a .txt/.jsonl file or wikitext2, pg19, c4 (their held-out "
+        "split, never the part --calib reads; default: the built-in evaluation text, "
+        "disjoint from the calibration text)",
     )
     group.add_argument(
         "--ctx", type=positive_int, default=512, help="tokens per window (default 512)"
@@ -326,8 +330,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--devices",
         choices=("auto", "cpu"),
         default="auto",
-        help="auto: CPU figures plus latency on every accelerator found (llama.cpp Metal/CUDA, "
-        "onnxruntime CoreML/CUDA); cpu: CPU only (default: auto)",
+        help="auto: CPU figures plus KL, top-1 and speed on every accelerator found "
+        "(llama.cpp Metal/CUDA, onnxruntime CoreML/CUDA, torch CUDA/MPS); cpu: CPU only "
+        "(default: auto)",
     )
 
     def question_count(text: str) -> int | None:
@@ -346,7 +351,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="X",
-        help="fail (exit 3) when a pruned artifact's perplexity exceeds X times the original's",
+        help="with --validate: fail (exit 3) when a pruned artifact's perplexity exceeds X "
+        "times the original's; with --remove auto: the budget, the most layers whose "
+        "held-out perplexity stays within X times the original's",
     )
 
 

@@ -36,7 +36,7 @@ class EvalOptions:
 
 def evaluation_windows(tokenizer, opts: EvalOptions, max_context: int | None):
     """The evaluation text as [n, ctx] token ids, tokenized once; raises on bad sizes."""
-    from ..calibration import read_calibration_text
+    from ..calibration import read_evaluation_text
     from ..evaluation import eval_windows as cut
 
     if max_context is not None and opts.ctx > max_context:
@@ -44,7 +44,7 @@ def evaluation_windows(tokenizer, opts: EvalOptions, max_context: int | None):
             f"--ctx {opts.ctx} is larger than the model's context of {max_context} tokens",
             hint=f"use --ctx {max_context} or less",
         )
-    texts, source = read_calibration_text(opts.eval)
+    texts, source = read_evaluation_text(opts.eval)
     try:
         windows = cut(tokenizer, "\n\n".join(texts), ctx=opts.ctx, max_tokens=opts.max_tokens)
     except ShortGPTError as exc:
