@@ -28,6 +28,7 @@ CALIB_SHARE = 0.25  # the tail of the split calibrates; the rest is evaluated
 def split_text(source: Path, folder: Path) -> tuple[Path, Path]:
     """``source`` cut at a line boundary into an evaluation head and a calibration tail
     (the last ``CALIB_SHARE`` of its characters), written into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
     lines = source.read_text("utf-8").splitlines(keepends=True)
     limit = (1 - CALIB_SHARE) * sum(map(len, lines))
     total, cut = 0, len(lines)

@@ -6,6 +6,7 @@ evaluation (``--eval``), so that nothing is evaluated on the text it was calibra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -227,14 +228,33 @@ def check_calibration_source(
 
 
 def same_text(calib: str | None, evaluation: str | None) -> bool:
-    """Whether ``--calib`` and ``--eval`` read the same file (the built-in text and the
-    datasets give each use its own part, so only two file paths can coincide)."""
-    if calib is None or evaluation is None or NAMED_DATASETS.keys() & {calib, evaluation}:
+    """Whether ``--calib`` and ``--eval`` read the same text: one file, or two files with
+    the same bytes (None stands for that use's built-in file). A dataset name gives each
+    use its own part, so it never matches."""
+    first, second = _text_file(calib, "calibration"), _text_file(evaluation, "evaluation")
+    if first is None or second is None:
         return False
     try:
-        return os.path.samefile(Path(calib).expanduser(), Path(evaluation).expanduser())
-    except OSError:  # one of them missing: preflight reports it
+        paths = isinstance(first, Path) and isinstance(second, Path)
+        return (paths and os.path.samefile(first, second)) or _digest(first) == _digest(second)
+    except OSError:  # one of them missing or unreadable: preflight reports it
         return False
+
+
+def _text_file(spec: str | None, use: str):
+    """The file ``spec`` reads for ``use`` (a package resource for None), None for a
+    dataset."""
+    if spec is None:
+        return resources.files("shortgpt_export").joinpath(BUILTIN_TEXTS[use][0])
+    return None if spec in NAMED_DATASETS else Path(spec).expanduser()
+
+
+def _digest(file) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tokenize_windows(

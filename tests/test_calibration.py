@@ -82,11 +82,12 @@ def test_named_dataset_without_network_says_how_to_work_offline(tokenizer, monke
     assert ".jsonl" in info.value.hint
 
 
-def _sentences(text: str) -> set[str]:
+def _shingles(text: str, n: int = 6) -> set[str]:
+    """Every run of ``n`` words and punctuation marks, lower-cased."""
     import re
 
-    parts = re.split(r"(?<=[.!?])\s+|\n+", text)
-    return {" ".join(p.split()) for p in parts if len(p.split()) >= 6}
+    words = re.findall(r"\w+|[^\w\s]", text.lower())
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def test_builtin_evaluation_text_is_not_the_calibration_text():
@@ -96,7 +97,7 @@ def test_builtin_evaluation_text_is_not_the_calibration_text():
     (evaluation,), eval_source = read_evaluation_text(None)
     assert (calib_source, eval_source) == (DEFAULT_SOURCE, "builtin:eval-v1")
     assert len(evaluation) > 10_000  # several windows of 512 tokens for the default model
-    shared = _sentences(calib) & _sentences(evaluation)
+    shared = _shingles(calib) & _shingles(evaluation)  # not even a stock phrase
     assert not shared, sorted(shared)[:3]
 
 
@@ -130,19 +131,27 @@ def test_named_datasets_give_calibration_and_evaluation_disjoint_parts(name, mon
     assert eval_source != calib_source and calib and evaluation
 
 
-def test_same_text_only_for_one_file(tmp_path, monkeypatch):
+def test_same_text_is_one_file_or_equal_bytes(tmp_path, monkeypatch):
+    from tiny_models import calibration_text
+
     from shortgpt_export.calibration import same_text
 
     text = tmp_path / "text.txt"
     text.write_text("some text")
+    copy = tmp_path / "copy.txt"
+    copy.write_text("some text")  # a copy is the same text
     other = tmp_path / "other.txt"
-    other.write_text("some text")  # equal content, another file: not the same text
+    other.write_text("some text!")
     link = tmp_path / "link.txt"
     link.symlink_to(text)
     monkeypatch.chdir(tmp_path)
     assert same_text(str(text), "text.txt") and same_text(str(link), str(text))
+    assert same_text(str(text), str(copy))
     assert not same_text(str(text), str(other))
     assert not same_text(None, None)  # built-in: a calibration and an evaluation text
+    builtin = tmp_path / "calibration-copy.txt"
+    builtin.write_text(calibration_text(), encoding="utf-8")
+    assert same_text(None, str(builtin)) and same_text(str(builtin), None) is False
     assert not same_text("wikitext2", "wikitext2")  # datasets: disjoint parts
     assert not same_text(str(text), str(tmp_path / "missing.txt"))
 

@@ -627,6 +627,20 @@ def test_reference_cache_key_follows_the_weights(tmp_path, model, tiny_llama_dir
     assert first != cache_key(model_fingerprint(source, torch.float32), windows, 2)
 
 
+def test_reference_cache_key_follows_the_window_length():
+    """The same tokens cut into other windows see other contexts: --ctx 32 --kl-windows 2
+    must not reuse the log-probs of --ctx 64 --kl-windows 1."""
+    import numpy as np
+
+    from shortgpt_export.validation.reference import cache_key
+
+    tokens = np.arange(128)
+    short = cache_key("model", tokens.reshape(4, 32), 2)
+    long = cache_key("model", tokens.reshape(2, 64), 1)
+    assert short != long
+    assert short == cache_key("model", tokens.reshape(4, 32).copy(), 2)
+
+
 def test_reference_cache_key_follows_the_code(tmp_path, model, monkeypatch):
     """A reference cached by another version of the package, torch or transformers is
     recomputed: the key holds their identity, and the package's changes when a source

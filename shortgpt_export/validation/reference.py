@@ -22,7 +22,7 @@ from .evaluators import TorchEvaluator
 
 @dataclass
 class EvalOptions:
-    eval: str | None = None  # text file or dataset name; None: the built-in text
+    eval: str | None = None  # text file or dataset name; None: data/evaluation.txt
     ctx: int = 512
     max_tokens: int = 4096
     kl_windows: int = 2  # windows whose full distributions are compared (cached on disk)
@@ -95,8 +95,12 @@ def model_fingerprint(source, dtype) -> str:
 
 
 def cache_key(model_ref: str, windows: np.ndarray, kl_windows: int) -> str:
+    """The reference log-probs' cache key: the model, and the token ids with their window
+    shape (the same tokens cut into other windows see other contexts)."""
     digest = hashlib.sha256(model_ref.encode())
-    digest.update(windows[:kl_windows].tobytes())
+    compared = np.ascontiguousarray(windows[:kl_windows])
+    digest.update(f"{compared.shape}:{compared.dtype}".encode())
+    digest.update(compared.tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -121,6 +125,9 @@ class Evaluation:
             "kl_tokens": int(self.windows[: self.opts.kl_windows].size),
             "latency_runs": self.opts.reps,
             "devices": self.opts.devices,
+            # the main command's --validate fills these in; `validate` cannot know them
+            "calibration": None,
+            "in_sample": None,
         }
 
 
