@@ -365,12 +365,12 @@ def test_runs_and_families_that_cannot_be_healed():
 
 @pytest.fixture(scope="module")
 def healed_exports(tiny_tokenizer_dir, tmp_path_factory):
-    """A tiny llama pruned (run 2..3 healed into layer 1), to hf, GGUF F16 and ONNX fp32;
-    and the same without healing."""
+    """A tiny llama pruned (run 2..3 healed into layer 1), to hf, GGUF F16 and Q4_0 and ONNX
+    fp32; and the same without healing."""
     model_dir = build_tiny_model(
         "llama", tiny_tokenizer_dir, tmp_path_factory.mktemp("llama"), full_attention=True
     )
-    common = ("--layers", "2,3", "--to", "hf,gguf,onnx", "--quant", "F16", "--fp32")
+    common = ("--layers", "2,3", "--to", "hf,gguf,onnx", "--quant", "F16,Q4_0", "--fp32")
     healed_out = export_with_cli(
         model_dir, tmp_path_factory.mktemp("healed"), *common, "--heal", "linear"
     )
@@ -421,6 +421,35 @@ def test_healed_exports_agree_with_the_healed_torch_model(healed_exports):
     assert compare_logprobs(reference, torch_logprobs(unhealed, windows)).kl_divergence > 1e-3
     card = (out / "hf/README.md").read_text()
     assert "Healing" in card and "| 2..3 | 1 |" in card
+
+
+def test_quantized_gguf_keeps_the_healed_down_projection_at_q8_0(healed_exports):
+    """Below Q8_0, the patched down projection is written again at Q8_0 from the F16 file's
+    values (the export verified the rewritten file in llama.cpp); the rest stays as
+    llama.cpp quantized it, and an unhealed export is untouched."""
+    import gguf
+
+    from shortgpt_export.converters.gguf.healed_precision import keep_healed_precise
+    from shortgpt_export.gguf_file import open_gguf
+
+    _, out, plain = healed_exports
+    types = {t.name: t for t in open_gguf(next(out.glob("*-Q4_0.gguf"))).tensors}
+    plain_file = open_gguf(next(plain.glob("*-Q4_0.gguf")))
+    plain_types = {t.name: t.tensor_type for t in plain_file.tensors}
+    q8, q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    healed = types["blk.1.ffn_down.weight"]
+    assert healed.tensor_type == q8 and plain_types["blk.1.ffn_down.weight"] == q4
+    assert types["blk.0.ffn_down.weight"].tensor_type == q4
+    assert {n: t.tensor_type for n, t in types.items() if n != healed.name} == {
+        n: t for n, t in plain_types.items() if n != healed.name
+    }
+    exact = {t.name: t for t in open_gguf(next(out.glob("*-F16.gguf"))).tensors}
+    want = exact[healed.name].data.astype(np.float32)
+    got = gguf.quants.dequantize(healed.data, q8)
+    assert np.abs(got - want).max() <= np.abs(want).max() / 100  # Q8_0 rounding only
+    card = (out / "README.md").read_text()
+    assert "healed blk.1.ffn_down.weight at Q8_0" in card
+    assert keep_healed_precise(out / "missing", out / "missing", [healed.name], "Q8_0") == []
 
 
 def test_healed_gguf_source_copies_untouched_tensors_byte_for_byte(

@@ -124,15 +124,11 @@ def add_pattern(path, arch: str, pattern: list[bool]) -> None:
 
     from shortgpt_export.gguf_file import open_gguf
 
-    from .prune_gguf import SKIPPED_KEYS, write_gguf
+    from .prune_gguf import copied_fields, write_gguf
 
     reader = open_gguf(path)
     tmp = path.with_name(path.name + ".pattern")
-    fields = [
-        (field.name, field.contents(), field.types[0], (field.types[1:] or (None,))[0])
-        for field in reader.fields.values()
-        if not field.name.startswith(SKIPPED_KEYS) and field.name != pattern_key(arch)
-    ]
+    fields = copied_fields(reader, drop=(pattern_key(arch),))
     fields.append((pattern_key(arch), [bool(x) for x in pattern], GGUFValueType.ARRAY, None))
     write_gguf(reader, tmp, arch, fields, [(t.name, t) for t in reader.tensors])
     del reader

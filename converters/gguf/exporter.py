@@ -14,6 +14,7 @@ from shortgpt_export.model_card import render_model_card
 
 from .. import ExportContext
 from .attention_pattern import add_pattern, check_plan, pattern_key, warn_full_attention
+from .healed_precision import healed_tensor_names, keep_healed_precise
 from .modelfile import render_modelfile, stop_tokens_from_gguf
 from .moe_layers import check_dense_layers
 from .prune_gguf import prune_gguf
@@ -93,6 +94,8 @@ class GGUFConverter:
         if not quants:
             quants = [QUANT_TYPES.get(base_type) or QuantType(base_type, "", exact=False)]
         written: list[tuple[Path, QuantType, str | None]] = []
+        healed = healed_tensor_names(ctx.source.spec, ctx.plan)
+        precise: dict[Path, list[str]] = {}
         for quant in quants:
             target = ctx.out_dir / gguf_file_name(ctx.source, ctx.plan, quant.name)
             if quant.name == base_type:
@@ -108,11 +111,15 @@ class GGUFConverter:
                 )
             with ctx.progress(f"quantizing to {quant.name}", None):
                 quantize_gguf(base, target, quant)
+                precise[target] = keep_healed_precise(base, target, healed, quant.name)
             written.append((target, quant, base_type if base_type != quant.name else None))
         if base.parent == staging:
             base.unlink()
         staging.rmdir()
-        artifacts = [self._artifact(ctx, path, quant, requant) for path, quant, requant in written]
+        artifacts = [
+            self._artifact(ctx, path, quant, requant, precise.get(path))
+            for path, quant, requant in written
+        ]
         if ctx.options.verify:
             self._verify(ctx, artifacts)
         self._write_modelfile(ctx, [Path(a.path) for a in artifacts])
@@ -133,6 +140,8 @@ class GGUFConverter:
                 if art.extra.get("requantized_from")
                 else ""
             )
+            if art.extra.get("healed_tensors_q8_0"):
+                how += f", healed {', '.join(art.extra['healed_tensors_q8_0'])} at Q8_0"
             rows.append(
                 f"| {art.path} | {art.quant}{how} | {art.size_bytes / 1e6:,.1f} MB | {summary} |"
             )
@@ -201,8 +210,12 @@ class GGUFConverter:
             log.info("wrote the per-layer attention pattern %s into %s", pattern, target.name)
         return target, base_type
 
-    def _artifact(self, ctx, path: Path, quant: QuantType, requant: str | None) -> Artifact:
+    def _artifact(
+        self, ctx, path: Path, quant: QuantType, requant: str | None, precise: list | None
+    ) -> Artifact:
         extra = {"requantized_from": requant} if requant else {}
+        if precise:
+            extra["healed_tensors_q8_0"] = precise
         return Artifact.written(path, "gguf", quant.name, ctx.plan, extra)
 
     def _verify(self, ctx: ExportContext, artifacts: list[Artifact]) -> None:

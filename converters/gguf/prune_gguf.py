@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any, NamedTuple
 
-from shortgpt_export.errors import CorruptModelError, PlanError
+from shortgpt_export.errors import CorruptModelError, ExportError, PlanError
 from shortgpt_export.gguf_file import GGUFInfo, gguf_info, open_gguf
 from shortgpt_export.planning import Plan
 from shortgpt_export.progress import ProgressFactory, no_progress
@@ -23,6 +24,16 @@ log = logging.getLogger(__name__)
 
 BLOCK = re.compile(r"^blk\.(\d+)\.")
 SKIPPED_KEYS = ("GGUF.", "general.architecture")  # the reader's pseudo-fields; the writer adds arch
+
+
+def copied_fields(reader, drop: tuple[str, ...] = ()) -> list[tuple]:
+    """(key, value, type, sub_type) of every field of ``reader`` but the pseudo-fields and
+    the keys in ``drop``, as :func:`write_gguf` takes them."""
+    return [
+        (field.name, field.contents(), field.types[0], (field.types[1:] or (None,))[0])
+        for field in reader.fields.values()
+        if not field.name.startswith(SKIPPED_KEYS) and field.name not in drop
+    ]
 
 
 def sliced_metadata(reader, arch: str, keep: list[int]):
@@ -51,8 +62,18 @@ def _elements(tensor) -> int:
     return int(tensor.n_elements if hasattr(tensor, "n_elements") else tensor.size)
 
 
+class Encoded(NamedTuple):
+    """Tensor bytes already in a GGML type (``data``: gguf-py's quantizer output, uint8
+    rows of blocks, or float16/float32 values), written as they are."""
+
+    data: Any  # numpy array
+    tensor_type: Any  # gguf.GGMLQuantizationType
+
+
 def _nbytes(tensor) -> int:
-    """Data size of a source tensor (ReaderTensor) or of a healed numpy array."""
+    """Data size of a source tensor (ReaderTensor), an Encoded one or a healed array."""
+    if isinstance(tensor, Encoded):
+        return int(tensor.data.nbytes)
     return int(tensor.n_bytes if hasattr(tensor, "n_bytes") else tensor.nbytes)
 
 
@@ -121,8 +142,9 @@ def prune_gguf(
 def write_gguf(reader, dst: Path, arch: str, fields, tensors, *, progress=no_progress) -> None:
     """Write ``dst`` from the open GGUF ``reader``: ``fields`` as (key, value, value type,
     item type) (value type None: an array whose item type is inferred) and ``tensors`` as
-    (name, the reader's tensor or a float32 numpy array), in the source's byte order, at
-    the alignment ``fields`` declare (``general.alignment``, else GGUF's 32 bytes).
+    (name, the reader's tensor, an :class:`Encoded` tensor or a float32 numpy array), in
+    the source's byte order, at the alignment ``fields`` declare (``general.alignment``,
+    else GGUF's 32 bytes). Encoded tensors are written to little-endian files only.
 
     A reader's tensor is copied from the source file inside the kernel, byte for byte
     (``safetensors_io.RangeCopier``: neighbours in the source in one call, nothing read
@@ -147,7 +169,12 @@ def write_gguf(reader, dst: Path, arch: str, fields, tensors, *, progress=no_pro
         if key == "general.alignment":  # the layout the file declares
             writer.data_alignment = int(value)
     for name, tensor in tensors:
-        if isinstance(tensor, np.ndarray):
+        if isinstance(tensor, Encoded):
+            if big:
+                raise ExportError(f"cannot write {name} pre-encoded into a big-endian GGUF")
+            data = tensor.data
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes, tensor.tensor_type)
+        elif isinstance(tensor, np.ndarray):
             f32 = GGMLQuantizationType.F32
             writer.add_tensor_info(name, tensor.shape, tensor.dtype, tensor.nbytes, f32)
         else:
@@ -169,7 +196,10 @@ def write_gguf(reader, dst: Path, arch: str, fields, tensors, *, progress=no_pro
                 if pad := -position % writer.data_alignment:
                     copier.flush()
                     write_all(fd, bytes(pad))
-                if isinstance(tensor, np.ndarray):
+                if isinstance(tensor, Encoded):
+                    copier.flush()
+                    write_all(fd, np.ascontiguousarray(tensor.data).tobytes())
+                elif isinstance(tensor, np.ndarray):
                     copier.flush()
                     write_all(fd, tensor.astype(">f4" if big else "<f4").tobytes())
                 else:
