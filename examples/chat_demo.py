@@ -43,7 +43,8 @@ def main() -> int:
         table.add_column(column)
     for label, path in (("original", original), ("pruned", pruned[0])):
         size = f"{path.stat().st_size / 1e6:.0f} MB"
-        table.add_row(f"{label}\n{path.name}", size, answer(path, question))
+        reply = answer(path, question) or "(empty: the model ended its turn at once)"
+        table.add_row(f"{label}\n{path.name}", size, reply)
     Console().print(table)
     return 0
 
