@@ -235,8 +235,12 @@ def same_text(calib: str | None, evaluation: str | None) -> bool:
     if first is None or second is None:
         return False
     try:
-        paths = isinstance(first, Path) and isinstance(second, Path)
-        return (paths and os.path.samefile(first, second)) or _digest(first) == _digest(second)
+        if isinstance(first, Path) and isinstance(second, Path):
+            if os.path.samefile(first, second):
+                return True
+            if first.stat().st_size != second.stat().st_size:  # no need to read them
+                return False
+        return _digest(first) == _digest(second)
     except OSError:  # one of them missing or unreadable: preflight reports it
         return False
 
